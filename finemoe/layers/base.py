@@ -1,0 +1,127 @@
+"""The FFN interface every design implements, and the registry of FFN kinds.
+
+A transformer block calls its FFN on the residual stream ``h`` (after attention)
+and adds what comes back::
+
+    out = block.ffn(h)          # FFNOutput
+    h = h + out.update
+
+The FFN owns its pre-norm (and any inner norms and residuals), so designs that stack
+several normalised sub-layers inside one block (Finedeep, CartesianMoE) use the same
+interface as a plain pre-norm SwiGLU, with no special case in the model.
+
+A design is added by writing a config dataclass decorated with ``@register_ffn`` and a
+module subclassing ``FFN``; nothing else in finemoe changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from finemoe.config import ConfigError
+
+__all__ = ["FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "register_ffn"]
+
+# kind name -> config class
+FFN_KINDS: dict[str, type["FFNConfig"]] = {}
+
+
+def register_ffn(cls: type["FFNConfig"]) -> type["FFNConfig"]:
+    """Class decorator: make a config selectable as ``ffn: {kind: <cls.kind>, ...}``."""
+    if not isinstance(getattr(cls, "kind", None), str):
+        raise TypeError(f"{cls.__name__} must define a class attribute `kind: ClassVar[str]`")
+    if cls.kind in FFN_KINDS and FFN_KINDS[cls.kind] is not cls:
+        raise TypeError(f"FFN kind {cls.kind!r} is registered twice")
+    FFN_KINDS[cls.kind] = cls
+    return cls
+
+
+@dataclass
+class FFNOutput:
+    """What an FFN returns to its block.
+
+    update: ``(B, T, D)``, added to the residual stream by the block.
+    aux_losses: named auxiliary losses, *already multiplied by their coefficients*;
+        the model sums them over layers into ``aux_loss``.
+    stats: routing statistics (only when asked for with ``return_stats=True``), each
+        a detached tensor, e.g. ``expert_load`` of shape ``(E,)``.
+    """
+
+    update: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] | None = None
+
+
+@dataclass
+class FFNConfig:
+    """Base class of every FFN kind's config.
+
+    Subclasses set ``kind`` and implement the accounting methods below. Accounting
+    conventions (shared by all kinds, so that comparisons are fair):
+
+    - ``num_params``: every parameter of the layer, norms and routers included.
+    - ``num_active_params``: the parameters a single token's forward pass touches
+      (for data-dependent designs, the configured maximum; measured values come from
+      the analysis tools).
+    - ``flops_per_token``: forward FLOPs of the layer for one token, counted as
+      2 × multiply-accumulates of every matrix product and weighted sum.
+      Element-wise work (activations, norms, softmax, top-k) is not counted.
+    """
+
+    kind: ClassVar[str] = ""
+
+    # -- polymorphic construction -------------------------------------------------
+    @classmethod
+    def resolve_subclass(cls, data: dict[str, Any], path: str) -> tuple[type, dict[str, Any]]:
+        if cls is not FFNConfig:  # a concrete kind was asked for directly
+            data = dict(data)
+            given = data.pop("kind", cls.kind)
+            if given != cls.kind:
+                raise ConfigError(f"{path}.kind" if path else "kind", f"expected {cls.kind!r}, got {given!r}")
+            return cls, data
+        if "kind" not in data:
+            raise ConfigError(path, f"an FFN config needs a `kind`, one of: {', '.join(sorted(FFN_KINDS))}")
+        data = dict(data)
+        kind = data.pop("kind")
+        if kind not in FFN_KINDS:
+            raise ConfigError(
+                f"{path}.kind" if path else "kind",
+                f"unknown FFN kind {kind!r}; known kinds: {', '.join(sorted(FFN_KINDS))}",
+            )
+        return FFN_KINDS[kind], data
+
+    # -- to be implemented by every kind ------------------------------------------
+    def build(self, d_model: int) -> "FFN":
+        raise NotImplementedError
+
+    def num_params(self, d_model: int) -> int:
+        raise NotImplementedError
+
+    def num_active_params(self, d_model: int) -> float:
+        raise NotImplementedError
+
+    def flops_per_token(self, d_model: int) -> float:
+        raise NotImplementedError
+
+    def replace(self, **changes: Any) -> "FFNConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class FFN(nn.Module):
+    """Base class of every FFN module: ``forward(h_BTD) -> FFNOutput``."""
+
+    config: FFNConfig
+
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Initialise in place: input projections with ``std``, output projections with
+        ``out_std`` (scaled down with depth by the model), norms to one."""
+        raise NotImplementedError

@@ -1,0 +1,196 @@
+"""``moe``: the token-choice top-k MoE baseline (METHODS.md §0.2), with the options of
+the Switch / GShard / Mixtral / DeepSeekMoE family.
+
+    u = RMSNorm(h);  r = u W_r;  p = softmax(r)          (float32)
+    token choice:   keep top-k of p per token; weights p_topk (renormalised if
+                    ``norm_topk_prob``) — Mixtral, Jiang et al. 2024
+    expert choice:  each expert keeps its top-C tokens (Zhou et al. 2022), the MoE
+                    baseline of the PEER paper
+    update = Σ_k g_k · SwiGLU_{e_k}(u) + Σ_shared SwiGLU_s(u)
+
+Fine-grained segmentation (DeepSeekMoE, Dai et al. 2024, §3.1): with ``granularity``
+m, each of the E experts of width F_e is split into m experts of width F_e/m and the
+router picks top-(k·m) of E·m, keeping parameters and FLOPs fixed.
+
+Auxiliary losses: Switch load balancing ``α · E · Σ f_i P_i`` (token choice only;
+expert choice is balanced by construction) and ST-MoE router z-loss
+``β · mean(logsumexp(r)²)``. Dropless: every chosen (token, expert) pair is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finemoe.config import check
+from finemoe.layers import routing
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, register_ffn
+from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
+from finemoe.layers.experts import SwiGLUExperts, dispatch_expert_choice, dispatch_token_choice
+
+
+@register_ffn
+@dataclass
+class MoEConfig(FFNConfig):
+    kind: ClassVar[str] = "moe"
+    num_experts: int = 8
+    """E: experts before fine-grained segmentation."""
+    num_experts_per_tok: int = 2
+    """k: experts per token before segmentation (for expert choice: the mean)."""
+    expert_intermediate_size: int = 512
+    """F_e: width of one expert before segmentation."""
+    granularity: int = 1
+    """m: DeepSeekMoE segmentation factor; routes top-(k·m) of E·m experts of width F_e/m."""
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int | None = None
+    """Width of each shared expert; default F_e."""
+    norm_topk_prob: bool = True
+    routing: Literal["token_choice", "expert_choice"] = "token_choice"
+    capacity_factor: float = 1.0
+    """Expert choice only: each expert takes ceil(capacity_factor · N · k / E) tokens."""
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    disable_top1: bool = False
+    """Routing-robustness test: every token's top-1 expert is disabled (METHODS.md §3)."""
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "expert_intermediate_size", "granularity"):
+            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        check(
+            self.num_experts_per_tok <= self.num_experts,
+            "num_experts_per_tok",
+            f"{self.num_experts_per_tok} is larger than num_experts ({self.num_experts})",
+        )
+        check(
+            self.expert_intermediate_size % self.granularity == 0,
+            "granularity",
+            f"expert_intermediate_size ({self.expert_intermediate_size}) is not divisible by granularity ({self.granularity})",
+        )
+        if self.disable_top1 and self.routing == "token_choice":
+            check(
+                self.routed_top_k < self.num_routed_experts,
+                "disable_top1",
+                f"needs more routed experts ({self.num_routed_experts}) than experts per token ({self.routed_top_k})",
+            )
+        check(self.num_shared_experts >= 0, "num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
+        if self.shared_expert_intermediate_size is not None:
+            check(self.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size", "must be positive")
+        check(self.capacity_factor > 0, "capacity_factor", f"must be positive, got {self.capacity_factor}")
+        check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
+        check(self.router_z_loss_coef >= 0, "router_z_loss_coef", "must be >= 0")
+        check(self.norm_eps > 0, "norm_eps", "must be positive")
+
+    # -- derived sizes ---------------------------------------------------------------
+    @property
+    def num_routed_experts(self) -> int:
+        return self.num_experts * self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        return self.num_experts_per_tok * self.granularity
+
+    @property
+    def routed_expert_width(self) -> int:
+        return self.expert_intermediate_size // self.granularity
+
+    @property
+    def shared_width(self) -> int:
+        """Total width of the shared experts (they are always active, so they merge into one MLP)."""
+        width = self.shared_expert_intermediate_size or self.expert_intermediate_size
+        return self.num_shared_experts * width
+
+    def capacity(self, num_tokens: int) -> int:
+        """Expert choice: tokens taken by each expert."""
+        c = math.ceil(self.capacity_factor * num_tokens * self.routed_top_k / self.num_routed_experts)
+        return max(1, min(num_tokens, c))
+
+    def _mean_routed_slots_per_token(self) -> float:
+        if self.routing == "expert_choice":
+            return self.routed_top_k * self.capacity_factor
+        return float(self.routed_top_k)
+
+    # -- accounting --------------------------------------------------------------------
+    def build(self, d_model: int) -> "MoEFFN":
+        return MoEFFN(self, d_model)
+
+    def num_params(self, d_model: int) -> int:
+        router = d_model * self.num_routed_experts
+        experts = self.num_routed_experts * swiglu_params(d_model, self.routed_expert_width)
+        return d_model + router + experts + swiglu_params(d_model, self.shared_width)
+
+    def num_active_params(self, d_model: int) -> float:
+        return d_model + self._active_matmul_params(d_model)
+
+    def flops_per_token(self, d_model: int) -> float:
+        return 2 * self._active_matmul_params(d_model)
+
+    def _active_matmul_params(self, d_model: int) -> float:
+        router = d_model * self.num_routed_experts
+        routed = self._mean_routed_slots_per_token() * swiglu_params(d_model, self.routed_expert_width)
+        return router + routed + swiglu_params(d_model, self.shared_width)
+
+
+class MoEFFN(FFN):
+    def __init__(self, config: MoEConfig, d_model: int):
+        super().__init__()
+        self.config = config
+        self.norm = RMSNorm(d_model, config.norm_eps)
+        self.router = nn.Linear(d_model, config.num_routed_experts, bias=False)
+        self.experts = SwiGLUExperts(config.num_routed_experts, d_model, config.routed_expert_width)
+        self.shared = SwiGLU(d_model, config.shared_width) if config.shared_width > 0 else None
+
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+        cfg = self.config
+        B, T, D = h_BTD.shape
+        u_ND = self.norm(h_BTD).reshape(B * T, D)
+        with torch.autocast(device_type=u_ND.device.type, enabled=False):
+            logits_NE = F.linear(u_ND.float(), self.router.weight.float())
+        probs_NE = routing.router_probs(logits_NE)
+
+        aux: dict[str, Tensor] = {}
+        if cfg.routing == "token_choice":
+            weights_NK, idx_NK = routing.topk_routing(
+                probs_NE, cfg.routed_top_k, renormalize=cfg.norm_topk_prob, skip_top1=cfg.disable_top1
+            )
+            y_ND = dispatch_token_choice(self.experts, u_ND, weights_NK, idx_NK)
+            if cfg.router_aux_loss_coef > 0:
+                aux["load_balancing"] = cfg.router_aux_loss_coef * routing.load_balancing_loss(
+                    probs_NE=probs_NE, idx_NK=idx_NK
+                )
+            routed_idx = idx_NK
+        else:
+            weights_EC, idx_EC = routing.expert_choice_routing(
+                probs_NE, cfg.capacity(B * T), skip_top1=cfg.disable_top1
+            )
+            y_ND = dispatch_expert_choice(self.experts, u_ND, weights_EC, idx_EC)
+            routed_idx = torch.arange(cfg.num_routed_experts, device=u_ND.device).repeat_interleave(idx_EC.shape[1])
+        if cfg.router_z_loss_coef > 0:
+            aux["router_z"] = cfg.router_z_loss_coef * routing.router_z_loss(logits_NE=logits_NE)
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(u_ND)
+
+        stats = None
+        if return_stats:
+            with torch.no_grad():
+                stats = {
+                    "expert_load": routing.expert_load(routed_idx, cfg.num_routed_experts),
+                    "router_entropy": routing.router_entropy(probs_NE),
+                }
+                if cfg.routing == "expert_choice":
+                    chosen = torch.zeros(B * T, dtype=torch.bool, device=u_ND.device)
+                    chosen[idx_EC.reshape(-1)] = True
+                    stats["dropped_token_share"] = 1.0 - chosen.float().mean()
+        return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux, stats=stats)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.norm.reset_parameters()
+        nn.init.normal_(self.router.weight, std=std)
+        self.experts.init_weights(std, out_std)
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std)

@@ -1,0 +1,91 @@
+"""Routing helpers shared by every routed design (moe, cartesian, and later kinds).
+
+All router math runs in float32, even under bf16 autocast (METHODS.md preamble).
+Losses are pure keyword-only functions; the caller multiplies by its coefficient.
+
+Shapes: N tokens, E experts, K experts per token, C tokens per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "router_probs",
+    "topk_routing",
+    "expert_choice_routing",
+    "load_balancing_loss",
+    "router_z_loss",
+    "expert_load",
+    "router_entropy",
+]
+
+
+def router_probs(logits_NE: Tensor) -> Tensor:
+    """``p = softmax(r)`` in float32."""
+    return torch.softmax(logits_NE.float(), dim=-1)
+
+
+def topk_routing(probs_NE: Tensor, k: int, *, renormalize: bool, skip_top1: bool = False) -> tuple[Tensor, Tensor]:
+    """Token-choice top-k: each token keeps its ``k`` most probable experts.
+
+    ``skip_top1`` disables every token's top-1 expert and routes to the next ``k``
+    (the routing-robustness test of CartesianMoE, METHODS.md §3). Weights are the
+    router probabilities of the kept experts, renormalised to sum to 1 if asked.
+
+    Returns ``(weights_NK, idx_NK)``, weights in float32.
+    """
+    weights_NK, idx_NK = probs_NE.topk(k + int(skip_top1), dim=-1)
+    if skip_top1:
+        weights_NK, idx_NK = weights_NK[:, 1:], idx_NK[:, 1:]
+    if renormalize:
+        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+    return weights_NK, idx_NK
+
+
+def expert_choice_routing(probs_NE: Tensor, capacity: int, *, skip_top1: bool = False) -> tuple[Tensor, Tensor]:
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its ``capacity``
+    tokens of highest router probability. A token may be taken by several experts
+    or by none.
+
+    Note: an expert chooses among all tokens of the batch, later positions included,
+    so this router is not causal; the PEER paper uses it as a training baseline.
+
+    ``skip_top1`` removes each token's top-1 expert from its candidates.
+    Returns ``(weights_EC, idx_EC)``: the probability and index of each chosen token.
+    """
+    if skip_top1:
+        top1_N1 = probs_NE.argmax(dim=-1, keepdim=True)
+        probs_NE = probs_NE.scatter(-1, top1_N1, -1.0)  # below any probability: never chosen first
+    weights_EC, idx_EC = probs_NE.t().topk(capacity, dim=-1)
+    return weights_EC.clamp_min(0.0), idx_EC
+
+
+def expert_load(idx: Tensor, num_experts: int) -> Tensor:
+    """Fraction of routed slots that went to each expert, ``(E,)`` float32."""
+    counts_E = torch.bincount(idx.reshape(-1), minlength=num_experts).float()
+    return counts_E / max(idx.numel(), 1)
+
+
+def load_balancing_loss(*, probs_NE: Tensor, idx_NK: Tensor) -> Tensor:
+    """Switch Transformer load-balancing loss ``E · Σ_i f_i P_i`` (Fedus et al. 2021, eq. 4).
+
+    ``f_i``: fraction of routed slots sent to expert i; ``P_i``: mean router
+    probability of expert i. Equals 1 for perfectly uniform routing.
+    """
+    num_experts = probs_NE.shape[-1]
+    f_E = expert_load(idx_NK, num_experts)
+    P_E = probs_NE.float().mean(dim=0)
+    return num_experts * torch.sum(f_E * P_E)
+
+
+def router_z_loss(*, logits_NE: Tensor) -> Tensor:
+    """ST-MoE router z-loss ``mean(logsumexp(r)²)`` (Zoph et al. 2022, eq. 5)."""
+    return torch.logsumexp(logits_NE.float(), dim=-1).pow(2).mean()
+
+
+def router_entropy(probs_NE: Tensor) -> Tensor:
+    """Mean entropy (nats) of the per-token router distribution."""
+    p = probs_NE.float()
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()

@@ -1,0 +1,56 @@
+"""The top-level configuration of a finemoe run, and how it is assembled.
+
+A run config comes from a preset name (a YAML file shipped in ``finemoe/configs``)
+or a path to a YAML file, then dotted command-line overrides on top::
+
+    finemoe info -c tiny-moe model.ffn_layers.0.ffn.num_experts=16
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from finemoe.config import ConfigError, apply_overrides, check, from_dict, load_yaml
+from finemoe.model import ModelConfig
+
+__all__ = ["RunConfig", "DEFAULT_PRESET", "list_presets", "preset_path", "load_run_config"]
+
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+
+def _presets_dir() -> Path:
+    return Path(str(resources.files("finemoe") / "configs"))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A YAML path as given, or the shipped preset of that name."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError("config", f"config file {name_or_path!r} does not exist")
+        return path
+    candidate = _presets_dir() / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError("config", f"no preset {name_or_path!r}; presets: {', '.join(list_presets())}")
+    return candidate
+
+
+def load_run_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data = load_yaml(preset_path(name_or_path or DEFAULT_PRESET))
+    apply_overrides(data, list(overrides or []))
+    return from_dict(RunConfig, data)
