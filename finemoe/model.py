@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
 from finemoe.layers import FFN, DenseConfig, FFNConfig
-from finemoe.layers.common import RMSNorm
+from finemoe.layers.common import RMSNorm, at_least_float32
 
 __all__ = ["FFNLayers", "ModelConfig", "ModelOutput", "Transformer", "select_layers"]
 
@@ -297,7 +297,7 @@ class Transformer(nn.Module):
         out = ModelOutput(logits=logits_BTV, aux_loss=aux_loss, aux_losses=aux_losses, layer_stats=layer_stats)
         if targets is not None:
             out.lm_loss = F.cross_entropy(
-                logits_BTV.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100
+                at_least_float32(logits_BTV).reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100
             )
             out.loss = out.lm_loss + aux_loss
         return out

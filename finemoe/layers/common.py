@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "SwiGLU", "swiglu_params"]
+__all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_params"]
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """Upcast bf16/fp16 to float32 for numerically sensitive math; float64 stays float64
+    (so the float64 reference tests see full precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = at_least_float32(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 

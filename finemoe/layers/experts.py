@@ -31,6 +31,7 @@ class SwiGLUExperts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.init_weights(std=0.02, out_std=0.02)  # usable standalone; the model re-initialises
 
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
         """Run expert e on rows ``[offset_e, offset_e + counts_E[e])`` of ``x_SD``

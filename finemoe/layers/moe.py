@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from finemoe.config import check
 from finemoe.layers import routing
 from finemoe.layers.base import FFN, FFNConfig, FFNOutput, register_ffn
-from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
+from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
 from finemoe.layers.experts import SwiGLUExperts, dispatch_expert_choice, dispatch_token_choice
 
 
@@ -150,7 +150,7 @@ class MoEFFN(FFN):
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         with torch.autocast(device_type=u_ND.device.type, enabled=False):
-            logits_NE = F.linear(u_ND.float(), self.router.weight.float())
+            logits_NE = F.linear(at_least_float32(u_ND), at_least_float32(self.router.weight))
         probs_NE = routing.router_probs(logits_NE)
 
         aux: dict[str, Tensor] = {}

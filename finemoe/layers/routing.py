@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finemoe.layers.common import at_least_float32
+
 __all__ = [
     "router_probs",
     "topk_routing",
@@ -24,7 +26,7 @@ __all__ = [
 
 def router_probs(logits_NE: Tensor) -> Tensor:
     """``p = softmax(r)`` in float32."""
-    return torch.softmax(logits_NE.float(), dim=-1)
+    return torch.softmax(at_least_float32(logits_NE), dim=-1)
 
 
 def topk_routing(probs_NE: Tensor, k: int, *, renormalize: bool, skip_top1: bool = False) -> tuple[Tensor, Tensor]:
@@ -76,16 +78,16 @@ def load_balancing_loss(*, probs_NE: Tensor, idx_NK: Tensor) -> Tensor:
     """
     num_experts = probs_NE.shape[-1]
     f_E = expert_load(idx_NK, num_experts)
-    P_E = probs_NE.float().mean(dim=0)
+    P_E = at_least_float32(probs_NE).mean(dim=0)
     return num_experts * torch.sum(f_E * P_E)
 
 
 def router_z_loss(*, logits_NE: Tensor) -> Tensor:
     """ST-MoE router z-loss ``mean(logsumexp(r)²)`` (Zoph et al. 2022, eq. 5)."""
-    return torch.logsumexp(logits_NE.float(), dim=-1).pow(2).mean()
+    return torch.logsumexp(at_least_float32(logits_NE), dim=-1).pow(2).mean()
 
 
 def router_entropy(probs_NE: Tensor) -> Tensor:
     """Mean entropy (nats) of the per-token router distribution."""
-    p = probs_NE.float()
+    p = at_least_float32(probs_NE)
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()

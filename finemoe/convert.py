@@ -1,0 +1,150 @@
+"""Weight conversion between Hugging Face LLaMA / Mixtral checkpoints and finemoe.
+
+These are pure functions on configs and state dicts, so they work on a checkpoint
+read from disk as well as on a live ``transformers`` model (``transformers`` is only
+needed by the caller that builds one). Both the 4.x layout of Mixtral experts
+(``block_sparse_moe.experts.{j}.w1/w2/w3``) and the fused 5.x layout
+(``mlp.experts.gate_up_proj`` / ``down_proj``) are read.
+
+Mapping (HF → finemoe, layer i):
+    model.embed_tokens                      → embed
+    model.layers.i.input_layernorm          → blocks.i.attn_norm
+    model.layers.i.self_attn.{q,k,v,o}_proj → blocks.i.attn.{q,k,v,o}_proj
+    model.layers.i.post_attention_layernorm → blocks.i.ffn.norm
+    model.layers.i.mlp.{gate,up,down}_proj  → blocks.i.ffn.mlp.{gate,up,down}_proj   (LLaMA)
+    model.layers.i.mlp.gate                 → blocks.i.ffn.router                      (Mixtral)
+    model.layers.i.mlp.experts              → blocks.i.ffn.experts.w_{gate,up,down}    (Mixtral)
+    model.norm                              → norm
+    lm_head                                 → lm_head (absent when tied)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from finemoe.config import ConfigError
+from finemoe.layers import DenseConfig, MoEConfig
+from finemoe.model import ModelConfig, Transformer
+
+__all__ = ["model_config_from_hf", "state_dict_from_hf", "state_dict_to_hf_llama", "from_hf", "mixtral_experts_from_hf"]
+
+
+def _get(hf_config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(hf_config, Mapping):
+        return hf_config.get(name, default)
+    return getattr(hf_config, name, default)
+
+
+def _rope_theta(hf_config: Any) -> float:
+    params = _get(hf_config, "rope_parameters") or _get(hf_config, "rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ConfigError("rope_scaling", f"rope type {rope_type!r} is not supported (only plain RoPE)")
+    return float(params.get("rope_theta", _get(hf_config, "rope_theta", 10000.0)))
+
+
+def model_config_from_hf(hf_config: Any) -> ModelConfig:
+    """A finemoe ``ModelConfig`` equivalent to a HF ``LlamaConfig`` or ``MixtralConfig``
+    (an object or its ``config.json`` as a dict)."""
+    model_type = _get(hf_config, "model_type")
+    if model_type not in ("llama", "mixtral"):
+        raise ConfigError("model_type", f"cannot convert {model_type!r}; supported: llama, mixtral")
+    if _get(hf_config, "attention_bias", False) or _get(hf_config, "mlp_bias", False):
+        raise ConfigError("attention_bias", "biases in attention or MLP are not supported")
+    if _get(hf_config, "hidden_act", "silu") != "silu":
+        raise ConfigError("hidden_act", f"only SwiGLU (silu) FFNs are supported, got {_get(hf_config, 'hidden_act')!r}")
+    eps = float(_get(hf_config, "rms_norm_eps"))
+    d_model = int(_get(hf_config, "hidden_size"))
+    n_heads = int(_get(hf_config, "num_attention_heads"))
+    if model_type == "llama":
+        ffn = DenseConfig(intermediate_size=int(_get(hf_config, "intermediate_size")), norm_eps=eps)
+    else:
+        ffn = MoEConfig(
+            num_experts=int(_get(hf_config, "num_local_experts")),
+            num_experts_per_tok=int(_get(hf_config, "num_experts_per_tok")),
+            expert_intermediate_size=int(_get(hf_config, "intermediate_size")),
+            norm_topk_prob=True,  # Mixtral renormalises its top-k weights
+            router_aux_loss_coef=float(_get(hf_config, "router_aux_loss_coef", 0.01)),
+            router_z_loss_coef=0.0,
+            norm_eps=eps,
+        )
+    return ModelConfig(
+        vocab_size=int(_get(hf_config, "vocab_size")),
+        d_model=d_model,
+        n_layers=int(_get(hf_config, "num_hidden_layers")),
+        n_heads=n_heads,
+        n_kv_heads=int(_get(hf_config, "num_key_value_heads") or n_heads),
+        head_dim=int(_get(hf_config, "head_dim") or d_model // n_heads),
+        max_seq_len=int(_get(hf_config, "max_position_embeddings", 2048)),
+        rope_theta=_rope_theta(hf_config),
+        norm_eps=eps,
+        tie_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
+        ffn=ffn,
+    )
+
+
+def mixtral_experts_from_hf(hf_sd: Mapping[str, Tensor], prefix: str, num_experts: int) -> dict[str, Tensor]:
+    """Router and expert weights of one Mixtral sparse-MoE block (``prefix`` ends with
+    ``.``), as finemoe ``MoEFFN`` keys: ``router.weight`` and ``experts.w_{gate,up,down}``."""
+    out = {"router.weight": hf_sd[prefix + "gate.weight"]}
+    if prefix + "experts.gate_up_proj" in hf_sd:  # transformers >= 5: fused (E, 2F, D) and (E, D, F)
+        gate_up_EFD = hf_sd[prefix + "experts.gate_up_proj"]
+        F = gate_up_EFD.shape[1] // 2
+        out["experts.w_gate"] = gate_up_EFD[:, :F, :].transpose(1, 2)
+        out["experts.w_up"] = gate_up_EFD[:, F:, :].transpose(1, 2)
+        out["experts.w_down"] = hf_sd[prefix + "experts.down_proj"].transpose(1, 2)
+    else:  # transformers 4.x: w1 = gate, w3 = up, w2 = down, as nn.Linear (out, in)
+        e = range(num_experts)
+        out["experts.w_gate"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w1.weight"].t() for j in e])
+        out["experts.w_up"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w3.weight"].t() for j in e])
+        out["experts.w_down"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w2.weight"].t() for j in e])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def state_dict_from_hf(hf_sd: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """A finemoe state dict from a HF LLaMA / Mixtral state dict."""
+    sd: dict[str, Tensor] = {"embed.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd["model.norm.weight"]}
+    if not config.tie_embeddings:
+        sd["lm_head.weight"] = hf_sd["lm_head.weight"]
+    for i, ffn in enumerate(config.layer_ffns()):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        sd[dst + "attn_norm.weight"] = hf_sd[src + "input_layernorm.weight"]
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[f"{dst}attn.{proj}.weight"] = hf_sd[f"{src}self_attn.{proj}.weight"]
+        sd[dst + "ffn.norm.weight"] = hf_sd[src + "post_attention_layernorm.weight"]
+        if isinstance(ffn, DenseConfig):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                sd[f"{dst}ffn.mlp.{proj}.weight"] = hf_sd[f"{src}mlp.{proj}.weight"]
+        else:
+            moe_prefix = src + ("mlp." if src + "mlp.gate.weight" in hf_sd else "block_sparse_moe.")
+            for key, value in mixtral_experts_from_hf(hf_sd, moe_prefix, ffn.num_experts).items():
+                sd[dst + "ffn." + key] = value
+    return sd
+
+
+def state_dict_to_hf_llama(sd: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """The inverse of ``state_dict_from_hf`` for a model whose FFNs are all dense."""
+    if any(not isinstance(f, DenseConfig) for f in config.layer_ffns()):
+        raise ConfigError("model.ffn", "only a model whose every FFN is dense can be exported as LLaMA")
+    hf = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    hf["lm_head.weight"] = sd["embed.weight"] if config.tie_embeddings else sd["lm_head.weight"]
+    for i in range(config.n_layers):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        hf[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
+        hf[dst + "post_attention_layernorm.weight"] = sd[src + "ffn.norm.weight"]
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            hf[f"{dst}self_attn.{proj}.weight"] = sd[f"{src}attn.{proj}.weight"]
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            hf[f"{dst}mlp.{proj}.weight"] = sd[f"{src}ffn.mlp.{proj}.weight"]
+    return hf
+
+
+def from_hf(hf_model: Any) -> Transformer:
+    """A finemoe ``Transformer`` holding the weights of a live HF LLaMA/Mixtral model."""
+    config = model_config_from_hf(hf_model.config)
+    model = Transformer(config)
+    model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), config), strict=True)
+    return model.to(next(hf_model.parameters()).dtype)

@@ -1,0 +1,143 @@
+"""Each FFN kind against a naive float64 reference: outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finemoe.layers import DenseConfig, MoEConfig
+from tests import reference as ref
+
+# Awkward sizes: nothing a power of two, tokens not a multiple of anything.
+B, T, D = 3, 7, 24
+
+
+def _compare_with_reference(layer, reference_fn, *, atol=1e-10):
+    """Run ``layer`` and ``reference_fn(h, params)`` in float64 on the same leaves;
+    compare the output, the input gradient and every parameter gradient."""
+    torch.manual_seed(1)
+    layer = layer.double()
+    h = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(B, T, D, dtype=torch.float64)  # a random cotangent
+
+    out = layer(h)
+    (out.update * probe).sum().backward()
+
+    h_ref = h.detach().clone().requires_grad_(True)
+    params_ref = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
+    update_ref, *losses_ref = reference_fn(h_ref, params_ref)
+    (update_ref * probe).sum().backward()
+
+    torch.testing.assert_close(out.update, update_ref, atol=atol, rtol=1e-9)
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=atol, rtol=1e-9)
+    for name, p in layer.named_parameters():
+        grad_ref = params_ref[name].grad
+        if grad_ref is None:
+            grad_ref = torch.zeros_like(p)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, grad_ref, atol=atol, rtol=1e-9, msg=lambda m: f"gradient of {name}: {m}")
+    return out, losses_ref
+
+
+def _randomise(layer):
+    """Non-trivial weights everywhere, norms included (init leaves norms at one)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if p.ndim > 1 else 1.0) + (1.0 if p.ndim == 1 else 0.0))
+    return layer
+
+
+def test_dense_matches_reference():
+    cfg = DenseConfig(intermediate_size=40)
+    layer = _randomise(cfg.build(D))
+    _compare_with_reference(layer, lambda h, p: (ref.dense_ffn(h, p, cfg.norm_eps),))
+
+
+MOE_CASES = {
+    "top3_of_6": MoEConfig(num_experts=6, num_experts_per_tok=3, expert_intermediate_size=40),
+    "no_renorm": MoEConfig(num_experts=6, num_experts_per_tok=2, expert_intermediate_size=40, norm_topk_prob=False),
+    "fine_grained_shared": MoEConfig(
+        num_experts=5, num_experts_per_tok=2, expert_intermediate_size=40, granularity=2, num_shared_experts=2,
+        shared_expert_intermediate_size=12,
+    ),
+    "top1": MoEConfig(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=40),
+    "disable_top1": MoEConfig(num_experts=6, num_experts_per_tok=2, expert_intermediate_size=40, disable_top1=True),
+    "expert_choice": MoEConfig(
+        num_experts=6, num_experts_per_tok=2, expert_intermediate_size=40, routing="expert_choice", capacity_factor=1.3
+    ),
+    "expert_choice_disable_top1": MoEConfig(
+        num_experts=6, num_experts_per_tok=2, expert_intermediate_size=40, routing="expert_choice", disable_top1=True
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_moe_matches_reference(case):
+    cfg = MOE_CASES[case]
+    layer = _randomise(cfg.build(D))
+    out, (lb_ref, z_ref) = _compare_with_reference(layer, lambda h, p: ref.moe_ffn(h, p, cfg))
+    # The auxiliary losses, each times its coefficient.
+    torch.testing.assert_close(out.aux_losses["router_z"], cfg.router_z_loss_coef * z_ref)
+    if cfg.routing == "token_choice":
+        torch.testing.assert_close(out.aux_losses["load_balancing"], cfg.router_aux_loss_coef * lb_ref)
+    else:
+        assert "load_balancing" not in out.aux_losses  # expert choice is balanced by construction
+
+
+def test_moe_load_balancing_loss_is_one_when_uniform():
+    """A zero router gives uniform probabilities: E · Σ (1/E)(1/E) = 1 whatever the top-k picks."""
+    cfg = MoEConfig(num_experts=8, num_experts_per_tok=2, expert_intermediate_size=16, router_aux_loss_coef=1.0)
+    layer = cfg.build(D)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    out = layer(torch.randn(2, 5, D), return_stats=True)
+    torch.testing.assert_close(out.aux_losses["load_balancing"], torch.tensor(1.0))
+    torch.testing.assert_close(out.stats["router_entropy"], torch.tensor(8.0).log())
+
+
+def test_moe_statistics_for_a_router_that_sends_everything_to_one_expert():
+    cfg = MoEConfig(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=16)
+    layer = cfg.build(D)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.norm.weight.fill_(1.0)
+    # A constant positive input and a router that only sees feature 0 of expert 2.
+    h = torch.ones(2, 5, D)
+    with torch.no_grad():
+        layer.router.weight[2, 0] = 100.0
+    out = layer(h, return_stats=True)
+    torch.testing.assert_close(out.stats["expert_load"], torch.tensor([0.0, 0.0, 1.0, 0.0]))
+
+
+def test_disable_top1_never_uses_the_top1_expert():
+    """With the robustness switch, a token's output must not depend on its top-1 expert."""
+    torch.manual_seed(3)
+    cfg = MoEConfig(num_experts=6, num_experts_per_tok=2, expert_intermediate_size=16, disable_top1=True)
+    layer = cfg.build(D)
+    h = torch.randn(1, 1, D)
+    u = layer.norm(h).reshape(1, D)
+    top1 = int((u @ layer.router.weight.T).argmax())
+    before = layer(h).update
+    with torch.no_grad():
+        layer.experts.w_down[top1].mul_(1000.0)
+    torch.testing.assert_close(layer(h).update, before)
+
+
+def test_moe_under_bf16_autocast_keeps_router_in_float32(monkeypatch):
+    from finemoe.layers import routing
+
+    cfg = MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16)
+    layer = cfg.build(D)
+    seen = {}
+    original = routing.router_probs
+
+    def spy(logits):
+        seen["logits_dtype"] = logits.dtype
+        return original(logits)
+
+    monkeypatch.setattr(routing, "router_probs", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 3, D))
+    assert seen["logits_dtype"] == torch.float32
+    assert out.aux_losses["router_z"].dtype == torch.float32
