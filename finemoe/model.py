@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.layers import FFN, DenseConfig, FFNConfig
+from finemoe.layers import FFN, DenseConfig, FFNConfig, LayerContext
 from finemoe.layers.common import RMSNorm, at_least_float32
 
 __all__ = ["FFNLayers", "ModelConfig", "ModelOutput", "Transformer", "select_layers"]
@@ -228,11 +228,11 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """``h = x + Attn(RMSNorm(x))``;  ``out = h + FFN(h).update`` (the FFN owns its norm)."""
 
-    def __init__(self, cfg: ModelConfig, ffn_config: FFNConfig):
+    def __init__(self, cfg: ModelConfig, ffn_config: FFNConfig, context: LayerContext):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.ffn: FFN = ffn_config.build(cfg.d_model)
+        self.ffn: FFN = ffn_config.build(cfg.d_model, context)
 
     def forward(self, x_BTD: Tensor, cos_Td: Tensor, sin_Td: Tensor, return_stats: bool):
         h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td)
@@ -245,7 +245,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, f) for f in config.layer_ffns())
+        ffns = config.layer_ffns()
+        self.blocks = nn.ModuleList(
+            Block(config, f, LayerContext(i, config.n_layers, sum(g.kind == f.kind for g in ffns)))
+            for i, f in enumerate(ffns)
+        )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.init_weights()

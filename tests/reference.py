@@ -72,11 +72,15 @@ def moe_ffn(h, p, cfg):
             for n in candidates[:capacity]:
                 out[n] = out[n] + probs[n][e] * expert(e, u[n])
 
+    out = [o * cfg.routed_scaling_factor for o in out]
     if cfg.shared_width > 0:
         for n in range(N):
-            out[n] = out[n] + swiglu(
-                u[n], p["shared.gate_proj.weight"].T, p["shared.up_proj.weight"].T, p["shared.down_proj.weight"].T
-            )
+            shared = swiglu(u[n], p["shared.gate_proj.weight"].T, p["shared.up_proj.weight"].T, p["shared.down_proj.weight"].T)
+            if cfg.shared_mix == "gate":
+                c = softmax(u[n] @ p["shared_gate.weight"].T + p["shared_gate.bias"])
+                out[n] = c[0] * out[n] + c[1] * shared
+            else:
+                out[n] = out[n] + shared
 
     f = [c / (N * k) for c in slots_per_expert]
     mean_P = [sum(probs[n][e] for n in range(N)) / N for e in range(E)]

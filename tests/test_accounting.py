@@ -17,6 +17,7 @@ KIND_EXAMPLES = {
         MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=24),
         MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=24, granularity=2, num_shared_experts=1),
         MoEConfig(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=24, routing="expert_choice"),
+        MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=24, num_shared_experts=1, shared_mix="gate"),
     ],
 }
 EXAMPLES = [(kind, i, cfg) for kind, cfgs in KIND_EXAMPLES.items() for i, cfg in enumerate(cfgs)]

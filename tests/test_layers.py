@@ -61,6 +61,10 @@ MOE_CASES = {
         num_experts=5, num_experts_per_tok=2, expert_intermediate_size=40, granularity=2, num_shared_experts=2,
         shared_expert_intermediate_size=12,
     ),
+    "gated_shared_scaled": MoEConfig(
+        num_experts=5, num_experts_per_tok=2, expert_intermediate_size=40, num_shared_experts=1, shared_mix="gate",
+        routed_scaling_factor=2.5,
+    ),
     "top1": MoEConfig(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=40),
     "disable_top1": MoEConfig(num_experts=6, num_experts_per_tok=2, expert_intermediate_size=40, disable_top1=True),
     "expert_choice": MoEConfig(

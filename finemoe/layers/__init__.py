@@ -1,17 +1,33 @@
 """FFN kinds. Importing this package registers every built-in kind."""
 
-from finemoe.layers.base import FFN, FFN_KINDS, FFNConfig, FFNOutput, register_ffn
+from finemoe.layers.base import FFN, FFN_KINDS, FFNConfig, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.dense import DenseConfig, DenseFFN
 from finemoe.layers.moe import MoEConfig, MoEFFN
+from finemoe.layers.finedeep import FinedeepConfig, FinedeepFFN
+from finemoe.layers.dsmoe import DSMoEConfig, DSMoEFFN
+from finemoe.layers.cartesian import CartesianConfig, CartesianFFN
+from finemoe.layers.peer import PEERConfig, PEERFFN
+from finemoe.layers.pkm import PKMConfig, PKMFFN
 
 __all__ = [
     "FFN",
     "FFN_KINDS",
     "FFNConfig",
     "FFNOutput",
+    "LayerContext",
     "register_ffn",
     "DenseConfig",
     "DenseFFN",
     "MoEConfig",
     "MoEFFN",
+    "FinedeepConfig",
+    "FinedeepFFN",
+    "DSMoEConfig",
+    "DSMoEFFN",
+    "CartesianConfig",
+    "CartesianFFN",
+    "PEERConfig",
+    "PEERFFN",
+    "PKMConfig",
+    "PKMFFN",
 ]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError
 
-__all__ = ["FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "register_ffn"]
+__all__ = ["FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "register_ffn"]
 
 # kind name -> config class
 FFN_KINDS: dict[str, type["FFNConfig"]] = {}
@@ -39,6 +39,17 @@ def register_ffn(cls: type["FFNConfig"]) -> type["FFNConfig"]:
         raise TypeError(f"FFN kind {cls.kind!r} is registered twice")
     FFN_KINDS[cls.kind] = cls
     return cls
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """Where an FFN sits in the model, for designs whose losses are averaged over the
+    layers of their kind (DSMoE's sparsity loss is ``1/(L·n) Σ_layers Σ_i G(a_i)``)."""
+
+    layer_idx: int = 0
+    n_layers: int = 1
+    n_layers_of_kind: int = 1
+    """How many layers of the model use this FFN kind."""
 
 
 @dataclass
@@ -96,7 +107,8 @@ class FFNConfig:
         return FFN_KINDS[kind], data
 
     # -- to be implemented by every kind ------------------------------------------
-    def build(self, d_model: int) -> "FFN":
+    def build(self, d_model: int, context: LayerContext | None = None) -> "FFN":
+        """The module; ``context`` defaults to a model of one layer."""
         raise NotImplementedError
 
     def num_params(self, d_model: int) -> int:

@@ -12,7 +12,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from finemoe.config import check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, register_ffn
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
 
 
@@ -29,7 +29,7 @@ class DenseConfig(FFNConfig):
         check(self.intermediate_size > 0, "intermediate_size", f"must be positive, got {self.intermediate_size}")
         check(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
 
-    def build(self, d_model: int) -> "DenseFFN":
+    def build(self, d_model: int, context: LayerContext | None = None) -> "DenseFFN":
         return DenseFFN(self, d_model)
 
     def num_params(self, d_model: int) -> int:

@@ -6,7 +6,8 @@ the Switch / GShard / Mixtral / DeepSeekMoE family.
                     ``norm_topk_prob``) — Mixtral, Jiang et al. 2024
     expert choice:  each expert keeps its top-C tokens (Zhou et al. 2022), the MoE
                     baseline of the PEER paper
-    update = Σ_k g_k · SwiGLU_{e_k}(u) + Σ_shared SwiGLU_s(u)
+    update = s · Σ_k g_k · SwiGLU_{e_k}(u) + Σ_shared SwiGLU_s(u)     (s: routed_scaling_factor)
+    or, with ``shared_mix = "gate"``: c_0 · routed + c_1 · shared,  c = softmax(u W_c + b_c)
 
 Fine-grained segmentation (DeepSeekMoE, Dai et al. 2024, §3.1): with ``granularity``
 m, each of the E experts of width F_e is split into m experts of width F_e/m and the
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.layers import routing
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, register_ffn
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
 from finemoe.layers.experts import SwiGLUExperts, dispatch_expert_choice, dispatch_token_choice
 
@@ -49,7 +50,13 @@ class MoEConfig(FFNConfig):
     num_shared_experts: int = 0
     shared_expert_intermediate_size: int | None = None
     """Width of each shared expert; default F_e."""
+    shared_mix: Literal["add", "gate"] = "add"
+    """How shared experts join the routed output: ``add`` (DeepSeekMoE), or ``gate``:
+    ``c = softmax(u W_c + b_c)``, ``c_0 · routed + c_1 · shared`` (CartesianMoE's code)."""
     norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    """Multiplies the routed output (DeepSeek-V3's name); a dense FFN split into n
+    experts with top-k gates summing to 1 needs n to keep its output scale."""
     routing: Literal["token_choice", "expert_choice"] = "token_choice"
     capacity_factor: float = 1.0
     """Expert choice only: each expert takes ceil(capacity_factor · N · k / E) tokens."""
@@ -81,6 +88,12 @@ class MoEConfig(FFNConfig):
         check(self.num_shared_experts >= 0, "num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
         if self.shared_expert_intermediate_size is not None:
             check(self.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size", "must be positive")
+        check(
+            self.shared_mix == "add" or self.num_shared_experts > 0,
+            "shared_mix",
+            "'gate' mixes in shared experts, but num_shared_experts is 0",
+        )
+        check(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
         check(self.capacity_factor > 0, "capacity_factor", f"must be positive, got {self.capacity_factor}")
         check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
         check(self.router_z_loss_coef >= 0, "router_z_loss_coef", "must be >= 0")
@@ -116,16 +129,20 @@ class MoEConfig(FFNConfig):
         return float(self.routed_top_k)
 
     # -- accounting --------------------------------------------------------------------
-    def build(self, d_model: int) -> "MoEFFN":
+    def build(self, d_model: int, context: LayerContext | None = None) -> "MoEFFN":
         return MoEFFN(self, d_model)
 
     def num_params(self, d_model: int) -> int:
         router = d_model * self.num_routed_experts
         experts = self.num_routed_experts * swiglu_params(d_model, self.routed_expert_width)
-        return d_model + router + experts + swiglu_params(d_model, self.shared_width)
+        return d_model + router + experts + swiglu_params(d_model, self.shared_width) + self._mix_gate_params(d_model)
+
+    def _mix_gate_params(self, d_model: int) -> int:
+        return 2 * d_model + 2 if self.shared_mix == "gate" else 0  # W_c (D×2) and b_c
 
     def num_active_params(self, d_model: int) -> float:
-        return d_model + self._active_matmul_params(d_model)
+        mix_bias = 2 if self.shared_mix == "gate" else 0
+        return d_model + self._active_matmul_params(d_model) + mix_bias
 
     def flops_per_token(self, d_model: int) -> float:
         return 2 * self._active_matmul_params(d_model)
@@ -133,7 +150,8 @@ class MoEConfig(FFNConfig):
     def _active_matmul_params(self, d_model: int) -> float:
         router = d_model * self.num_routed_experts
         routed = self._mean_routed_slots_per_token() * swiglu_params(d_model, self.routed_expert_width)
-        return router + routed + swiglu_params(d_model, self.shared_width)
+        mix_gate = 2 * d_model if self.shared_mix == "gate" else 0
+        return router + routed + swiglu_params(d_model, self.shared_width) + mix_gate
 
 
 class MoEFFN(FFN):
@@ -144,6 +162,7 @@ class MoEFFN(FFN):
         self.router = nn.Linear(d_model, config.num_routed_experts, bias=False)
         self.experts = SwiGLUExperts(config.num_routed_experts, d_model, config.routed_expert_width)
         self.shared = SwiGLU(d_model, config.shared_width) if config.shared_width > 0 else None
+        self.shared_gate = nn.Linear(d_model, 2, bias=True) if config.shared_mix == "gate" else None
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
         cfg = self.config
@@ -172,7 +191,17 @@ class MoEFFN(FFN):
             routed_idx = torch.arange(cfg.num_routed_experts, device=u_ND.device).repeat_interleave(idx_EC.shape[1])
         if cfg.router_z_loss_coef > 0:
             aux["router_z"] = cfg.router_z_loss_coef * routing.router_z_loss(logits_NE=logits_NE)
-        if self.shared is not None:
+        if cfg.routed_scaling_factor != 1.0:
+            y_ND = y_ND * cfg.routed_scaling_factor
+        if self.shared_gate is not None:
+            with torch.autocast(device_type=u_ND.device.type, enabled=False):
+                mix_N2 = torch.softmax(
+                    F.linear(at_least_float32(u_ND), at_least_float32(self.shared_gate.weight),
+                             at_least_float32(self.shared_gate.bias)), dim=-1
+                )
+            mix_N2 = mix_N2.to(y_ND.dtype)
+            y_ND = mix_N2[:, :1] * y_ND + mix_N2[:, 1:] * self.shared(u_ND)
+        elif self.shared is not None:
             y_ND = y_ND + self.shared(u_ND)
 
         stats = None
@@ -194,3 +223,6 @@ class MoEFFN(FFN):
         self.experts.init_weights(std, out_std)
         if self.shared is not None:
             self.shared.init_weights(std, out_std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)
+            nn.init.zeros_(self.shared_gate.bias)

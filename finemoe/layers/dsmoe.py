@@ -1,0 +1,166 @@
+"""``dsmoe``: matrix-partitioned experts with dynamic routing (arXiv 2502.12455),
+as specified in METHODS.md §2.
+
+A (pre-trained) SwiGLU FFN is split into n contiguous blocks — W_g, W_u by columns,
+W_d by rows — so that with every block on, ``Σ_i o_i(u)`` is the dense FFN exactly:
+
+    o_i(u) = (silu(u W_{g,i}) ⊙ (u W_{u,i})) W_{d,i}
+    a_i    = sigmoid(u Y_i)                         Y ∈ R^{D×n}, fresh, no bias
+    G(a)   = a if a > τ else 0                      hard threshold, τ = 0.5
+    S(a)   = stopgrad(G(a)) + a − stopgrad(a)       straight-through estimator
+    h      = Σ_i o_i · S(a_i) · n / #{i: a_i > τ}   dropout-like rescaling (0 active → 0)
+
+Forward value = thresholded gate; backward = gradient of the plain sigmoid, so Y gets
+gradient through every block, active or not, and an inactive block's weights get none.
+Training therefore computes every block; in eval mode the layer can skip inactive
+blocks (``eval_sparse``), which gives the same output.
+
+Sparsity loss: ``λ · 1/(L·n) · Σ_layers Σ_i G(a_i)``, averaged over tokens; each of the
+L DSMoE layers contributes its share ``λ/(L·n) · Σ_i G(a_i)``. Its gradient is that of
+G as written (through the active gates only).
+
+Shapes: N tokens, D model width, n blocks ("experts"), F FFN width, b = F/n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finemoe.config import check
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
+
+
+@register_ffn
+@dataclass
+class DSMoEConfig(FFNConfig):
+    kind: ClassVar[str] = "dsmoe"
+    intermediate_size: int = 1024
+    """F: width of the partitioned dense FFN."""
+    num_experts: int = 8
+    """n: contiguous blocks of width F/n (the paper uses 8)."""
+    threshold: float = 0.5
+    """τ of the hard gate."""
+    straight_through: bool = True
+    """False: the no-STE ablation, training with the hard gate G(a) itself."""
+    rescale: bool = True
+    """Multiply by n / #active, like inverted dropout."""
+    sparsity_loss_coef: float = 1.0
+    """λ [choice; the paper uses 1]."""
+    eval_sparse: bool = True
+    """In eval mode compute only the active blocks of each token."""
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check(self.intermediate_size > 0, "intermediate_size", "must be positive")
+        check(self.num_experts > 0, "num_experts", "must be positive")
+        check(
+            self.intermediate_size % self.num_experts == 0,
+            "num_experts",
+            f"intermediate_size ({self.intermediate_size}) is not divisible by num_experts ({self.num_experts})",
+        )
+        check(0.0 <= self.threshold < 1.0, "threshold", f"must be in [0, 1) (a sigmoid output), got {self.threshold}")
+        check(self.sparsity_loss_coef >= 0, "sparsity_loss_coef", "must be >= 0")
+        check(self.norm_eps > 0, "norm_eps", "must be positive")
+
+    @property
+    def block_width(self) -> int:
+        return self.intermediate_size // self.num_experts
+
+    def build(self, d_model: int, context: LayerContext | None = None) -> "DSMoEFFN":
+        return DSMoEFFN(self, d_model, (context or LayerContext()).n_layers_of_kind)
+
+    def num_params(self, d_model: int) -> int:
+        return d_model + d_model * self.num_experts + swiglu_params(d_model, self.intermediate_size)
+
+    def num_active_params(self, d_model: int) -> int:
+        """The maximum (every block on); the measured share comes from ``active_share`` stats."""
+        return self.num_params(d_model)
+
+    def flops_per_token(self, d_model: int) -> int:
+        """Dense cost (training computes every block); sparse inference spends
+        ``2·D·n + active_share · 2·3·D·F``."""
+        return 2 * (d_model * self.num_experts + swiglu_params(d_model, self.intermediate_size))
+
+
+class DSMoEFFN(FFN):
+    def __init__(self, config: DSMoEConfig, d_model: int, n_layers_of_kind: int = 1):
+        super().__init__()
+        self.config = config
+        self.n_layers_of_kind = n_layers_of_kind
+        self.norm = RMSNorm(d_model, config.norm_eps)
+        self.mlp = SwiGLU(d_model, config.intermediate_size)  # the dense FFN, blocks contiguous
+        self.gate = nn.Linear(d_model, config.num_experts, bias=False)  # Y
+        self.init_weights(std=0.02, out_std=0.02)
+
+    def gates(self, u_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(a, G(a), active)`` in float32: sigmoid gates, thresholded gates, mask."""
+        with torch.autocast(device_type=u_ND.device.type, enabled=False):
+            a_Nn = torch.sigmoid(F.linear(at_least_float32(u_ND), at_least_float32(self.gate.weight)))
+        active_Nn = a_Nn > self.config.threshold
+        return a_Nn, a_Nn * active_Nn, active_Nn
+
+    def _scale(self, active_Nn: Tensor) -> Tensor:
+        """``n / #active`` per token (0 when nothing is active), shape ``(N, 1)``."""
+        if not self.config.rescale:
+            return torch.ones_like(active_Nn[:, :1], dtype=torch.float32)
+        count_N1 = active_Nn.sum(-1, keepdim=True).float()
+        return torch.where(count_N1 > 0, self.config.num_experts / count_N1.clamp_min(1), torch.zeros_like(count_N1))
+
+    def masked_forward(self, u_ND: Tensor, a_Nn: Tensor, G_Nn: Tensor, active_Nn: Tensor) -> Tensor:
+        """Every block computed, then weighted (training, and the reference for eval)."""
+        cfg = self.config
+        S_Nn = G_Nn.detach() + a_Nn - a_Nn.detach() if cfg.straight_through else G_Nn
+        weights_Nn = (S_Nn * self._scale(active_Nn)).to(u_ND.dtype)
+        hidden_NF = F.silu(self.mlp.gate_proj(u_ND)) * self.mlp.up_proj(u_ND)
+        # Σ_i o_i · w_i = (hidden ⊙ w expanded over each block's columns) W_d: one GEMM.
+        hidden_NF = hidden_NF * weights_Nn.repeat_interleave(cfg.block_width, dim=-1)
+        return self.mlp.down_proj(hidden_NF)
+
+    def sparse_forward(self, u_ND: Tensor, G_Nn: Tensor, active_Nn: Tensor) -> Tensor:
+        """Only the active blocks of each token are computed (inference)."""
+        cfg = self.config
+        b = cfg.block_width
+        weights_Nn = (G_Nn * self._scale(active_Nn)).to(u_ND.dtype)
+        out_ND = torch.zeros_like(u_ND)
+        w_g, w_u, w_d = self.mlp.gate_proj.weight, self.mlp.up_proj.weight, self.mlp.down_proj.weight
+        for i in range(cfg.num_experts):
+            tokens = active_Nn[:, i].nonzero().squeeze(-1)
+            if tokens.numel() == 0:
+                continue
+            u_cD = u_ND[tokens]
+            cols = slice(i * b, (i + 1) * b)
+            o_cD = (F.silu(u_cD @ w_g[cols].t()) * (u_cD @ w_u[cols].t())) @ w_d[:, cols].t()
+            out_ND.index_add_(0, tokens, o_cD * weights_Nn[tokens, i : i + 1])
+        return out_ND
+
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+        cfg = self.config
+        B, T, D = h_BTD.shape
+        u_ND = self.norm(h_BTD).reshape(B * T, D)
+        a_Nn, G_Nn, active_Nn = self.gates(u_ND)
+        if not self.training and cfg.eval_sparse:
+            y_ND = self.sparse_forward(u_ND, G_Nn, active_Nn)
+        else:
+            y_ND = self.masked_forward(u_ND, a_Nn, G_Nn, active_Nn)
+        aux = {}
+        if cfg.sparsity_loss_coef > 0:
+            per_token = G_Nn.sum(-1).mean()  # Σ_i G(a_i), averaged over tokens
+            aux["sparsity"] = cfg.sparsity_loss_coef * per_token / (self.n_layers_of_kind * cfg.num_experts)
+        stats = None
+        if return_stats:
+            with torch.no_grad():
+                share_n = active_Nn.float().mean(0)
+                stats = {"expert_load": share_n, "active_share": share_n.mean()}
+        return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux, stats=stats)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.norm.reset_parameters()
+        self.mlp.init_weights(std, out_std)
+        nn.init.normal_(self.gate.weight, std=std)

@@ -1,0 +1,155 @@
+"""``finedeep``: multi-layer fine-grained experts in a dense model (arXiv 2502.12928),
+as specified in METHODS.md §1 (reconstructed: the paper's full text was not available).
+
+The dense FFN of width F becomes M·K SwiGLU experts of width f = F/(M·K), arranged as
+M sequential sub-layers of K experts. Every expert is active (no top-k): parameters
+and FLOPs match the dense FFN up to the tiny routers and norms. Sub-layer m:
+
+    u   = RMSNorm_m(h_{m-1})
+    e_k = E_{m,k}(u)                                  k = 1..K
+    s_k = sigmoid(w_{m,k} · e_k)                      "output-guided" routing
+    g_k = s_k / Σ_j s_j                               (``normalize``, default on)
+    h_m = h_{m-1} + Σ_k g_k e_k
+
+``h_0`` is the block's input to the FFN and ``h_M`` replaces "input + FFN output", so
+the layer returns ``h_M − h_0`` as its update.
+
+Ablation options: ``router_input = "sublayer_input"`` scores ``s = sigmoid(u W_r)``;
+``gate = "softmax"`` replaces sigmoid (+normalisation) by a softmax over the K scores.
+
+Shapes: N tokens, D model width, M sub-layers, K experts per sub-layer, f expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finemoe.config import ConfigError, check
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.common import RMSNorm, at_least_float32, swiglu_params
+from finemoe.layers.dense import DenseConfig
+
+
+@register_ffn
+@dataclass
+class FinedeepConfig(FFNConfig):
+    kind: ClassVar[str] = "finedeep"
+    num_sublayers: int = 2
+    """M: sequential sub-layers, each with its own RMSNorm and residual."""
+    experts_per_sublayer: int = 4
+    """K: experts per sub-layer, all active."""
+    expert_intermediate_size: int = 128
+    """f = F/(M·K) for a Finedeep layer matching a dense FFN of width F."""
+    router_input: Literal["expert_output", "sublayer_input"] = "expert_output"
+    normalize: bool = True
+    """g_k = s_k / Σ_j s_j (sigmoid gate only)."""
+    gate: Literal["sigmoid", "softmax"] = "sigmoid"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("num_sublayers", "experts_per_sublayer", "expert_intermediate_size"):
+            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        check(self.norm_eps > 0, "norm_eps", "must be positive")
+
+    @classmethod
+    def matching_dense(cls, dense: DenseConfig, num_sublayers: int, experts_per_sublayer: int, **options) -> "FinedeepConfig":
+        """The Finedeep layer cut from a dense FFN of width F: M·K experts of width F/(M·K).
+        Parameters and FLOPs then equal the dense FFN's up to M·K·D router weights and
+        (M−1)·D norm weights (see ``relative_overhead``)."""
+        experts = num_sublayers * experts_per_sublayer
+        if dense.intermediate_size % experts:
+            raise ConfigError(
+                "experts_per_sublayer",
+                f"the dense width {dense.intermediate_size} is not divisible by M·K = {experts}",
+            )
+        return cls(
+            num_sublayers=num_sublayers,
+            experts_per_sublayer=experts_per_sublayer,
+            expert_intermediate_size=dense.intermediate_size // experts,
+            norm_eps=dense.norm_eps,
+            **options,
+        )
+
+    @property
+    def total_width(self) -> int:
+        return self.num_sublayers * self.experts_per_sublayer * self.expert_intermediate_size
+
+    def build(self, d_model: int, context: LayerContext | None = None) -> "FinedeepFFN":
+        return FinedeepFFN(self, d_model)
+
+    def num_params(self, d_model: int) -> int:
+        M, K = self.num_sublayers, self.experts_per_sublayer
+        per_sublayer = d_model + K * d_model + K * swiglu_params(d_model, self.expert_intermediate_size)
+        return M * per_sublayer
+
+    def num_active_params(self, d_model: int) -> int:
+        return self.num_params(d_model)  # a dense model: every expert is computed
+
+    def flops_per_token(self, d_model: int) -> int:
+        M, K = self.num_sublayers, self.experts_per_sublayer
+        router = K * d_model  # w_{m,k}·e_k, or u W_r: K·D MACs either way
+        return 2 * M * (router + K * swiglu_params(d_model, self.expert_intermediate_size))
+
+
+class FinedeepFFN(FFN):
+    def __init__(self, config: FinedeepConfig, d_model: int):
+        super().__init__()
+        self.config = config
+        M, K, f = config.num_sublayers, config.experts_per_sublayer, config.expert_intermediate_size
+        self.norms = nn.ModuleList(RMSNorm(d_model, config.norm_eps) for _ in range(M))
+        # Expert k of sub-layer m owns columns [k·f, (k+1)·f) of w_gate[m] / w_up[m] and
+        # rows k of w_down[m]: one GEMM computes all K experts' hidden units.
+        self.w_gate = nn.Parameter(torch.empty(M, d_model, K * f))
+        self.w_up = nn.Parameter(torch.empty(M, d_model, K * f))
+        self.w_down = nn.Parameter(torch.empty(M, K, f, d_model))
+        self.router = nn.Parameter(torch.empty(M, K, d_model))  # w_{m,k} (or the rows of W_r)
+        self.init_weights(std=0.02, out_std=0.02)
+
+    def sublayer(self, m: int, h_ND: Tensor, record: dict | None = None) -> Tensor:
+        """The update ``Σ_k g_k e_k`` of sub-layer m."""
+        cfg = self.config
+        K, f = cfg.experts_per_sublayer, cfg.expert_intermediate_size
+        N, D = h_ND.shape
+        u_ND = self.norms[m](h_ND)
+        hidden_NKf = (F.silu(u_ND @ self.w_gate[m]) * (u_ND @ self.w_up[m])).view(N, K, f)
+        experts_NKD = torch.einsum("nkf,kfd->nkd", hidden_NKf, self.w_down[m])  # e_k = E_{m,k}(u)
+        with torch.autocast(device_type=h_ND.device.type, enabled=False):
+            router_KD = at_least_float32(self.router[m])
+            if cfg.router_input == "expert_output":
+                scores_NK = torch.einsum("nkd,kd->nk", at_least_float32(experts_NKD), router_KD)
+            else:
+                scores_NK = at_least_float32(u_ND) @ router_KD.t()
+            if cfg.gate == "softmax":
+                gates_NK = torch.softmax(scores_NK, dim=-1)
+            else:
+                gates_NK = torch.sigmoid(scores_NK)
+                if cfg.normalize:
+                    gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
+        if record is not None:
+            record.setdefault("gate_mean", []).append(gates_NK.detach().mean(0))
+        return torch.einsum("nk,nkd->nd", gates_NK.to(experts_NKD.dtype), experts_NKD)
+
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+        B, T, D = h_BTD.shape
+        h_ND = h_BTD.reshape(B * T, D)
+        record: dict | None = {} if return_stats else None
+        update_ND = torch.zeros_like(h_ND)
+        for m in range(self.config.num_sublayers):
+            delta_ND = self.sublayer(m, h_ND + update_ND, record)  # h_m = h_{m-1} + Σ_k g_k e_k
+            update_ND = update_ND + delta_ND
+        stats = {"gate_mean": torch.stack(record["gate_mean"])} if record is not None else None  # (M, K)
+        return FFNOutput(update=update_ND.reshape(B, T, D), stats=stats)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        for norm in self.norms:
+            norm.reset_parameters()
+        nn.init.normal_(self.w_gate, std=std)
+        nn.init.normal_(self.w_up, std=std)
+        nn.init.normal_(self.w_down, std=out_std)
+        nn.init.normal_(self.router, std=std)

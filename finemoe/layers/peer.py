@@ -1,0 +1,188 @@
+"""``peer``: Parameter-Efficient Expert Retrieval (He, arXiv 2407.04153), as specified
+in METHODS.md §4.
+
+A pool of N single-neuron experts (up to 1024² ≈ 1M), ``e_i(x) = σ(u_i · x) v_i``,
+of which each head retrieves its top-k by product keys:
+
+    q(x)    = BatchNorm(x W_q + b)             per head, K = key width (BN on by default)
+    key_ab  = [c_a ; c'_b]                     two sub-key tables shared by all heads
+    top-k   of q¹·C, top-k of q²·C', top-k of the k² sums   (exact over all N keys)
+    g       = softmax over the k retrieved scores            (sigmoid as an option)
+    f(x)    = Σ_heads Σ_{i ∈ top-k} g_i · σ(u_i · x) v_i
+
+The experts' ``u`` and ``v`` are stored as embedding tables and gathered by index:
+nothing N-sized is built per token. No auxiliary loss.
+
+Not the "non-competing" variant of a popular community port (ReLU scores, top-1 per
+head, per-head sub-keys): that is not the paper's layer.
+
+Shapes: N tokens, D model width, H heads, K key width, k experts per head,
+S = √(num_experts) sub-keys per table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finemoe.config import check
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.common import RMSNorm, at_least_float32
+from finemoe.layers.routing import product_key_topk
+
+
+@dataclass
+class ProductKeyConfig(FFNConfig):
+    """Retrieval options shared by PEER and PKM."""
+
+    num_experts: int = 1024**2
+    """N, a perfect square (the paper: 1024²)."""
+    num_heads: int = 8
+    """h: independent queries into the same pool."""
+    top_k: int = 16
+    """k retrieved per head."""
+    key_dim: int = 128
+    """K: query/key width per head, split in two halves [choice]."""
+    query_batchnorm: bool = True
+    gate: Literal["softmax", "sigmoid"] = "softmax"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "num_heads", "top_k", "key_dim"):
+            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        check(
+            math.isqrt(self.num_experts) ** 2 == self.num_experts,
+            "num_experts",
+            f"must be a perfect square (product keys), got {self.num_experts}",
+        )
+        check(
+            self.top_k <= self.sub_keys,
+            "top_k",
+            f"{self.top_k} is larger than the {self.sub_keys} sub-keys of each table (√num_experts)",
+        )
+        check(self.key_dim % 2 == 0, "key_dim", f"must be even (two halves), got {self.key_dim}")
+        check(self.norm_eps > 0, "norm_eps", "must be positive")
+
+    @property
+    def sub_keys(self) -> int:
+        return math.isqrt(self.num_experts)
+
+    def retrieval_params(self, d_model: int) -> int:
+        q = self.num_heads * self.key_dim
+        batchnorm = 2 * q if self.query_batchnorm else 0
+        return d_model * q + q + batchnorm + 2 * self.sub_keys * (self.key_dim // 2)
+
+    def retrieval_flops(self, d_model: int) -> int:
+        """Query projection, scoring both sub-key tables, and the k² candidate sums."""
+        q = self.num_heads * self.key_dim
+        scoring = self.num_heads * self.sub_keys * self.key_dim  # 2 tables × S × K/2 MACs per head
+        return 2 * d_model * q + 2 * scoring + self.num_heads * self.top_k**2
+
+
+@register_ffn
+@dataclass
+class PEERConfig(ProductKeyConfig):
+    kind: ClassVar[str] = "peer"
+    activation: Literal["gelu", "relu"] = "gelu"
+
+    def build(self, d_model: int, context: LayerContext | None = None) -> "PEERFFN":
+        return PEERFFN(self, d_model)
+
+    def num_params(self, d_model: int) -> int:
+        return d_model + self.retrieval_params(d_model) + 2 * self.num_experts * d_model
+
+    def num_active_params(self, d_model: int) -> int:
+        return d_model + self.retrieval_params(d_model) + self.num_heads * self.top_k * 2 * d_model
+
+    def flops_per_token(self, d_model: int) -> int:
+        experts = self.num_heads * self.top_k * 2 * d_model  # u_i · x and g_i σ(·) v_i
+        return self.retrieval_flops(d_model) + 2 * experts
+
+
+class ProductKeyRetrieval(nn.Module):
+    """Queries, optional query BatchNorm, and the two shared sub-key tables."""
+
+    def __init__(self, config: ProductKeyConfig, d_model: int):
+        super().__init__()
+        self.config = config
+        width = config.num_heads * config.key_dim
+        self.query = nn.Linear(d_model, width, bias=True)
+        self.query_norm = nn.BatchNorm1d(width) if config.query_batchnorm else None
+        self.sub_keys = nn.Parameter(torch.empty(2, config.sub_keys, config.key_dim // 2))  # C and C'
+
+    def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scores_NHk, idx_NHk)`` in float32 (router math, METHODS.md preamble)."""
+        cfg = self.config
+        q_NQ = self.query(x_ND)
+        with torch.autocast(device_type=x_ND.device.type, enabled=False):
+            q_NQ = at_least_float32(q_NQ)
+            if self.query_norm is not None:
+                q_NQ = self.query_norm(q_NQ)
+            q_NHK = q_NQ.view(-1, cfg.num_heads, cfg.key_dim)
+            keys = at_least_float32(self.sub_keys)
+            return product_key_topk(q_NHK, keys[0], keys[1], cfg.top_k)
+
+    def gates(self, scores_NHk: Tensor) -> Tensor:
+        if self.config.gate == "softmax":
+            return torch.softmax(scores_NHk, dim=-1)
+        return torch.sigmoid(scores_NHk)
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.query.weight, std=std)
+        nn.init.zeros_(self.query.bias)
+        if self.query_norm is not None:
+            self.query_norm.reset_parameters()
+            self.query_norm.reset_running_stats()
+        half = self.config.key_dim // 2
+        nn.init.normal_(self.sub_keys, std=half**-0.5)
+
+
+def usage_stats(idx_NHk: Tensor, gates_NHk: Tensor, num_experts: int) -> dict[str, Tensor]:
+    """Per-batch expert usage: ``gate_mass`` z_i = Σ_x g_i(x) over heads and tokens,
+    shape (num_experts,), accumulated on the device; the analysis sums it over a held-out
+    set and derives usage and unevenness KL(z ‖ uniform)."""
+    mass = torch.zeros(num_experts, dtype=torch.float32, device=idx_NHk.device)
+    mass.index_add_(0, idx_NHk.reshape(-1), gates_NHk.detach().reshape(-1).float())
+    return {"gate_mass": mass, "retrieved_share": (mass > 0).float().mean()}
+
+
+class PEERFFN(FFN):
+    def __init__(self, config: PEERConfig, d_model: int):
+        super().__init__()
+        self.config = config
+        self.norm = RMSNorm(d_model, config.norm_eps)
+        self.retrieval = ProductKeyRetrieval(config, d_model)
+        self.expert_in = nn.Parameter(torch.empty(config.num_experts, d_model))   # u_i
+        self.expert_out = nn.Parameter(torch.empty(config.num_experts, d_model))  # v_i
+        self.init_weights(std=0.02, out_std=0.02)
+
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+        cfg = self.config
+        B, T, D = h_BTD.shape
+        u_ND = self.norm(h_BTD).reshape(B * T, D)
+        scores_NHk, idx_NHk = self.retrieval(u_ND)
+        gates_NHk = self.retrieval.gates(scores_NHk)
+        # σ(u_i · x) for the retrieved experts only: gather (N, H, k, D), never (N, num_experts).
+        u_NHkD = F.embedding(idx_NHk, self.expert_in)
+        act_NHk = torch.einsum("nhkd,nd->nhk", u_NHkD.to(u_ND.dtype), u_ND)
+        act_NHk = F.gelu(act_NHk) if cfg.activation == "gelu" else F.relu(act_NHk)
+        # Σ g_i σ(·) v_i as a weighted bag: no (N, H, k, D) copy of v is materialised.
+        weights_NS = (gates_NHk * act_NHk).reshape(B * T, -1)
+        y_ND = F.embedding_bag(
+            idx_NHk.reshape(B * T, -1), self.expert_out, per_sample_weights=weights_NS.to(self.expert_out.dtype), mode="sum"
+        )
+        stats = usage_stats(idx_NHk, gates_NHk, cfg.num_experts) if return_stats else None
+        return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D), stats=stats)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.norm.reset_parameters()
+        self.retrieval.init_weights(std)
+        nn.init.normal_(self.expert_in, std=std)
+        nn.init.normal_(self.expert_out, std=out_std)
