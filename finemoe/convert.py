@@ -26,10 +26,19 @@ import torch
 from torch import Tensor
 
 from finemoe.config import ConfigError
-from finemoe.layers import DenseConfig, MoEConfig
+from finemoe.layers import DenseConfig, DSMoEConfig, FFNConfig, MoEConfig
 from finemoe.model import ModelConfig, Transformer
 
-__all__ = ["model_config_from_hf", "state_dict_from_hf", "state_dict_to_hf_llama", "from_hf", "mixtral_experts_from_hf"]
+__all__ = [
+    "model_config_from_hf",
+    "state_dict_from_hf",
+    "state_dict_to_hf_llama",
+    "from_hf",
+    "mixtral_experts_from_hf",
+    "split_dense_ffn",
+    "moe_config_for_split",
+    "convert_dense_ffns",
+]
 
 
 def _get(hf_config: Any, name: str, default: Any = None) -> Any:
@@ -148,3 +157,91 @@ def from_hf(hf_model: Any) -> Transformer:
     model = Transformer(config)
     model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), config), strict=True)
     return model.to(next(hf_model.parameters()).dtype)
+
+
+# -- dense FFN → DSMoE / LLaMA-MoE (METHODS.md §2) ------------------------------------------
+
+
+def moe_config_for_split(dense: DenseConfig, num_experts: int, top_k: int, **options: Any) -> MoEConfig:
+    """The LLaMA-MoE baseline of DSMoE: the same n contiguous blocks as experts and a
+    softmax top-k router. Weights are renormalised over the k kept experts and the
+    routed output is scaled by n, so that with k = n and a uniform router the layer is
+    the dense FFN again (and in general the output keeps the dense FFN's scale, as
+    DSMoE's n/#active rescaling does)."""
+    if dense.intermediate_size % num_experts:
+        raise ConfigError("num_experts", f"the dense width {dense.intermediate_size} is not divisible by {num_experts}")
+    settings: dict[str, Any] = dict(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        expert_intermediate_size=dense.intermediate_size // num_experts,
+        norm_topk_prob=True,
+        routed_scaling_factor=float(num_experts),
+        norm_eps=dense.norm_eps,
+    )
+    settings.update(options)
+    return MoEConfig(**settings)
+
+
+def split_dense_ffn(
+    dense_sd: Mapping[str, Tensor], target: FFNConfig, *, generator: torch.Generator | None = None, gate_std: float = 0.02
+) -> dict[str, Tensor]:
+    """Split a dense FFN's weights (``DenseFFN`` keys: ``norm.weight``,
+    ``mlp.{gate,up,down}_proj.weight``) into a ``dsmoe`` or ``moe`` layer's state dict.
+
+    Block i takes columns ``[i·b, (i+1)·b)`` of W_g and W_u and the same rows of W_d
+    (b = F/n). The new gate Y (DSMoE) or router (MoE) is drawn from N(0, gate_std²)
+    with ``generator``, as the paper initialises it randomly.
+    """
+    w_g, w_u, w_d = (dense_sd[f"mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+    F_width, D = w_g.shape
+    n = target.num_experts
+
+    def fresh_gate() -> Tensor:
+        return torch.randn(n, D, generator=generator, dtype=torch.float32).mul_(gate_std).to(w_g.dtype)
+
+    if isinstance(target, DSMoEConfig):
+        if target.intermediate_size != F_width:
+            raise ConfigError("intermediate_size", f"is {target.intermediate_size}, the dense FFN has {F_width}")
+        # The blocks are contiguous slices, so the dense matrices are the DSMoE matrices.
+        return {"norm.weight": dense_sd["norm.weight"], "mlp.gate_proj.weight": w_g, "mlp.up_proj.weight": w_u,
+                "mlp.down_proj.weight": w_d, "gate.weight": fresh_gate()}
+    if isinstance(target, MoEConfig):
+        if target.granularity != 1 or target.num_shared_experts or target.num_routed_experts * target.routed_expert_width != F_width:
+            raise ConfigError("ffn", "a split needs num_experts × expert_intermediate_size = the dense width, "
+                                     "granularity 1 and no shared experts")
+        b = F_width // n
+        return {
+            "norm.weight": dense_sd["norm.weight"],
+            "router.weight": fresh_gate(),
+            "experts.w_gate": w_g.view(n, b, D).transpose(1, 2).contiguous(),  # (n, D, b)
+            "experts.w_up": w_u.view(n, b, D).transpose(1, 2).contiguous(),
+            "experts.w_down": w_d.t().reshape(n, b, D).contiguous(),  # rows of W_d (b, D) per block
+        }
+    raise ConfigError("ffn.kind", f"cannot split a dense FFN into {target.kind!r}; supported: dsmoe, moe")
+
+
+def convert_dense_ffns(
+    state_dict: Mapping[str, Tensor], config: ModelConfig, target: FFNConfig, *, seed: int = 0
+) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Convert every dense FFN of a trained model into ``target`` (``dsmoe`` or ``moe``);
+    attention, embeddings and norms are kept. Returns the new config and state dict."""
+    import dataclasses
+
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(state_dict)
+    for i, ffn in enumerate(config.layer_ffns()):
+        if not isinstance(ffn, DenseConfig):
+            continue
+        prefix = f"blocks.{i}.ffn."
+        layer_sd = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix)}
+        for key, value in split_dense_ffn(layer_sd, target, generator=generator).items():
+            out[prefix + key] = value
+    dense_layers = [i for i, f in enumerate(config.layer_ffns()) if isinstance(f, DenseConfig)]
+    kept = [e for e in config.ffn_layers if not isinstance(e.ffn, DenseConfig)]
+    if isinstance(config.ffn, DenseConfig):
+        new_config = dataclasses.replace(config, ffn=target, ffn_layers=kept)
+    else:
+        from finemoe.model import FFNLayers
+
+        new_config = dataclasses.replace(config, ffn_layers=kept + [FFNLayers(dense_layers, target)])
+    return new_config, out

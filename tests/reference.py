@@ -87,3 +87,111 @@ def moe_ffn(h, p, cfg):
     lb = E * sum(f[e] * mean_P[e] for e in range(E))
     z = sum(torch.logsumexp(logits[n], 0) ** 2 for n in range(N)) / N
     return torch.stack(out).reshape(B, T, D), lb, z
+
+
+def sigmoid(x):
+    return 1 / (1 + torch.exp(-x))
+
+
+def gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def finedeep_ffn(h, p, cfg):
+    """M sub-layers of K experts, one token and one expert at a time (METHODS.md §1)."""
+    B, T, D = h.shape
+    M, K, f = cfg.num_sublayers, cfg.experts_per_sublayer, cfg.expert_intermediate_size
+    state = [h.reshape(B * T, D)[n] for n in range(B * T)]
+    start = list(state)
+    for m in range(M):
+        for n in range(len(state)):
+            u = rmsnorm(state[n], p[f"norms.{m}.weight"], cfg.norm_eps)
+            experts, scores = [], []
+            for k in range(K):
+                cols = slice(k * f, (k + 1) * f)
+                e = swiglu(u, p["w_gate"][m][:, cols], p["w_up"][m][:, cols], p["w_down"][m][k])
+                experts.append(e)
+                source = e if cfg.router_input == "expert_output" else u
+                scores.append(p["router"][m][k] @ source)
+            scores = torch.stack(scores)
+            if cfg.gate == "softmax":
+                gates = softmax(scores)
+            else:
+                gates = sigmoid(scores)
+                if cfg.normalize:
+                    gates = gates / gates.sum()
+            state[n] = state[n] + sum(g * e for g, e in zip(gates, experts))
+    return (torch.stack(state) - torch.stack(start)).reshape(B, T, D), None
+
+
+def dsmoe_ffn(h, p, cfg):
+    """n blocks per token, gate by gate (METHODS.md §2); returns (update, Σ_i G(a_i) mean)."""
+    B, T, D = h.shape
+    n, b, tau = cfg.num_experts, cfg.block_width, cfg.threshold
+    out, g_sums = [], []
+    for x in h.reshape(B * T, D):
+        u = rmsnorm(x, p["norm.weight"], cfg.norm_eps)
+        terms, active, g_sum = [], 0, 0
+        for i in range(n):
+            cols = slice(i * b, (i + 1) * b)
+            o = swiglu(u, p["mlp.gate_proj.weight"][cols].T, p["mlp.up_proj.weight"][cols].T,
+                       p["mlp.down_proj.weight"][:, cols].T)
+            a = sigmoid(u @ p["gate.weight"][i])
+            on = bool(a > tau)
+            G = a * on  # the hard gate as a function (its gradient is 1[a > τ])
+            S = G.detach() + a - a.detach() if cfg.straight_through else G
+            terms.append(o * S)
+            active += on
+            g_sum = g_sum + G
+        y = sum(terms)
+        if cfg.rescale:
+            y = y * (n / active) if active else y * 0
+        out.append(y)
+        g_sums.append(g_sum)
+    return torch.stack(out).reshape(B, T, D), sum(g_sums) / len(g_sums)
+
+
+def _sub(p, prefix):
+    return {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+
+
+def cartesian_ffn(h, p, cfg):
+    sub = cfg.sublayer()
+    a, lb_a, _ = moe_ffn(h, _sub(p, "sublayers.0."), sub)
+    b, lb_b, _ = moe_ffn(h + a, _sub(p, "sublayers.1."), sub)
+    return a + b, lb_a + lb_b
+
+
+def _batchnorm_train(q, weight, bias, eps=1e-5):
+    mean = q.mean(0)
+    var = ((q - mean) ** 2).mean(0)
+    return (q - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def product_key_ffn(h, p, cfg, *, peer: bool):
+    """Brute force over all N = S² full keys [c_a ; c'_b]: no product-key trick."""
+    B, T, D = h.shape
+    H, Kd, k, S = cfg.num_heads, cfg.key_dim, cfg.top_k, cfg.sub_keys
+    u = rmsnorm(h.reshape(B * T, D), p["norm.weight"], cfg.norm_eps)
+    q = u @ p["retrieval.query.weight"].T + p["retrieval.query.bias"]
+    if cfg.query_batchnorm:
+        q = _batchnorm_train(q, p["retrieval.query_norm.weight"], p["retrieval.query_norm.bias"])
+    C1, C2 = p["retrieval.sub_keys"][0], p["retrieval.sub_keys"][1]
+    full_keys = torch.stack([torch.cat([C1[a], C2[b]]) for a in range(S) for b in range(S)])  # (N, Kd)
+    out = []
+    for t in range(B * T):
+        y = torch.zeros(D, dtype=h.dtype)
+        for head in range(H):
+            scores = full_keys @ q[t, head * Kd : (head + 1) * Kd]
+            best = sorted(range(S * S), key=lambda i: -float(scores[i].detach()))[:k]
+            s = torch.stack([scores[i] for i in best])
+            gates = softmax(s) if cfg.gate == "softmax" else sigmoid(s)
+            for g, i in zip(gates, best):
+                if peer:
+                    z = p["expert_in"][i] @ u[t]
+                    act = gelu(z) if cfg.activation == "gelu" else torch.clamp(z, min=0)
+                    y = y + g * act * p["expert_out"][i]
+                else:
+                    y = y + g * p["values"][i]
+        out.append(y)
+    return torch.stack(out).reshape(B, T, D), None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from finemoe import FFN_KINDS, FFNLayers, ModelConfig, Transformer
-from finemoe.layers import DenseConfig, MoEConfig
+from finemoe.layers import CartesianConfig, DenseConfig, DSMoEConfig, FinedeepConfig, MoEConfig, PEERConfig, PKMConfig
 
 D = 16
 
@@ -19,6 +19,15 @@ KIND_EXAMPLES = {
         MoEConfig(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=24, routing="expert_choice"),
         MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=24, num_shared_experts=1, shared_mix="gate"),
     ],
+    "finedeep": [FinedeepConfig(num_sublayers=2, experts_per_sublayer=3, expert_intermediate_size=8),
+                 FinedeepConfig(num_sublayers=1, experts_per_sublayer=4, expert_intermediate_size=6, router_input="sublayer_input")],
+    "dsmoe": [DSMoEConfig(intermediate_size=24, num_experts=4)],
+    "cartesian": [CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=12),
+                  CartesianConfig(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=12, shared_mix="add",
+                                  num_shared_experts=0, norm_topk_prob=False)],
+    "peer": [PEERConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8),
+             PEERConfig(num_experts=49, num_heads=3, top_k=2, key_dim=6, query_batchnorm=False)],
+    "pkm": [PKMConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8)],
 }
 EXAMPLES = [(kind, i, cfg) for kind, cfgs in KIND_EXAMPLES.items() for i, cfg in enumerate(cfgs)]
 
@@ -37,13 +46,21 @@ def test_num_params_equals_numel(kind, i, cfg):
 def test_active_params_equal_params_a_single_token_touches(kind, i, cfg):
     """For one token, the parameters with a non-zero gradient are exactly the active
     ones (expert choice: with one token every expert takes it, so compare with the
-    all-expert count)."""
+    all-expert count; DSMoE reports the maximum, so compare with its active blocks).
+    Product-key layers read every sub-key but only the top-k get gradient: they are
+    counted by hand below."""
+    if kind in ("peer", "pkm"):
+        pytest.skip("counted by hand in test_product_key_accounting_by_hand")
     torch.manual_seed(0)
     layer = cfg.build(D).double()
-    layer(torch.randn(1, 1, D, dtype=torch.float64)).update.sum().backward()
+    h = torch.randn(1, 1, D, dtype=torch.float64)
+    layer(h).update.sum().backward()
     touched = sum(int((p.grad != 0).sum()) for p in layer.parameters() if p.grad is not None)
     if getattr(cfg, "routing", None) == "expert_choice":
         assert touched == cfg.num_params(D)
+    elif kind == "dsmoe":
+        active_blocks = int(layer.gates(layer.norm(h).reshape(1, D))[2].sum())
+        assert touched == D + D * cfg.num_experts + active_blocks * 3 * D * cfg.block_width
     else:
         assert touched == cfg.num_active_params(D)
 
@@ -106,3 +123,28 @@ def test_model_active_params_sum_layer_active_params():
     gap = 2 * (moe.num_params(D) - moe.num_active_params(D))
     assert cfg.num_params() - cfg.num_active_params() == gap
     assert dense.num_params(D) == dense.num_active_params(D)
+
+
+def test_product_key_accounting_by_hand():
+    # N = 64 experts (S = 8 sub-keys per table), h = 2 heads, k = 4, key width 8.
+    peer = PEERConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8)
+    query = 16 * 16 + 16           # W_q (D × h·K) and its bias
+    batchnorm = 2 * 16             # BN weight and bias (running stats are buffers)
+    sub_keys = 2 * 8 * 4           # two tables of S × K/2
+    assert peer.num_params(D) == 16 + query + batchnorm + sub_keys + 2 * 64 * 16
+    assert peer.num_active_params(D) == 16 + query + batchnorm + sub_keys + 2 * 4 * 2 * 16
+    retrieval = 2 * 16 * 16 + 2 * (2 * 8 * 8) + 2 * 4 * 4  # query, both sub-key tables, k² sums per head
+    assert peer.flops_per_token(D) == retrieval + 2 * (2 * 4 * 2 * 16)
+    pkm = PKMConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8)
+    assert pkm.num_params(D) == 16 + query + batchnorm + sub_keys + 64 * 16
+    assert pkm.flops_per_token(D) == retrieval + 2 * 2 * 4 * 16
+
+
+def test_cartesian_accounting_by_hand():
+    cfg = CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=12)
+    # per sub-layer: norm, router, 4 experts, 1 shared sub-expert, mixing gate W_c (D×2) + b_c
+    per = 16 + 16 * 4 + 4 * 3 * 16 * 12 + 3 * 16 * 12 + 2 * 16 + 2
+    assert cfg.num_params(D) == 2 * per
+    active = 16 + 16 * 4 + 2 * 3 * 16 * 12 + 3 * 16 * 12 + 2 * 16 + 2
+    assert cfg.num_active_params(D) == 2 * active
+    assert cfg.flops_per_token(D) == 2 * 2 * (16 * 4 + 2 * 3 * 16 * 12 + 3 * 16 * 12 + 2 * 16)

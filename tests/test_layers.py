@@ -7,51 +7,13 @@ import torch
 
 from finemoe.layers import DenseConfig, MoEConfig
 from tests import reference as ref
-
-# Awkward sizes: nothing a power of two, tokens not a multiple of anything.
-B, T, D = 3, 7, 24
-
-
-def _compare_with_reference(layer, reference_fn, *, atol=1e-10):
-    """Run ``layer`` and ``reference_fn(h, params)`` in float64 on the same leaves;
-    compare the output, the input gradient and every parameter gradient."""
-    torch.manual_seed(1)
-    layer = layer.double()
-    h = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
-    probe = torch.randn(B, T, D, dtype=torch.float64)  # a random cotangent
-
-    out = layer(h)
-    (out.update * probe).sum().backward()
-
-    h_ref = h.detach().clone().requires_grad_(True)
-    params_ref = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
-    update_ref, *losses_ref = reference_fn(h_ref, params_ref)
-    (update_ref * probe).sum().backward()
-
-    torch.testing.assert_close(out.update, update_ref, atol=atol, rtol=1e-9)
-    torch.testing.assert_close(h.grad, h_ref.grad, atol=atol, rtol=1e-9)
-    for name, p in layer.named_parameters():
-        grad_ref = params_ref[name].grad
-        if grad_ref is None:
-            grad_ref = torch.zeros_like(p)
-        got = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.testing.assert_close(got, grad_ref, atol=atol, rtol=1e-9, msg=lambda m: f"gradient of {name}: {m}")
-    return out, losses_ref
-
-
-def _randomise(layer):
-    """Non-trivial weights everywhere, norms included (init leaves norms at one)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if p.ndim > 1 else 1.0) + (1.0 if p.ndim == 1 else 0.0))
-    return layer
+from tests.helpers import D, compare_with_reference, randomise
 
 
 def test_dense_matches_reference():
     cfg = DenseConfig(intermediate_size=40)
-    layer = _randomise(cfg.build(D))
-    _compare_with_reference(layer, lambda h, p: (ref.dense_ffn(h, p, cfg.norm_eps),))
+    layer = randomise(cfg.build(D))
+    compare_with_reference(layer, lambda h, p: (ref.dense_ffn(h, p, cfg.norm_eps),))
 
 
 MOE_CASES = {
@@ -79,8 +41,8 @@ MOE_CASES = {
 @pytest.mark.parametrize("case", sorted(MOE_CASES))
 def test_moe_matches_reference(case):
     cfg = MOE_CASES[case]
-    layer = _randomise(cfg.build(D))
-    out, (lb_ref, z_ref) = _compare_with_reference(layer, lambda h, p: ref.moe_ffn(h, p, cfg))
+    layer = randomise(cfg.build(D))
+    out, (lb_ref, z_ref) = compare_with_reference(layer, lambda h, p: ref.moe_ffn(h, p, cfg))
     # The auxiliary losses, each times its coefficient.
     torch.testing.assert_close(out.aux_losses["router_z"], cfg.router_z_loss_coef * z_ref)
     if cfg.routing == "token_choice":

@@ -105,18 +105,18 @@ class DSMoEFFN(FFN):
         active_Nn = a_Nn > self.config.threshold
         return a_Nn, a_Nn * active_Nn, active_Nn
 
-    def _scale(self, active_Nn: Tensor) -> Tensor:
+    def _scale(self, active_Nn: Tensor, dtype: torch.dtype) -> Tensor:
         """``n / #active`` per token (0 when nothing is active), shape ``(N, 1)``."""
         if not self.config.rescale:
-            return torch.ones_like(active_Nn[:, :1], dtype=torch.float32)
-        count_N1 = active_Nn.sum(-1, keepdim=True).float()
+            return torch.ones_like(active_Nn[:, :1], dtype=dtype)
+        count_N1 = active_Nn.sum(-1, keepdim=True).to(dtype)
         return torch.where(count_N1 > 0, self.config.num_experts / count_N1.clamp_min(1), torch.zeros_like(count_N1))
 
     def masked_forward(self, u_ND: Tensor, a_Nn: Tensor, G_Nn: Tensor, active_Nn: Tensor) -> Tensor:
         """Every block computed, then weighted (training, and the reference for eval)."""
         cfg = self.config
         S_Nn = G_Nn.detach() + a_Nn - a_Nn.detach() if cfg.straight_through else G_Nn
-        weights_Nn = (S_Nn * self._scale(active_Nn)).to(u_ND.dtype)
+        weights_Nn = (S_Nn * self._scale(active_Nn, S_Nn.dtype)).to(u_ND.dtype)
         hidden_NF = F.silu(self.mlp.gate_proj(u_ND)) * self.mlp.up_proj(u_ND)
         # Σ_i o_i · w_i = (hidden ⊙ w expanded over each block's columns) W_d: one GEMM.
         hidden_NF = hidden_NF * weights_Nn.repeat_interleave(cfg.block_width, dim=-1)
@@ -126,7 +126,7 @@ class DSMoEFFN(FFN):
         """Only the active blocks of each token are computed (inference)."""
         cfg = self.config
         b = cfg.block_width
-        weights_Nn = (G_Nn * self._scale(active_Nn)).to(u_ND.dtype)
+        weights_Nn = (G_Nn * self._scale(active_Nn, G_Nn.dtype)).to(u_ND.dtype)
         out_ND = torch.zeros_like(u_ND)
         w_g, w_u, w_d = self.mlp.gate_proj.weight, self.mlp.up_proj.weight, self.mlp.down_proj.weight
         for i in range(cfg.num_experts):

@@ -54,6 +54,9 @@ class MoEConfig(FFNConfig):
     """How shared experts join the routed output: ``add`` (DeepSeekMoE), or ``gate``:
     ``c = softmax(u W_c + b_c)``, ``c_0 · routed + c_1 · shared`` (CartesianMoE's code)."""
     norm_topk_prob: bool = True
+    """Renormalise the kept weights to sum to 1 (Mixtral). With k = 1 this makes the
+    weight a constant 1 and the router learns only from the auxiliary losses, which is
+    why Switch (top-1) keeps the raw probability: set it false for top-1."""
     routed_scaling_factor: float = 1.0
     """Multiplies the routed output (DeepSeek-V3's name); a dense FFN split into n
     experts with top-k gates summing to 1 needs n to keep its output scale."""

@@ -1,0 +1,307 @@
+"""The four designs (and PKM) against naive references and the properties METHODS.md asks for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finemoe.convert import moe_config_for_split, split_dense_ffn
+from finemoe.layers import (
+    CartesianConfig,
+    DenseConfig,
+    DSMoEConfig,
+    FinedeepConfig,
+    PEERConfig,
+    PKMConfig,
+)
+from finemoe.layers.routing import product_key_topk
+from tests import reference as ref
+from tests.helpers import D, compare_with_reference, randomise
+
+# -- Finedeep ------------------------------------------------------------------------------------
+
+FINEDEEP_CASES = {
+    "M2_K3": FinedeepConfig(num_sublayers=2, experts_per_sublayer=3, expert_intermediate_size=10),
+    "M3_K2_unnormalised": FinedeepConfig(num_sublayers=3, experts_per_sublayer=2, expert_intermediate_size=7, normalize=False),
+    "sublayer_input_router": FinedeepConfig(num_sublayers=2, experts_per_sublayer=3, expert_intermediate_size=10,
+                                            router_input="sublayer_input"),
+    "softmax_gate": FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=5, gate="softmax"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FINEDEEP_CASES))
+def test_finedeep_matches_reference(case):
+    cfg = FINEDEEP_CASES[case]
+    layer = randomise(cfg.build(D))
+    compare_with_reference(layer, lambda h, p: ref.finedeep_ffn(h, p, cfg))
+
+
+def test_finedeep_with_one_sublayer_and_one_expert_is_a_dense_prenorm_ffn():
+    """M = K = 1: the normalised gate s/s is exactly 1, so h + update = h + SwiGLU(RMSNorm(h))."""
+    dense = randomise(DenseConfig(intermediate_size=40).build(D)).double()
+    fd = FinedeepConfig.matching_dense(DenseConfig(intermediate_size=40), 1, 1).build(D).double()
+    with torch.no_grad():
+        fd.norms[0].weight.copy_(dense.norm.weight)
+        fd.w_gate[0].copy_(dense.mlp.gate_proj.weight.t())
+        fd.w_up[0].copy_(dense.mlp.up_proj.weight.t())
+        fd.w_down[0, 0].copy_(dense.mlp.down_proj.weight.t())
+        fd.router.normal_()  # any router: the single gate normalises to 1
+    h = torch.randn(2, 9, D, dtype=torch.float64)
+    torch.testing.assert_close(h + fd(h).update, h + dense(h).update, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("M,K", [(1, 16), (2, 8), (4, 4), (8, 2)])
+def test_finedeep_matching_dense_has_dense_params_and_flops(M, K):
+    dense = DenseConfig(intermediate_size=2048)
+    fd = FinedeepConfig.matching_dense(dense, M, K)
+    assert fd.total_width == 2048
+    d_model = 512
+    # Equal up to the routers (M·K·D) and the extra norms ((M−1)·D): under 1% here.
+    assert fd.num_params(d_model) - dense.num_params(d_model) == M * K * d_model + (M - 1) * d_model
+    assert abs(fd.num_params(d_model) / dense.num_params(d_model) - 1) < 0.01
+    assert abs(fd.flops_per_token(d_model) / dense.flops_per_token(d_model) - 1) < 0.01
+
+
+# -- DSMoE -------------------------------------------------------------------------------------------
+
+DSMOE_CASES = {
+    "ste_rescale": DSMoEConfig(intermediate_size=40, num_experts=5),
+    "no_ste": DSMoEConfig(intermediate_size=40, num_experts=5, straight_through=False),
+    "no_rescale_tau_0.8": DSMoEConfig(intermediate_size=40, num_experts=4, rescale=False, threshold=0.8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DSMOE_CASES))
+def test_dsmoe_matches_reference_in_training(case):
+    cfg = DSMOE_CASES[case]
+    layer = randomise(cfg.build(D)).train()
+    out, (g_mean,) = compare_with_reference(layer, lambda h, p: ref.dsmoe_ffn(h, p, cfg))
+    torch.testing.assert_close(out.aux_losses["sparsity"], cfg.sparsity_loss_coef * g_mean / cfg.num_experts)
+
+
+def _dense_and_split(cfg: DSMoEConfig):
+    torch.manual_seed(0)
+    dense = randomise(DenseConfig(intermediate_size=cfg.intermediate_size).build(D)).double()
+    layer = cfg.build(D).double()
+    layer.load_state_dict(split_dense_ffn(dense.state_dict(), cfg, generator=torch.Generator().manual_seed(1)))
+    return dense, layer
+
+
+def test_dsmoe_split_with_all_gates_open_and_no_rescale_is_the_dense_ffn(monkeypatch):
+    cfg = DSMoEConfig(intermediate_size=40, num_experts=8, rescale=False)
+    dense, layer = _dense_and_split(cfg)
+
+    def all_open(u):
+        ones = torch.ones(u.shape[0], cfg.num_experts, dtype=u.dtype)
+        return ones, ones, ones.bool()
+
+    monkeypatch.setattr(layer, "gates", all_open)
+    h = torch.randn(3, 5, D, dtype=torch.float64)
+    for mode in (layer.train, layer.eval):  # masked and sparse paths
+        mode()
+        torch.testing.assert_close(layer(h).update, dense(h).update, rtol=1e-12, atol=1e-12)
+
+
+def _one_token_with_inactive_blocks(cfg):
+    torch.manual_seed(4)
+    layer = randomise(cfg.build(D)).double().train()
+    for _ in range(100):
+        h = torch.randn(1, 1, D, dtype=torch.float64)
+        _, _, active = layer.gates(layer.norm(h).reshape(1, D))
+        if 0 < int(active.sum()) < cfg.num_experts:
+            return layer, h, active[0]
+    raise AssertionError("no token with a mix of active and inactive blocks")
+
+
+def test_dsmoe_ste_gives_gate_gradient_through_inactive_blocks_and_experts_none():
+    cfg = DSMoEConfig(intermediate_size=40, num_experts=5, sparsity_loss_coef=0.0)
+    layer, h, active = _one_token_with_inactive_blocks(cfg)
+    layer(h).update.sum().backward()
+    b = cfg.block_width
+    for i in range(cfg.num_experts):
+        cols = slice(i * b, (i + 1) * b)
+        expert_grad = layer.mlp.gate_proj.weight.grad[cols].abs().sum() + layer.mlp.down_proj.weight.grad[:, cols].abs().sum()
+        assert layer.gate.weight.grad[i].abs().sum() > 0, f"gate {i} got no gradient"
+        if active[i]:
+            assert expert_grad > 0
+        else:
+            assert expert_grad == 0, f"inactive block {i} got gradient"
+
+
+def test_dsmoe_without_ste_gives_no_gate_gradient_through_inactive_blocks():
+    cfg = DSMoEConfig(intermediate_size=40, num_experts=5, sparsity_loss_coef=0.0, straight_through=False)
+    layer, h, active = _one_token_with_inactive_blocks(cfg)
+    layer(h).update.sum().backward()
+    for i in range(cfg.num_experts):
+        assert (layer.gate.weight.grad[i].abs().sum() > 0) == bool(active[i])
+
+
+def test_dsmoe_sparse_eval_path_equals_masked_path():
+    cfg = DSMoEConfig(intermediate_size=48, num_experts=6)
+    layer = randomise(cfg.build(D)).double().eval()
+    h = torch.randn(4, 9, D, dtype=torch.float64)
+    out = layer(h, return_stats=True)  # eval: the sparse path
+    u = layer.norm(h).reshape(-1, D)
+    a, G, active = layer.gates(u)
+    assert 0 < out.stats["active_share"] < 1
+    torch.testing.assert_close(out.update.reshape(-1, D), layer.masked_forward(u, a, G, active), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.stats["active_share"], active.double().mean().float(), check_dtype=False)
+
+
+def test_dsmoe_no_active_block_gives_zero():
+    cfg = DSMoEConfig(intermediate_size=16, num_experts=4, threshold=0.99)
+    layer = cfg.build(D)
+    with torch.no_grad():
+        layer.gate.weight.zero_()  # a = 0.5 < τ everywhere
+    for mode in (layer.train, layer.eval):
+        mode()
+        assert layer(torch.randn(2, 3, D)).update.abs().max() == 0
+
+
+def test_moe_split_with_every_expert_and_uniform_router_is_the_dense_ffn():
+    """The LLaMA-MoE baseline from the same partition: k = n, uniform router → dense."""
+    dense_cfg = DenseConfig(intermediate_size=40)
+    dense = randomise(dense_cfg.build(D)).double()
+    cfg = moe_config_for_split(dense_cfg, num_experts=8, top_k=8)
+    layer = cfg.build(D).double()
+    layer.load_state_dict(split_dense_ffn(dense.state_dict(), cfg))
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    h = torch.randn(3, 5, D, dtype=torch.float64)
+    torch.testing.assert_close(layer(h).update, dense(h).update, rtol=1e-12, atol=1e-12)
+
+
+# -- CartesianMoE --------------------------------------------------------------------------------------
+
+CARTESIAN_CASES = {
+    "gate_mix": CartesianConfig(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12),
+    "add_mix_top3": CartesianConfig(num_experts=6, num_experts_per_tok=3, expert_intermediate_size=12, shared_mix="add"),
+    "no_shared": CartesianConfig(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12,
+                                 num_shared_experts=0, shared_mix="add"),
+    "disable_top1": CartesianConfig(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12, disable_top1=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CARTESIAN_CASES))
+def test_cartesian_matches_reference(case):
+    cfg = CARTESIAN_CASES[case]
+    layer = randomise(cfg.build(D))
+    out, (lb_ref,) = compare_with_reference(layer, lambda h, p: ref.cartesian_ffn(h, p, cfg))
+    torch.testing.assert_close(out.aux_losses["load_balancing"], cfg.router_aux_loss_coef * lb_ref)
+
+
+@pytest.mark.parametrize("disable_top1", [True, False])
+def test_cartesian_robustness_switch_never_uses_top1_experts(disable_top1):
+    """Per token: spoil the top-1 expert of sub-layer A and of sub-layer B; with the switch
+    on, the output is unchanged; with it off, it changes."""
+    cfg = CartesianConfig(num_experts=6, num_experts_per_tok=2, expert_intermediate_size=12, disable_top1=disable_top1)
+    torch.manual_seed(0)
+    layer = randomise(cfg.build(D)).double()
+    for _ in range(5):
+        h = torch.randn(1, 1, D, dtype=torch.float64)
+        before = layer(h).update
+        A, Bl = layer.sublayers
+        top1_a = int((A.norm(h).reshape(1, D) @ A.router.weight.t()).argmax())
+        h_prime = h + A(h).update
+        top1_b = int((Bl.norm(h_prime).reshape(1, D) @ Bl.router.weight.t()).argmax())
+        saved = (A.experts.w_down[top1_a].clone(), Bl.experts.w_down[top1_b].clone())
+        with torch.no_grad():
+            A.experts.w_down[top1_a].mul_(-50.0)
+            Bl.experts.w_down[top1_b].mul_(-50.0)
+        after = layer(h).update
+        with torch.no_grad():
+            A.experts.w_down[top1_a].copy_(saved[0])
+            Bl.experts.w_down[top1_b].copy_(saved[1])
+        assert torch.equal(before, after) == disable_top1
+
+
+def test_cartesian_is_two_sequential_moe_sublayers():
+    cfg = CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=8)
+    layer = cfg.build(D)
+    h = torch.randn(2, 3, D)
+    A, Bl = layer.sublayers
+    h1 = h + A(h).update
+    torch.testing.assert_close(h + layer(h).update, h1 + Bl(h1).update)
+    assert cfg.num_composite_experts == 16
+
+
+# -- PEER and PKM ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("S,k,heads", [(13, 5, 3), (7, 7, 1), (32, 16, 2)])
+def test_product_key_topk_equals_brute_force(S, k, heads):
+    torch.manual_seed(S)
+    Kd = 10
+    q = torch.randn(37, heads, Kd, dtype=torch.float64)
+    C1, C2 = torch.randn(S, Kd // 2, dtype=torch.float64), torch.randn(S, Kd // 2, dtype=torch.float64)
+    scores, idx = product_key_topk(q, C1, C2, k)
+    full = torch.cat([C1.repeat_interleave(S, 0), C2.repeat(S, 1)], dim=1)  # key of expert a·S + b
+    brute_scores, brute_idx = (q @ full.t()).topk(k, dim=-1)
+    torch.testing.assert_close(scores, brute_scores)
+    assert torch.equal(idx, brute_idx)
+
+
+PK_CASES = {
+    "peer_gelu_softmax": PEERConfig(num_experts=49, num_heads=3, top_k=4, key_dim=6),
+    "peer_relu_sigmoid_no_bn": PEERConfig(num_experts=36, num_heads=2, top_k=5, key_dim=8, activation="relu",
+                                          gate="sigmoid", query_batchnorm=False),
+    "pkm": PKMConfig(num_experts=49, num_heads=2, top_k=6, key_dim=6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PK_CASES))
+def test_product_key_layers_match_brute_force_reference(case):
+    cfg = PK_CASES[case]
+    layer = randomise(cfg.build(D)).train()  # BatchNorm with batch statistics
+    compare_with_reference(layer, lambda h, p: ref.product_key_ffn(h, p, cfg, peer=cfg.kind == "peer"))
+
+
+@pytest.mark.parametrize("kind", ["peer", "pkm"])
+def test_only_retrieved_experts_matter(kind):
+    cfg = (PEERConfig if kind == "peer" else PKMConfig)(num_experts=400, num_heads=2, top_k=3, key_dim=8)
+    torch.manual_seed(0)
+    layer = cfg.build(D).eval()
+    h = torch.randn(2, 5, D)
+    out = layer(h, return_stats=True)
+    mass = out.stats["gate_mass"]
+    unused, used = int((mass == 0).nonzero()[0]), int(mass.argmax())
+    tables = [layer.expert_in, layer.expert_out] if kind == "peer" else [layer.values]
+    with torch.no_grad():
+        for table in tables:
+            table[unused].normal_(0, 10.0)
+    assert torch.equal(layer(h).update, out.update)
+    with torch.no_grad():
+        for table in tables:
+            table[used].normal_(0, 10.0)
+    assert not torch.allclose(layer(h).update, out.update)
+
+
+def test_peer_never_materialises_a_tensor_of_tokens_times_experts():
+    """Every tensor the forward and backward create is far smaller than N_tokens × N_experts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = PEERConfig(num_experts=128**2, num_heads=4, top_k=8, key_dim=16)
+    layer = cfg.build(16)
+    h = torch.randn(4, 32, 16, requires_grad=True)
+    limit = 4 * 32 * cfg.num_experts
+    largest = {"numel": 0}
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(t, torch.Tensor):
+                    largest["numel"] = max(largest["numel"], t.numel())
+            return result
+
+    with Sizes():
+        layer(h).update.sum().backward()
+    # The biggest tensors are the expert tables' gradients (N_experts × D), 1/8 of the limit here.
+    assert largest["numel"] <= cfg.num_experts * 16 < limit
+
+
+def test_peer_usage_stats_sum_to_the_gate_mass():
+    cfg = PEERConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8)
+    out = cfg.build(D)(torch.randn(3, 4, D), return_stats=True)
+    # softmax gates sum to 1 per head and token: total mass = tokens × heads
+    torch.testing.assert_close(out.stats["gate_mass"].sum(), torch.tensor(12.0 * 2))
