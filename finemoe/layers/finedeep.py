@@ -111,17 +111,23 @@ class FinedeepFFN(FFN):
         self.init_weights(std=0.02, out_std=0.02)
 
     def sublayer(self, m: int, h_ND: Tensor, record: dict | None = None) -> Tensor:
-        """The update ``Σ_k g_k e_k`` of sub-layer m."""
+        """The update ``Σ_k g_k e_k`` of sub-layer m.
+
+        Never builds the ``(N, K, D)`` expert outputs: with e_k = hidden_k W_{d,k},
+        the output-guided score is ``w_k · e_k = hidden_k · (W_{d,k} w_k)`` and the
+        weighted sum is one GEMM, ``(hidden ⊙ g) W_d`` (the naive per-expert form is the
+        test reference).
+        """
         cfg = self.config
         K, f = cfg.experts_per_sublayer, cfg.expert_intermediate_size
         N, D = h_ND.shape
         u_ND = self.norms[m](h_ND)
         hidden_NKf = (F.silu(u_ND @ self.w_gate[m]) * (u_ND @ self.w_up[m])).view(N, K, f)
-        experts_NKD = torch.einsum("nkf,kfd->nkd", hidden_NKf, self.w_down[m])  # e_k = E_{m,k}(u)
         with torch.autocast(device_type=h_ND.device.type, enabled=False):
             router_KD = at_least_float32(self.router[m])
             if cfg.router_input == "expert_output":
-                scores_NK = torch.einsum("nkd,kd->nk", at_least_float32(experts_NKD), router_KD)
+                readout_Kf = torch.einsum("kfd,kd->kf", at_least_float32(self.w_down[m]), router_KD)  # W_{d,k} w_k
+                scores_NK = torch.einsum("nkf,kf->nk", at_least_float32(hidden_NKf), readout_Kf)
             else:
                 scores_NK = at_least_float32(u_ND) @ router_KD.t()
             if cfg.gate == "softmax":
@@ -132,7 +138,8 @@ class FinedeepFFN(FFN):
                     gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
         if record is not None:
             record.setdefault("gate_mean", []).append(gates_NK.detach().mean(0))
-        return torch.einsum("nk,nkd->nd", gates_NK.to(experts_NKD.dtype), experts_NKD)
+        weighted_NF = (hidden_NKf * gates_NK.to(hidden_NKf.dtype).unsqueeze(-1)).reshape(N, K * f)
+        return weighted_NF @ self.w_down[m].reshape(K * f, D)
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
         B, T, D = h_BTD.shape
