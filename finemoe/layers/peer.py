@@ -118,9 +118,10 @@ class ProductKeyRetrieval(nn.Module):
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
         """``(scores_NHk, idx_NHk)`` in float32 (router math, METHODS.md preamble)."""
         cfg = self.config
-        q_NQ = self.query(x_ND)
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
-            q_NQ = at_least_float32(q_NQ)
+            # The query is the router's projection: float32, like the MoE router's logits,
+            # so that near-ties among N keys are not decided by bf16 rounding.
+            q_NQ = F.linear(at_least_float32(x_ND), at_least_float32(self.query.weight), at_least_float32(self.query.bias))
             if self.query_norm is not None:
                 q_NQ = self.query_norm(q_NQ)
             q_NHK = q_NQ.view(-1, cfg.num_heads, cfg.key_dim)
