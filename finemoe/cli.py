@@ -40,13 +40,17 @@ def _fail(message: str) -> None:
 
 
 def config_errors_as_messages(command: Callable) -> Callable:
-    """Turn a ConfigError anywhere in a command into one line and exit status 2."""
+    """Turn bad input (config, data, checkpoint) anywhere in a command into one line
+    and exit status 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from finemoe.checkpoint import CheckpointError
+        from finemoe.data import DataError
+
         try:
             return command(*args, **kwargs)
-        except ConfigError as err:
+        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
             _fail(str(err))
 
     return wrapper
@@ -119,8 +123,7 @@ def smoke(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence (default: model.max_seq_len, at most 128).")] = 0,
     device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
 ) -> None:
-    """Build a model and overfit one random batch: checks that it runs forward and
-    backward and that its loss falls.
+    """Overfit one random batch: checks that a model runs forward and backward and learns.
 
     Example: finemoe smoke -c tiny-moe --steps 20
     """
@@ -158,6 +161,174 @@ def smoke(
     if not last < first:
         typer.echo("error: the loss did not fall", err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+@config_errors_as_messages
+def data(
+    inputs: Annotated[list[str], typer.Argument(help="Files (.txt/.jsonl/.parquet, optionally .gz/.xz/.bz2/.zst) or folders.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the shards and manifest into.")],
+    tokenizer: Annotated[Optional[str], typer.Option(help="A `tokenizers` JSON file.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Train a byte-level BPE of this size instead.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held out (by a hash of their id).")] = 0.01,
+    val_input: Annotated[Optional[list[str]], typer.Option(help="Use these inputs as the validation split instead.")] = None,
+    glob: Annotated[Optional[str], typer.Option(help="Files to take from folders, e.g. '**/*.py'.")] = None,
+    text_field: Annotated[str, typer.Option(help="The text field of .jsonl/.parquet records.")] = "text",
+    eos_token: Annotated[Optional[str], typer.Option(help="End-of-text token separating documents.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="uint16 or uint32 (default: the smallest that fits).")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip (and count) files that are not UTF-8 instead of failing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Tokenize text into memory-mapped token shards with a JSON manifest.
+
+    Example: finemoe data ../shared/data/prose/train.jsonl.xz --val-input ../shared/data/prose/val.jsonl.xz --vocab-size 16384 -o data/prose
+    """
+    from finemoe.data import build_shards
+
+    manifest = build_shards(
+        inputs, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
+        val_inputs=val_input, glob=glob, text_field=text_field, eos_token=eos_token, dtype=dtype,
+        skip_invalid=skip_invalid, overwrite=overwrite,
+    )
+    for split, info in manifest["splits"].items():
+        typer.echo(f"{split:5s} {info['documents']:>9,} documents {info['tokens']:>13,} tokens")
+    if manifest["skipped_files"]:
+        typer.echo(f"skipped {manifest['skipped_files']} invalid file(s)")
+    typer.echo(f"vocabulary {manifest['vocab_size']:,} ({manifest['dtype']}), written to {out}")
+
+
+@app.command()
+@config_errors_as_messages
+def train(
+    config: ConfigOption = DEFAULT_PRESET,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in train.out_dir.")] = False,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (same as train.out_dir=...).")] = None,
+    data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards (same as data.path=...).")] = None,
+) -> None:
+    """Train a model (on the embedded corpus unless data.path is set), evaluate it, save it.
+
+    Example: finemoe train -c tiny-moe train.steps=200 --out runs/my-moe
+    Several GPUs: torchrun --nproc_per_node 2 -m finemoe.cli train -c s20m --data data/prose
+    """
+    from finemoe.train import Trainer, TrainingDiverged
+
+    extra = list(overrides or [])
+    if out:
+        extra.append(f"train.out_dir={out}")
+    if data_path:
+        extra.append(f"data.path={data_path}")
+    cfg = _load(config, extra)
+    trainer = Trainer(cfg, resume=resume)
+    if trainer.is_main:
+        m = cfg.model
+        typer.echo(
+            f"{config}: {m.num_params():,} params ({m.num_active_params():,.0f} active), "
+            f"{m.flops_per_token(trainer.seq_len) / 1e6:,.1f} MFLOPs/token, on {trainer.device} × {trainer.world_size}; "
+            f"{cfg.train.steps} steps -> {cfg.train.out_dir}"
+        )
+    try:
+        summary = trainer.fit()
+    except TrainingDiverged as err:
+        _fail(str(err))
+    if trainer.is_main:
+        final = summary["final_val"]
+        if final:
+            typer.echo(
+                f"done: step {summary['step']}, val loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f}, "
+                f"bits/byte {final['bits_per_byte']:.4f} ({final['tokens']:,} tokens)"
+            )
+
+
+@app.command(name="eval")
+@config_errors_as_messages
+def eval_(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint file or a run folder.")],
+    data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards for perplexity (default: the run's data).")] = None,
+    split: Annotated[str, typer.Option(help="Split for perplexity.")] = "val",
+    tasks: Annotated[str, typer.Option(help="Comma-separated zero-shot tasks, or 'none'.")] = "none",
+    evals_dir: Annotated[str, typer.Option(help="Folder of the eval sets (*.jsonl.gz).")] = "../shared/data/evals",
+    limit: Annotated[Optional[int], typer.Option(help="At most this many examples per task.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
+    output: Annotated[Optional[str], typer.Option("--output", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Perplexity and bits per byte on a split; zero-shot multiple-choice accuracy.
+
+    Example: finemoe eval runs/tiny --tasks piqa,arc_easy --limit 200
+    """
+    import json
+
+    import torch
+
+    from finemoe.checkpoint import load_model
+    from finemoe.data import TokenShards
+    from finemoe.evaluate import TASKS, evaluate_perplexity, load_task, score_task
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model, cfg, tokenizer = load_model(checkpoint, dev)
+    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
+    results: dict = {"checkpoint": checkpoint}
+    shards_path = data_path or cfg.data.path
+    if shards_path is None:
+        from finemoe.data import embedded_shards
+
+        shards_path = embedded_shards()
+    with torch.no_grad(), autocast:
+        ppl = evaluate_perplexity(model, TokenShards(shards_path), split=split, seq_len=seq_len, batch_size=batch_size,
+                                  device=dev)
+        results["perplexity"] = {"split": split, "data": str(shards_path)} | ppl
+        typer.echo(f"{split}: loss {ppl['loss']:.4f}  perplexity {ppl['perplexity']:.2f}  bits/byte {ppl['bits_per_byte']:.4f}"
+                   f"  ({ppl['tokens']:,} tokens)")
+        names = [] if tasks == "none" else (list(TASKS) if tasks == "all" else tasks.split(","))
+        for name in names:
+            if tokenizer is None:
+                _fail("the checkpoint carries no tokenizer, so it cannot be scored on text tasks")
+            rows = load_task(evals_dir, name, limit)
+            r = score_task(lambda ids: model(ids).logits, tokenizer, name, rows, max_len=cfg.model.max_seq_len,
+                           batch_size=batch_size, device=dev, progress=True)
+            results[name] = r
+            norm = f"  acc_norm {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else ""
+            typer.echo(f"{name:14s} n={r['n']:<6d} acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}")
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(json.dumps(results, indent=2))
+
+
+@app.command()
+@config_errors_as_messages
+def generate(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint file or a run folder.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample.")] = 100,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
+    num_samples: Annotated[int, typer.Option(help="Independent samples.")] = 1,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
+) -> None:
+    """Sample continuations of a prompt (KV cache; temperature, top-k, top-p).
+
+    Example: finemoe generate runs/tiny -p "Call me Ishmael." --max-new-tokens 60
+    """
+    import torch
+
+    from finemoe.checkpoint import load_model
+    from finemoe.generate import generate as sample
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model, cfg, tokenizer = load_model(checkpoint, dev)
+    if tokenizer is None:
+        _fail("the checkpoint carries no tokenizer")
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    ids = tokenizer.encode(prompt).ids or [eos if eos is not None else 0]
+    out = sample(model, torch.tensor([ids] * num_samples), max_new_tokens, temperature=temperature, top_p=top_p,
+                 top_k=top_k, eos_id=eos, seed=seed)
+    for row in out.tolist():
+        typer.echo(tokenizer.decode(row[len(ids):] if not prompt else row) + "\n---")
 
 
 def main() -> None:  # console-script entry point

@@ -26,7 +26,7 @@ from finemoe.config import ConfigError, check
 from finemoe.layers import FFN, DenseConfig, FFNConfig, LayerContext
 from finemoe.layers.common import RMSNorm, at_least_float32
 
-__all__ = ["FFNLayers", "ModelConfig", "ModelOutput", "Transformer", "select_layers"]
+__all__ = ["FFNLayers", "KVCache", "ModelConfig", "ModelOutput", "Transformer", "select_layers"]
 
 
 def select_layers(spec: list[int] | str, n_layers: int, field_name: str = "layers") -> list[int]:
@@ -198,6 +198,41 @@ def apply_rope(x_BHTd: Tensor, cos_Td: Tensor, sin_Td: Tensor) -> Tensor:
     return x_BHTd * cos_Td.to(x_BHTd.dtype) + rotated * sin_Td.to(x_BHTd.dtype)
 
 
+class LayerCache:
+    """Keys and values of one layer for incremental decoding, preallocated."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.empty(batch, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k_BGTd: Tensor, v_BGTd: Tensor) -> tuple[Tensor, Tensor]:
+        T = k_BGTd.shape[2]
+        if self.length + T > self.k.shape[2]:
+            raise ValueError(f"KV cache full: {self.length} + {T} > {self.k.shape[2]} positions")
+        self.k[:, :, self.length : self.length + T] = k_BGTd
+        self.v[:, :, self.length : self.length + T] = v_BGTd
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+class KVCache:
+    """One ``LayerCache`` per block; ``Transformer.forward(..., cache=...)`` fills it."""
+
+    def __init__(self, model: "Transformer", batch: int, max_len: int | None = None, dtype=None):
+        cfg = model.config
+        max_len = max_len or cfg.max_seq_len
+        param = next(model.parameters())
+        self.layers = [
+            LayerCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, param.device, dtype or param.dtype)
+            for _ in range(cfg.n_layers)
+        ]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -207,14 +242,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD: Tensor, cos_Td: Tensor, sin_Td: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos_Td: Tensor, sin_Td: Tensor, cache: "LayerCache | None" = None) -> Tensor:
         B, T, _ = x_BTD.shape
         q_BHTd = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BGTd = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BGTd = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTd, k_BGTd = apply_rope(q_BHTd, cos_Td, sin_Td), apply_rope(k_BGTd, cos_Td, sin_Td)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k_BGTd, v_BGTd = cache.append(k_BGTd, v_BGTd)  # (B, G, past + T, Hd)
+        mask = None
+        if past > 0 and T > 1:  # a chunk after a prefix: causal within the chunk, all of the prefix
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past)
         o_BHTd = F.scaled_dot_product_attention(
-            q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=past == 0 and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.o_proj(o_BHTd.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -234,8 +277,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn: FFN = ffn_config.build(cfg.d_model, context)
 
-    def forward(self, x_BTD: Tensor, cos_Td: Tensor, sin_Td: Tensor, return_stats: bool):
-        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td)
+    def forward(self, x_BTD: Tensor, cos_Td: Tensor, sin_Td: Tensor, return_stats: bool, cache: LayerCache | None = None):
+        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, cache)
         out = self.ffn(h_BTD, return_stats=return_stats)
         return h_BTD + out.update, out
 
@@ -274,21 +317,24 @@ class Transformer(nn.Module):
         """Counted from the live parameters (a tied table counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, return_stats: bool = False) -> ModelOutput:
+    def forward(
+        self, input_ids: Tensor, targets: Tensor | None = None, *, return_stats: bool = False, cache: KVCache | None = None
+    ) -> ModelOutput:
         """``input_ids``: ``(B, T)``. ``targets``: ``(B, T)``, already aligned with the
         next token (``targets[:, t]`` is the token after ``input_ids[:, t]``);
-        ``-100`` is ignored."""
+        ``-100`` is ignored. With a ``cache``, the tokens continue the cached ones."""
         B, T = input_ids.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len ({self.config.max_seq_len})")
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds max_seq_len ({self.config.max_seq_len})")
         cos_Td, sin_Td = rope_cos_sin(
-            torch.arange(T, device=input_ids.device), self.config.head_dim, self.config.rope_theta
+            torch.arange(past, past + T, device=input_ids.device), self.config.head_dim, self.config.rope_theta
         )
         x_BTD = self.embed(input_ids)
         aux_losses: dict[str, Tensor] = {}
         layer_stats = [] if return_stats else None
-        for block in self.blocks:
-            x_BTD, ffn_out = block(x_BTD, cos_Td, sin_Td, return_stats)
+        for i, block in enumerate(self.blocks):
+            x_BTD, ffn_out = block(x_BTD, cos_Td, sin_Td, return_stats, cache.layers[i] if cache is not None else None)
             for name, value in ffn_out.aux_losses.items():
                 aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
             if layer_stats is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from finemoe.config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from finemoe.model import ModelConfig
+from finemoe.train import DataConfig, TrainConfig
 
 __all__ = ["RunConfig", "DEFAULT_PRESET", "list_presets", "preset_path", "load_run_config"]
 
@@ -23,6 +24,8 @@ DEFAULT_PRESET = "tiny"
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,7 +53,33 @@ def preset_path(name_or_path: str) -> Path:
     return candidate
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``; a mapping whose ``kind`` differs from the base's (an FFN of
+    another kind) replaces it instead of merging into it."""
+    if "kind" in top and top.get("kind") != base.get("kind"):
+        return dict(top)
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_preset_data(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A preset's YAML as data, with ``base: <preset>`` resolved: the named preset's
+    data, deep-merged under this one's (lists are replaced, not merged; a mapping with a
+    different ``kind`` replaces the base's)."""
+    if name_or_path in _seen:
+        raise ConfigError("base", f"presets inherit in a cycle: {' -> '.join(_seen + (name_or_path,))}")
+    data = load_yaml(preset_path(name_or_path))
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError("base", f"must name a preset, got {base!r}")
+    return _deep_merge(load_preset_data(base, _seen + (name_or_path,)), data)
+
+
 def load_run_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    data = load_yaml(preset_path(name_or_path or DEFAULT_PRESET))
+    data = load_preset_data(name_or_path or DEFAULT_PRESET)
     apply_overrides(data, list(overrides or []))
     return from_dict(RunConfig, data)
