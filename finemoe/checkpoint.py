@@ -44,6 +44,8 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     _atomic_write_text(path.name, folder / "latest")
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
+    for torn in folder.glob(".*.tmp-*"):  # left by a save that was killed
+        torn.unlink(missing_ok=True)
     return path
 
 

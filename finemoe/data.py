@@ -135,7 +135,7 @@ def _read_file(path: Path, text_field: str, counters: dict) -> Iterator[Document
     except DataError:
         if not counters.get("skip_invalid"):
             raise
-        counters["skipped"] = counters.get("skipped", 0) + 1
+        counters.setdefault("skipped", set()).add(str(path))
 
 
 def _expand(inputs: Iterable[str | Path], glob: str | None) -> list[Path]:
@@ -160,7 +160,7 @@ def iter_documents(
 ) -> Iterator[Document]:
     """Every document of ``inputs`` (files or directories), in a deterministic order.
     With ``counters={"skip_invalid": True}``, a file that is not UTF-8 (or not valid
-    JSONL) is skipped and counted in ``counters["skipped"]`` instead of raising."""
+    JSONL) is skipped and recorded in the set ``counters["skipped"]`` instead of raising."""
     counters = {} if counters is None else counters
     for path in _expand(inputs, glob):
         yield from _read_file(path, text_field, counters)
@@ -354,8 +354,8 @@ def build_shards(
         bar.close()
         splits = {name: w.close() for name, w in writers.items()}
         if splits["train"]["documents"] == 0:
-            skipped = counters.get("skipped", 0)
-            raise DataError("the corpus is empty: no training document was read" + (f" ({skipped} skipped)" if skipped else ""))
+            skipped = len(counters.get("skipped", ()))
+            raise DataError("the corpus is empty: no training document was read" + (f" ({skipped} files skipped)" if skipped else ""))
         tokenizer.save(str(staging / "tokenizer.json"))
         manifest = {
             "format": FORMAT,
@@ -372,7 +372,7 @@ def build_shards(
             "val_rule": f"documents of {[str(p) for p in val_files]}" if val_files
             else f"sha256(document id) bucket < {val_fraction} (document-level)",
             "sources": [file_fingerprint(p) for p in input_files + val_files],
-            "skipped_files": counters.get("skipped", 0),
+            "skipped_files": len(counters.get("skipped", ())),
             "seconds": round(time.time() - started, 2),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

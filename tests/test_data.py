@@ -1,0 +1,150 @@
+"""`finemoe data`: formats, tokenizers, manifest, split, and clear errors with nothing half-written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+
+import numpy as np
+import pytest
+
+from finemoe.data import DataError, TokenShards, build_shards, iter_documents, load_tokenizer
+
+TEXTS = [f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * (3 + i % 5) for i in range(60)]
+
+
+def _jsonl(path, texts, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": f"d{i}", "text": t}) + "\n")
+    return path
+
+
+def test_reads_every_format(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", TEXTS[:2])
+    _jsonl(tmp_path / "b.jsonl.gz", TEXTS[2:4], gzip.open)
+    _jsonl(tmp_path / "c.jsonl.xz", TEXTS[4:6], lzma.open)
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "x.py").write_text("print('hello')\n")
+    (tmp_path / "tree" / "sub" / "y.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "tree" / "sub" / "skip.txt").write_text("not selected")
+    docs = list(iter_documents([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.jsonl.xz"]))
+    assert [d.text for d in docs] == TEXTS[:6]
+    tree = list(iter_documents([tmp_path / "tree"], glob="**/*.py"))
+    assert sorted(d.text for d in tree) == ["def f():\n    return 1\n", "print('hello')\n"]
+
+
+def test_build_with_trained_bpe_round_trips_and_splits_by_document(tmp_path):
+    src = _jsonl(tmp_path / "corpus.jsonl", TEXTS)
+    manifest = build_shards([src], tmp_path / "out", vocab_size=320, val_fraction=0.2, progress=False)
+    shards = TokenShards(tmp_path / "out")
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["documents"] + val["documents"] == len(TEXTS)
+    assert 0 < val["documents"] < len(TEXTS)
+    assert shards.num_tokens("train") == train["tokens"] and shards.dtype == np.uint16
+    # Every document is there, each followed by the end-of-text token.
+    tok = shards.tokenizer()
+    all_ids = np.concatenate([np.asarray(a) for a in shards.arrays("train") + shards.arrays("val")])
+    pieces = np.split(all_ids, np.nonzero(all_ids == shards.eos_id)[0] + 1)[:-1]
+    decoded = sorted(tok.decode(p[:-1].tolist()) for p in pieces)
+    assert decoded == sorted(TEXTS)
+    assert manifest["sources"][0]["sha256"] and manifest["tokenizer"]["sha256"]
+    # The split is a pure function of the document ids: a rebuild gives the same split.
+    again = build_shards([src], tmp_path / "out2", vocab_size=320, val_fraction=0.2, progress=False)
+    assert again["splits"]["val"]["documents"] == val["documents"]
+
+
+def test_build_with_a_given_tokenizer_and_val_inputs(tmp_path):
+    train_src = _jsonl(tmp_path / "train.jsonl", TEXTS[:40])
+    val_src = _jsonl(tmp_path / "val.jsonl", TEXTS[40:])
+    build_shards([train_src], tmp_path / "bpe", vocab_size=300, progress=False)
+    tok_path = tmp_path / "bpe" / "tokenizer.json"
+    m = build_shards([train_src], tmp_path / "out", tokenizer_path=tok_path, val_inputs=[val_src], progress=False)
+    assert m["splits"]["train"]["documents"] == 40 and m["splits"]["val"]["documents"] == 20
+    tok = load_tokenizer(tok_path)
+    assert m["splits"]["val"]["tokens"] == sum(len(tok.encode(t).ids) + 1 for t in TEXTS[40:])
+
+
+def test_sampling_is_deterministic_per_generator(tmp_path):
+    build_shards([_jsonl(tmp_path / "c.jsonl", TEXTS)], tmp_path / "out", vocab_size=300, progress=False)
+    shards = TokenShards(tmp_path / "out")
+    a = shards.sample("train", 4, 16, np.random.default_rng([1, 2]))
+    b = shards.sample("train", 4, 16, np.random.default_rng([1, 2]))
+    c = shards.sample("train", 4, 16, np.random.default_rng([1, 3]))
+    assert a.shape == (4, 17) and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_empty_corpus_is_an_error_and_writes_nothing(tmp_path):
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        build_shards([src], tmp_path / "out", vocab_size=300, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging folder left
+
+
+def test_non_utf8_names_the_file_and_byte_offset(tmp_path):
+    good = _jsonl(tmp_path / "good.jsonl", TEXTS[:10])
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("héllo wörld ".encode() + b"\xff\xfe rest")
+    with pytest.raises(DataError, match=r"bad.txt: not UTF-8 at byte offset 14"):
+        build_shards([good, bad], tmp_path / "out", vocab_size=300, progress=False)
+    assert not (tmp_path / "out").exists()
+    m = build_shards([good, bad], tmp_path / "out", vocab_size=300, skip_invalid=True, progress=False)
+    assert m["skipped_files"] == 1
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 10
+
+
+def test_non_utf8_in_a_compressed_jsonl_line(tmp_path):
+    path = tmp_path / "x.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"text": "fine"}\n')
+        f.write(b'{"text": "bad \xc3"}\n')  # 17 bytes before it, then 14: offset 31
+    with pytest.raises(DataError, match=r"x.jsonl.gz: not UTF-8 at byte offset 31 .*decompressed"):
+        list(iter_documents([path]))
+
+
+def test_vocabulary_too_large_for_dtype(tmp_path):
+    src = _jsonl(tmp_path / "c.jsonl", TEXTS)
+    big = tmp_path / "big.json"
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(70_000)}
+    vocab["<|endoftext|>"] = 70_000
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(big))
+    with pytest.raises(DataError, match="does not fit in uint16"):
+        build_shards([src], tmp_path / "out", tokenizer_path=big, dtype="uint16", progress=False)
+    m = build_shards([src], tmp_path / "out", tokenizer_path=big, progress=False)  # picks uint32 itself
+    assert m["dtype"] == "uint32"
+
+
+def test_refuses_to_overwrite_and_reports_missing_inputs(tmp_path):
+    src = _jsonl(tmp_path / "c.jsonl", TEXTS)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    with pytest.raises(DataError, match="not empty"):
+        build_shards([src], tmp_path / "out", vocab_size=300, progress=False)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+    with pytest.raises(DataError, match="no such file"):
+        build_shards([tmp_path / "nope.txt"], tmp_path / "o2", vocab_size=300, progress=False)
+
+
+def test_truncated_shard_is_detected(tmp_path):
+    build_shards([_jsonl(tmp_path / "c.jsonl", TEXTS)], tmp_path / "out", vocab_size=300, progress=False)
+    shard = tmp_path / "out" / "train_0000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        TokenShards(tmp_path / "out").arrays("train")
+
+
+def test_cli_data_error_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from finemoe.cli import app
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff")
+    result = CliRunner().invoke(app, ["data", str(bad), "--out", str(tmp_path / "o"), "--vocab-size", "300"])
+    assert result.exit_code == 2
+    assert "not UTF-8 at byte offset 0" in result.output

@@ -1,0 +1,161 @@
+"""Training: exact resume, atomic checkpoints, divergence handling, schedules, and the
+train → eval → generate path of the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finemoe.checkpoint import CheckpointError, load_checkpoint
+from finemoe.config import ConfigError
+from finemoe.data import build_shards
+from finemoe.run_config import load_run_config
+from finemoe.train import Trainer, TrainConfig, TrainingDiverged, lr_at
+
+TEXTS = [f"Line {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(40 + i % 13)) for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    src = folder / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    build_shards([src], folder / "shards", vocab_size=320, val_fraction=0.1, progress=False)
+    return folder / "shards"
+
+
+def _config(shards, out_dir, *extra, preset="tiny"):
+    return load_run_config(preset, [
+        f"data.path={shards}", f"train.out_dir={out_dir}", "model.vocab_size=320", "model.d_model=32",
+        "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=2", "model.max_seq_len=32", "train.seq_len=32",
+        "train.batch_size=4", "train.steps=8", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=4",
+        "train.eval_batches=2", "train.checkpoint_every=4", "train.tensorboard=false", *extra,
+    ])
+
+
+def _losses(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lm_loss"] for r in rows if "lm_loss" in r}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-dsmoe"])
+def test_resume_reproduces_an_uninterrupted_run_exactly(shards, tmp_path, monkeypatch, preset):
+    extra = ["model.ffn_layers.0.ffn.expert_intermediate_size=16"] if preset == "tiny-moe" else []
+    full = Trainer(_config(shards, tmp_path / "full", *extra, preset=preset), progress=False)
+    full.fit()
+
+    # A run that dies right after its step-4 checkpoint, then is resumed.
+    real_save = Trainer.save
+
+    def save_then_die(self):
+        path = real_save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt("killed")
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_config(shards, tmp_path / "split", *extra, preset=preset), progress=False).fit()
+    monkeypatch.setattr(Trainer, "save", real_save)
+    resumed = Trainer(_config(shards, tmp_path / "split", *extra, preset=preset), resume=True, progress=False)
+    assert resumed.step == 4
+    resumed.fit()
+
+    expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+    assert sorted(got) == list(range(1, 9))
+    assert got == expected  # bit-for-bit the same loss sequence
+    a = load_checkpoint(tmp_path / "full")["model"]
+    b = load_checkpoint(tmp_path / "split")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kill_during_a_save_leaves_the_latest_checkpoint_readable(shards, tmp_path, monkeypatch):
+    import finemoe.checkpoint as ckpt
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def torn_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half of it, then die
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt("killed while saving")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_config(shards, tmp_path / "run"), progress=False).fit()
+    state = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "latest", "step_0000004.pt"]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    trainer = Trainer(_config(shards, tmp_path / "run", "train.checkpoint_every=2"), progress=False)
+    real_forward = trainer.forward
+
+    def poisoned(inputs, targets, **kw):
+        out = real_forward(inputs, targets, **kw)
+        if trainer.step == 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.forward = poisoned
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 5.*step_0000004.pt"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run")["step"] == 4
+
+
+def test_vocabulary_smaller_than_the_data_is_a_config_error(shards, tmp_path):
+    with pytest.raises(ConfigError, match="model.vocab_size: 100 is smaller than the data's vocabulary"):
+        Trainer(_config(shards, tmp_path / "r", "model.vocab_size=100"), progress=False)
+
+
+def test_missing_or_corrupt_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        load_checkpoint(tmp_path)
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_learning_rate_schedules():
+    cos = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)
+    assert lr_at(10, cos) == pytest.approx(1.0)
+    assert lr_at(55, cos) == pytest.approx(0.55)  # half-way through the cosine: the mean of 1 and 0.1
+    assert lr_at(100, cos) == pytest.approx(0.1)
+    wsd = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(79, wsd) == 1.0 and lr_at(99, wsd) == pytest.approx(0.0) and lr_at(89, wsd) == pytest.approx(0.5)
+
+
+def test_cli_train_eval_generate(shards, tmp_path):
+    from typer.testing import CliRunner
+
+    from finemoe.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", "-c", "tiny", "--data", str(shards), "--out", str(out), "model.vocab_size=320", "model.d_model=32",
+            "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=2", "train.steps=6", "train.seq_len=32",
+            "train.batch_size=4", "train.warmup_steps=1", "train.eval_batches=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["final_val"]["perplexity"] > 1
+    for name in ("config.yaml", "environment.json", "metrics.jsonl"):
+        assert (out / name).is_file()
+    result = runner.invoke(app, ["eval", str(out), "--device", "cpu", "--output", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["perplexity"]["loss"] == pytest.approx(
+        summary["final_val"]["loss"], rel=1e-5)
+    result = runner.invoke(app, ["generate", str(out), "-p", "Line 3:", "--max-new-tokens", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Line 3:")
+    result = runner.invoke(app, ["eval", str(tmp_path / "nothing"), "--device", "cpu"])
+    assert result.exit_code == 2 and "no checkpoint there" in result.output
