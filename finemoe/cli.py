@@ -209,7 +209,7 @@ def train(
     """Train a model (on the embedded corpus unless data.path is set), evaluate it, save it.
 
     Example: finemoe train -c tiny-moe train.steps=200 --out runs/my-moe
-    Several GPUs: torchrun --nproc_per_node 2 -m finemoe.cli train -c s20m --data data/prose
+    Several GPUs: torchrun --standalone --nproc_per_node 2 -m finemoe.cli train -c s20m --data data/prose
     """
     from finemoe.train import Trainer, TrainingDiverged
 

@@ -6,9 +6,10 @@ Training knows nothing of any FFN design: it adds the model's ``aux_loss`` (each
 kind weighs its own losses) and logs whatever auxiliary losses and routing
 statistics the layers report.
 
-Exact resume: the batch of step s is drawn from a generator seeded by
-``(seed, s, micro-step, rank)``, and the learning rate is a function of s, so the
-data position *is* the step; a checkpoint holds model, optimizer, step and RNG states.
+Exact resume: the global batch of step s is drawn from a generator seeded by
+``(seed, s, micro-step)`` (each rank takes its slice), and the learning rate is a
+function of s, so the data position *is* the step; a checkpoint holds model,
+optimizer, step and RNG states.
 """
 
 from __future__ import annotations
@@ -299,8 +300,13 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------------------
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = np.random.default_rng([self.run_config.seed, step, micro, self.rank])
-        window = torch.from_numpy(self.data.sample("train", self.cfg.batch_size, self.seq_len, generator))
+        """This rank's slice of the global batch of (step, micro-step): the global batch
+        depends only on the seed and the step, so N processes with batch size B see the
+        same data as one process with batch size N·B."""
+        generator = np.random.default_rng([self.run_config.seed, step, micro])
+        B = self.cfg.batch_size
+        global_batch = self.data.sample("train", B * self.world_size, self.seq_len, generator)
+        window = torch.from_numpy(global_batch[self.rank * B : (self.rank + 1) * B])
         window = window.to(self.device, non_blocking=True)
         return window[:, :-1], window[:, 1:]
 
@@ -360,8 +366,9 @@ class Trainer:
             if self.world_size > 1:
                 import torch.distributed as dist
 
-                for t in totals.values():
-                    dist.all_reduce(t, op=dist.ReduceOp.AVG)
+                for t in totals.values():  # SUM then divide: gloo has no AVG
+                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                    t.div_(self.world_size)
             loss = float(loss_t)
             if not math.isfinite(loss):
                 bar.close()

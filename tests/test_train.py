@@ -159,3 +159,30 @@ def test_cli_train_eval_generate(shards, tmp_path):
     assert result.output.startswith("Line 3:")
     result = runner.invoke(app, ["eval", str(tmp_path / "nothing"), "--device", "cpu"])
     assert result.exit_code == 2 and "no checkpoint there" in result.output
+
+
+def _run_torchrun(nproc, shards, out_dir, batch_size, parallel):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "finemoe.cli", "train", "-c", "tiny", "--data", str(shards), "--out", str(out_dir),
+            "model.vocab_size=320", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=2",
+            "train.seq_len=32", f"train.batch_size={batch_size}", "train.steps=6", "train.warmup_steps=1",
+            "train.log_every=1", "train.eval_batches=1", "train.device=cpu", "train.tensorboard=false",
+            f"train.parallel={parallel}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _losses(out_dir)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_two_processes_follow_the_one_process_loss_curve(shards, tmp_path, parallel):
+    """torchrun with 2 CPU processes (gloo) and batch B each == 1 process with batch 2B."""
+    one = _run_torchrun(1, shards, tmp_path / "one", 4, parallel)
+    two = _run_torchrun(2, shards, tmp_path / "two", 2, parallel)
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=2e-5), step
