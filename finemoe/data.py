@@ -442,20 +442,19 @@ class TokenShards:
         return out
 
     def sequential(self, split: str, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[np.ndarray]:
-        """Non-overlapping ``(≤ batch_size, seq_len + 1)`` windows covering the split
-        in order (consecutive windows share one boundary token, so every token but the
-        first is predicted exactly once)."""
-        rows: list[np.ndarray] = []
-        emitted = 0
-        for array in self.arrays(split):
-            for start in range(0, len(array) - seq_len - 1 + 1, seq_len):
-                rows.append(np.asarray(array[start : start + seq_len + 1], dtype=np.int64))
-                if len(rows) == batch_size:
-                    yield np.stack(rows)
-                    rows, emitted = [], emitted + 1
-                    if max_batches is not None and emitted >= max_batches:
-                        return
-        if rows:
+        """Non-overlapping ``(≤ batch_size, seq_len + 1)`` windows of the split, in order
+        (consecutive windows share one boundary token, so every token but the first is
+        predicted exactly once). With ``max_batches``, that many batches of windows
+        spread evenly over the whole split, so a partial evaluation sees every part of it."""
+        positions = [(a, start) for a, array in enumerate(self.arrays(split))
+                     for start in range(0, len(array) - seq_len, seq_len)]
+        if max_batches is not None and max_batches * batch_size < len(positions):
+            picks = np.unique(np.linspace(0, len(positions) - 1, max_batches * batch_size).round().astype(int))
+            positions = [positions[i] for i in picks]
+        arrays = self.arrays(split)
+        for first in range(0, len(positions), batch_size):
+            rows = [np.asarray(arrays[a][start : start + seq_len + 1], dtype=np.int64)
+                    for a, start in positions[first : first + batch_size]]
             yield np.stack(rows)
 
 
