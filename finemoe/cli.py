@@ -231,6 +231,8 @@ def train(
         summary = trainer.fit()
     except TrainingDiverged as err:
         _fail(str(err))
+    finally:
+        trainer.close()
     if trainer.is_main:
         final = summary["final_val"]
         if final:

@@ -7,7 +7,7 @@ kind weighs its own losses) and logs whatever auxiliary losses and routing
 statistics the layers report.
 
 Exact resume: the global batch of step s is drawn from a generator seeded by
-``(seed, s, micro-step)`` (each rank takes its slice), and the learning rate is a
+``(seed, s)`` (each rank and micro-step takes its slice), and the learning rate is a
 function of s, so the data position *is* the step; a checkpoint holds model,
 optimizer, step and RNG states.
 """
@@ -300,13 +300,20 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------------------
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of the global batch of (step, micro-step): the global batch
-        depends only on the seed and the step, so N processes with batch size B see the
-        same data as one process with batch size N·B."""
-        generator = np.random.default_rng([self.run_config.seed, step, micro])
-        B = self.cfg.batch_size
-        global_batch = self.data.sample("train", B * self.world_size, self.seq_len, generator)
-        window = torch.from_numpy(global_batch[self.rank * B : (self.rank + 1) * B])
+        """This process's micro-batch of the global batch of ``step``.
+
+        The global batch (batch_size × world_size × grad_accum windows) is drawn from a
+        generator seeded by (seed, step) alone, and micro-step m of rank r takes rows
+        ``[(m·world + r)·B, … + B)``: any split of one global batch over processes and
+        accumulation steps trains on the same data (and a resumed run too)."""
+        cfg = self.cfg
+        if getattr(self, "_global_step", None) != step:
+            generator = np.random.default_rng([self.run_config.seed, step])
+            rows = cfg.batch_size * self.world_size * cfg.grad_accum
+            self._global_batch = self.data.sample("train", rows, self.seq_len, generator)
+            self._global_step = step
+        first = (micro * self.world_size + self.rank) * cfg.batch_size
+        window = torch.from_numpy(self._global_batch[first : first + cfg.batch_size])
         window = window.to(self.device, non_blocking=True)
         return window[:, :-1], window[:, 1:]
 
@@ -323,6 +330,14 @@ class Trainer:
             )
         self.model.train()
         return result
+
+    def close(self) -> None:
+        """Leave the process group (torchrun) cleanly."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> dict:

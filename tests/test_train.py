@@ -186,3 +186,16 @@ def test_two_processes_follow_the_one_process_loss_curve(shards, tmp_path, paral
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=2e-5), step
+
+
+def test_gradient_accumulation_sees_the_same_global_batch(shards, tmp_path):
+    """batch 4 × accumulation 1 and batch 2 × accumulation 2 train on the same windows,
+    so their loss curves agree to float32 rounding."""
+    a = Trainer(_config(shards, tmp_path / "a", "train.batch_size=4"), progress=False)
+    b = Trainer(_config(shards, tmp_path / "b", "train.batch_size=2", "train.grad_accum=2"), progress=False)
+    assert torch.equal(torch.cat([a.batch(3, 0)[0]]), torch.cat([b.batch(3, 0)[0], b.batch(3, 1)[0]]))
+    a.fit()
+    b.fit()
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=2e-5)
