@@ -2,8 +2,8 @@
 
 ``build_shards`` reads UTF-8 documents from ``.txt`` (one document per file),
 ``.jsonl`` (one per line, a ``text`` field) or ``.parquet`` (a ``text`` column), any of
-them compressed (``.gz``, ``.xz``, ``.bz2``, ``.zst``), or a directory tree selected by
-a glob; tokenizes them with a ``tokenizers`` JSON file, or a byte-level BPE trained on
+them compressed (``.gz``, ``.xz``, ``.bz2``, ``.zst``), a directory tree selected by a
+glob, or a Hugging Face dataset (``hf:NAME[:CONFIG][@SPLIT]``, optional ``datasets``); tokenizes them with a ``tokenizers`` JSON file, or a byte-level BPE trained on
 the input; and writes memory-mappable token arrays with a JSON manifest. Documents are
 separated by the end-of-text token, and split into train/val deterministically by a
 hash of their id. Everything is written to a temporary folder and renamed into place
@@ -79,7 +79,8 @@ def _open_binary(path: Path) -> IO[bytes]:
             import zstandard
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the `zstandard` package (pip install zstandard)") from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+        # BufferedReader adds the line iteration that the raw zstd stream lacks
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
 
@@ -138,9 +139,38 @@ def _read_file(path: Path, text_field: str, counters: dict) -> Iterator[Document
         counters.setdefault("skipped", set()).add(str(path))
 
 
+HF_PREFIX = "hf:"
+
+
+def _read_hf(spec: str, text_field: str) -> Iterator[Document]:
+    """``hf:NAME[:CONFIG][@SPLIT]`` (``datasets.load_dataset``, streamed; needs a hub or
+    its cache) or ``hf:PATH`` of a folder written by ``Dataset.save_to_disk``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: reading Hugging Face datasets needs `datasets` (pip install 'finemoe[extras]')") from None
+    body = spec[len(HF_PREFIX):]
+    if Path(body).is_dir():
+        dataset = datasets.load_from_disk(body)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset["train"]
+    else:
+        body, _, split = body.partition("@")
+        name, _, config = body.partition(":")
+        dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    for i, record in enumerate(dataset):
+        if text_field not in record:
+            raise DataError(f"{spec}: record {i} has no {text_field!r} field")
+        if record[text_field]:
+            yield Document(f"{spec}#{record.get('id', i)}", str(record[text_field]))
+
+
 def _expand(inputs: Iterable[str | Path], glob: str | None) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
+        if str(item).startswith(HF_PREFIX):
+            files.append(item)  # resolved by _read_hf
+            continue
         path = Path(item)
         if path.is_dir():
             pattern = glob or "**/*"
@@ -163,7 +193,10 @@ def iter_documents(
     JSONL) is skipped and recorded in the set ``counters["skipped"]`` instead of raising."""
     counters = {} if counters is None else counters
     for path in _expand(inputs, glob):
-        yield from _read_file(path, text_field, counters)
+        if isinstance(path, str) and path.startswith(HF_PREFIX):
+            yield from _read_hf(path, text_field)
+        else:
+            yield from _read_file(path, text_field, counters)
 
 
 def file_fingerprint(path: Path) -> dict:
@@ -371,7 +404,8 @@ def build_shards(
             "splits": splits,
             "val_rule": f"documents of {[str(p) for p in val_files]}" if val_files
             else f"sha256(document id) bucket < {val_fraction} (document-level)",
-            "sources": [file_fingerprint(p) for p in input_files + val_files],
+            "sources": [file_fingerprint(p) if isinstance(p, Path) else {"path": p}
+                        for p in input_files + val_files],
             "skipped_files": len(counters.get("skipped", ())),
             "seconds": round(time.time() - started, 2),
         }

@@ -148,3 +148,17 @@ def test_cli_data_error_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["data", str(bad), "--out", str(tmp_path / "o"), "--vocab-size", "300"])
     assert result.exit_code == 2
     assert "not UTF-8 at byte offset 0" in result.output
+
+
+def test_parquet_zstd_and_hugging_face_inputs(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    zstandard = pytest.importorskip("zstandard")
+    pq.write_table(pa.table({"text": TEXTS[:3], "id": ["a", "b", "c"]}), tmp_path / "x.parquet")
+    payload = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS[3:5]).encode()
+    (tmp_path / "y.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
+    docs = [d.text for d in iter_documents([tmp_path / "x.parquet", tmp_path / "y.jsonl.zst"])]
+    assert docs == TEXTS[:5]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": TEXTS[5:8]}).save_to_disk(str(tmp_path / "hfds"))
+    assert [d.text for d in iter_documents([f"hf:{tmp_path / 'hfds'}"])] == TEXTS[5:8]
