@@ -333,6 +333,72 @@ def generate(
         typer.echo(tokenizer.decode(row[len(ids):] if not prompt else row) + "\n---")
 
 
+@app.command()
+@config_errors_as_messages
+def analyze(
+    checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint files or run folders (several: compared in one figure).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the JSON and PNG files.")],
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated names for the checkpoints.")] = None,
+    data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards (default: each run's data).")] = None,
+    batches: Annotated[int, typer.Option(help="Validation batches to stream (spread over the split).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 16,
+    sources: Annotated[str, typer.Option(help="Eval sets used as extra text sources for DSMoE's per-source map.")] =
+        "hellaswag,piqa,arc_easy,sciq,lambada",
+    evals_dir: Annotated[str, typer.Option(help="Folder of the eval sets.")] = "../shared/data/evals",
+    limit: Annotated[int, typer.Option(help="Examples per eval source.")] = 300,
+    device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
+) -> None:
+    """Activation sparsity (NSAR), expert load, DSMoE active experts, routing robustness,
+    PEER/PKM usage: JSON and PNG for any checkpoint.
+
+    Example: finemoe analyze runs/s20m runs/s20m-finedeep --labels dense,finedeep --out analysis/
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from finemoe.analysis import analyze_model, task_texts
+    from finemoe.analysis import figures
+    from finemoe.checkpoint import load_model
+    from finemoe.data import TokenShards, embedded_shards
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    names = labels.split(",") if labels else [Path(c).name for c in checkpoints]
+    if len(names) != len(checkpoints):
+        _fail(f"--labels names {len(names)} checkpoints, but {len(checkpoints)} were given")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for name, ckpt in zip(names, checkpoints):
+        model, cfg, tokenizer = load_model(ckpt, dev)
+        shards = TokenShards(data_path or cfg.data.path or embedded_shards())
+        seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+        extra = {}
+        if any(f.kind == "dsmoe" for f in cfg.model.layer_ffns()) and sources and Path(evals_dir).is_dir():
+            extra = {s: list(task_texts(evals_dir, s, limit)) for s in sources.split(",")}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else None
+        result = analyze_model(model, tokenizer, shards, seq_len=seq_len, batch_size=batch_size, max_batches=batches,
+                               sources=extra, device=dev, autocast=autocast)
+        result["checkpoint"] = ckpt
+        summaries[name] = result
+        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+        line = f"{name}: NSAR(act, τ=0.1) {result['model'].get('nsar_act', {}).get('0.1', float('nan')):.3f}"
+        rob = result["robustness"]
+        if rob.get("routed_layers"):
+            line += f"; ppl {rob['perplexity']:.2f} -> {rob['perplexity_top1_disabled']:.2f} with top-1 disabled"
+        typer.echo(line)
+        if figures.plot_expert_load(result, out_dir / f"expert_load_{name}.png", f"{name}: expert load per layer"):
+            typer.echo(f"  wrote expert_load_{name}.png")
+        if figures.plot_dsmoe_sources(result, out_dir / f"dsmoe_sources_{name}.png", f"{name}: active experts"):
+            typer.echo(f"  wrote dsmoe_sources_{name}.png")
+        del model
+    for fname, fn in (("nsar.png", figures.plot_nsar), ("activation_hist.png", figures.plot_activation_hist),
+                      ("robustness.png", figures.plot_robustness), ("product_key_usage.png", figures.plot_product_key_usage)):
+        if fn(summaries, out_dir / fname):
+            typer.echo(f"wrote {fname}")
+
+
 def main() -> None:  # console-script entry point
     app()
 

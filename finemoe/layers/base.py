@@ -25,7 +25,19 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError
 
-__all__ = ["FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "register_ffn"]
+__all__ = ["FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "register_ffn", "report"]
+
+
+def report(module: nn.Module, key: str, **values: Tensor) -> None:
+    """Hand tensors to the analysis recorder attached to ``module``, if any.
+
+    ``finemoe.analysis.Recorder.attach`` sets ``module.recorder``; without one this is
+    a dictionary lookup and nothing else, so a model that is not being analysed pays
+    nothing. Layers call it; nothing patches a layer from outside.
+    """
+    recorder = module.__dict__.get("recorder")
+    if recorder is not None:
+        recorder.observe(module.__dict__["record_name"], key, **values)
 
 # kind name -> config class
 FFN_KINDS: dict[str, type["FFNConfig"]] = {}

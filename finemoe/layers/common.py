@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from finemoe.layers.base import report
+
 __all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_params"]
 
 
@@ -55,7 +57,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = F.silu(self.gate_proj(x))
+        gated = act * self.up_proj(x)
+        report(self, "activations", act=act, gated=gated)
+        return self.down_proj(gated)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

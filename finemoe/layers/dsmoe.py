@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
 
 
@@ -117,7 +117,9 @@ class DSMoEFFN(FFN):
         cfg = self.config
         S_Nn = G_Nn.detach() + a_Nn - a_Nn.detach() if cfg.straight_through else G_Nn
         weights_Nn = (S_Nn * self._scale(active_Nn, S_Nn.dtype)).to(u_ND.dtype)
-        hidden_NF = F.silu(self.mlp.gate_proj(u_ND)) * self.mlp.up_proj(u_ND)
+        act_NF = F.silu(self.mlp.gate_proj(u_ND))
+        hidden_NF = act_NF * self.mlp.up_proj(u_ND)
+        report(self, "activations", act=act_NF, gated=hidden_NF)
         # Σ_i o_i · w_i = (hidden ⊙ w expanded over each block's columns) W_d: one GEMM.
         hidden_NF = hidden_NF * weights_Nn.repeat_interleave(cfg.block_width, dim=-1)
         return self.mlp.down_proj(hidden_NF)
@@ -135,7 +137,10 @@ class DSMoEFFN(FFN):
                 continue
             u_cD = u_ND[tokens]
             cols = slice(i * b, (i + 1) * b)
-            o_cD = (F.silu(u_cD @ w_g[cols].t()) * (u_cD @ w_u[cols].t())) @ w_d[:, cols].t()
+            act_cb = F.silu(u_cD @ w_g[cols].t())
+            hidden_cb = act_cb * (u_cD @ w_u[cols].t())
+            report(self, "activations", act=act_cb, gated=hidden_cb)  # the units actually computed
+            o_cD = hidden_cb @ w_d[:, cols].t()
             out_ND.index_add_(0, tokens, o_cD * weights_Nn[tokens, i : i + 1])
         return out_ND
 
@@ -144,6 +149,7 @@ class DSMoEFFN(FFN):
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         a_Nn, G_Nn, active_Nn = self.gates(u_ND)
+        report(self, "block_gates", active=active_Nn)
         if not self.training and cfg.eval_sparse:
             y_ND = self.sparse_forward(u_ND, G_Nn, active_Nn)
         else:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from finemoe.layers.base import report
+
 __all__ = ["SwiGLUExperts", "dispatch_token_choice", "dispatch_expert_choice"]
 
 
@@ -41,7 +43,9 @@ class SwiGLUExperts(nn.Module):
         for e, x_cD in enumerate(torch.split(x_SD, splits)):
             if x_cD.shape[0] == 0:
                 continue
-            h_cF = F.silu(x_cD @ self.w_gate[e]) * (x_cD @ self.w_up[e])
+            act_cF = F.silu(x_cD @ self.w_gate[e])
+            h_cF = act_cF * (x_cD @ self.w_up[e])
+            report(self, "activations", act=act_cF, gated=h_cF)
             outputs.append(h_cF @ self.w_down[e])
         if not outputs:
             return x_SD.new_zeros(x_SD.shape)

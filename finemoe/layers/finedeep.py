@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32, swiglu_params
 from finemoe.layers.dense import DenseConfig
 
@@ -122,7 +122,10 @@ class FinedeepFFN(FFN):
         K, f = cfg.experts_per_sublayer, cfg.expert_intermediate_size
         N, D = h_ND.shape
         u_ND = self.norms[m](h_ND)
-        hidden_NKf = (F.silu(u_ND @ self.w_gate[m]) * (u_ND @ self.w_up[m])).view(N, K, f)
+        act_NF = F.silu(u_ND @ self.w_gate[m])
+        hidden_NF = act_NF * (u_ND @ self.w_up[m])
+        report(self, "activations", act=act_NF, gated=hidden_NF)
+        hidden_NKf = hidden_NF.view(N, K, f)
         with torch.autocast(device_type=h_ND.device.type, enabled=False):
             router_KD = at_least_float32(self.router[m])
             if cfg.router_input == "expert_output":
@@ -138,6 +141,7 @@ class FinedeepFFN(FFN):
                     gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
         if record is not None:
             record.setdefault("gate_mean", []).append(gates_NK.detach().mean(0))
+        report(self, "gates", gates=gates_NK, sublayer=torch.tensor(m))
         weighted_NF = (hidden_NKf * gates_NK.to(hidden_NKf.dtype).unsqueeze(-1)).reshape(N, K * f)
         return weighted_NF @ self.w_down[m].reshape(K * f, D)
 

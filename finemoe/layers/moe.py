@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.layers import routing
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
 from finemoe.layers.experts import SwiGLUExperts, dispatch_expert_choice, dispatch_token_choice
 
@@ -192,6 +192,8 @@ class MoEFFN(FFN):
             )
             y_ND = dispatch_expert_choice(self.experts, u_ND, weights_EC, idx_EC)
             routed_idx = torch.arange(cfg.num_routed_experts, device=u_ND.device).repeat_interleave(idx_EC.shape[1])
+        report(self, "routing", probs=probs_NE, slots=routed_idx,
+               chosen_tokens=idx_EC.reshape(-1) if cfg.routing == "expert_choice" else None)
         if cfg.router_z_loss_coef > 0:
             aux["router_z"] = cfg.router_z_loss_coef * routing.router_z_loss(logits_NE=logits_NE)
         if cfg.routed_scaling_factor != 1.0:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32
 from finemoe.layers.routing import product_key_topk
 
@@ -169,10 +169,12 @@ class PEERFFN(FFN):
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         scores_NHk, idx_NHk = self.retrieval(u_ND)
         gates_NHk = self.retrieval.gates(scores_NHk)
+        report(self, "retrieval", idx=idx_NHk, gates=gates_NHk)
         # σ(u_i · x) for the retrieved experts only: gather (N, H, k, D), never (N, num_experts).
         u_NHkD = F.embedding(idx_NHk, self.expert_in)
         act_NHk = torch.einsum("nhkd,nd->nhk", u_NHkD.to(u_ND.dtype), u_ND)
         act_NHk = F.gelu(act_NHk) if cfg.activation == "gelu" else F.relu(act_NHk)
+        report(self, "activations", act=act_NHk, gated=gates_NHk * act_NHk)  # σ(u_i·x), and g_i σ(u_i·x) on v_i
         # Σ g_i σ(·) v_i as a weighted bag: no (N, H, k, D) copy of v is materialised.
         weights_NS = (gates_NHk * act_NHk).reshape(B * T, -1)
         y_ND = F.embedding_bag(
