@@ -96,9 +96,13 @@ def _decode(data: bytes, where: str, offset: int = 0) -> str:
         raise DataError(f"{where}: not UTF-8 at byte offset {offset + err.start}{compressed}: {err.reason}") from None
 
 
-def _read_file(path: Path, text_field: str, counters: dict) -> Iterator[Document]:
+def _read_file(path: Path, text_field: str, counters: dict, doc_prefix: str | None = None) -> Iterator[Document]:
+    """Documents of one file. Their ids start with ``doc_prefix`` (default: the file's
+    name), never its absolute path, so that the train/val split by id does not depend
+    on where the data lives."""
     kind = _inner_suffix(path)
     where = str(path)
+    prefix = doc_prefix or path.name
     try:
         if kind == ".parquet":
             try:
@@ -109,7 +113,7 @@ def _read_file(path: Path, text_field: str, counters: dict) -> Iterator[Document
                 table = pq.read_table(io.BytesIO(f.read()), columns=[text_field])
             for i, text in enumerate(table.column(text_field).to_pylist()):
                 if text:
-                    yield Document(f"{where}#{i}", text)
+                    yield Document(f"{prefix}#{i}", text)
             return
         if kind in (".jsonl", ".json"):
             offset = 0
@@ -127,12 +131,12 @@ def _read_file(path: Path, text_field: str, counters: dict) -> Iterator[Document
                         raise DataError(f"{where}: line {i + 1} has no {text_field!r} field")
                     if record[text_field]:
                         doc_id = record.get("id", i)
-                        yield Document(f"{where}#{doc_id}", str(record[text_field]))
+                        yield Document(f"{prefix}#{doc_id}", str(record[text_field]))
             return
         with _open_binary(path) as f:
             text = _decode(f.read(), where)
         if text:
-            yield Document(where, text)
+            yield Document(prefix, text)
     except DataError:
         if not counters.get("skip_invalid"):
             raise
@@ -165,11 +169,13 @@ def _read_hf(spec: str, text_field: str) -> Iterator[Document]:
             yield Document(f"{spec}#{record.get('id', i)}", str(record[text_field]))
 
 
-def _expand(inputs: Iterable[str | Path], glob: str | None) -> list[Path]:
-    files: list[Path] = []
+def _expand(inputs: Iterable[str | Path], glob: str | None) -> list[tuple[Path | str, str | None]]:
+    """``(file, id prefix)`` pairs to read; ``hf:`` specs pass through. A file found under a
+    folder gets its path relative to that folder as the prefix of its document ids."""
+    files: list[tuple[Path | str, str | None]] = []
     for item in inputs:
         if str(item).startswith(HF_PREFIX):
-            files.append(item)  # resolved by _read_hf
+            files.append((str(item), None))  # resolved by _read_hf
             continue
         path = Path(item)
         if path.is_dir():
@@ -177,9 +183,9 @@ def _expand(inputs: Iterable[str | Path], glob: str | None) -> list[Path]:
             found = sorted(p for p in path.glob(pattern) if p.is_file())
             if not found:
                 raise DataError(f"{path}: no file matches {pattern!r}")
-            files.extend(found)
+            files.extend((p, p.relative_to(path).as_posix()) for p in found)
         elif path.is_file():
-            files.append(path)
+            files.append((path, None))
         else:
             raise DataError(f"{path}: no such file or directory")
     return files
@@ -188,15 +194,16 @@ def _expand(inputs: Iterable[str | Path], glob: str | None) -> list[Path]:
 def iter_documents(
     inputs: Iterable[str | Path], *, glob: str | None = None, text_field: str = "text", counters: dict | None = None
 ) -> Iterator[Document]:
-    """Every document of ``inputs`` (files or directories), in a deterministic order.
-    With ``counters={"skip_invalid": True}``, a file that is not UTF-8 (or not valid
-    JSONL) is skipped and recorded in the set ``counters["skipped"]`` instead of raising."""
+    """Every document of ``inputs`` (files, folders, ``hf:`` datasets), in a
+    deterministic order. With ``counters={"skip_invalid": True}``, a file that is not
+    UTF-8 (or not valid JSONL) is skipped and recorded in the set
+    ``counters["skipped"]`` instead of raising."""
     counters = {} if counters is None else counters
-    for path in _expand(inputs, glob):
-        if isinstance(path, str) and path.startswith(HF_PREFIX):
+    for path, prefix in _expand(inputs, glob):
+        if isinstance(path, str):
             yield from _read_hf(path, text_field)
         else:
-            yield from _read_file(path, text_field, counters)
+            yield from _read_file(path, text_field, counters, prefix)
 
 
 def file_fingerprint(path: Path) -> dict:
@@ -349,9 +356,9 @@ def build_shards(
     val_files = _expand(val_inputs, glob) if val_inputs else []
 
     def documents() -> Iterator[tuple[Document, bool]]:
-        for doc in iter_documents(input_files, text_field=text_field, counters=counters):
+        for doc in iter_documents(inputs, glob=glob, text_field=text_field, counters=counters):
             yield doc, (not val_files) and _is_val(doc.id, val_fraction)
-        for doc in iter_documents(val_files, text_field=text_field, counters=counters):
+        for doc in iter_documents(val_inputs or [], glob=glob, text_field=text_field, counters=counters):
             yield doc, True
 
     if tokenizer_path is not None:
@@ -402,10 +409,10 @@ def build_shards(
                 "source": str(tokenizer_path) if tokenizer_path else f"byte-level BPE trained here, vocab {vocab_size}",
             },
             "splits": splits,
-            "val_rule": f"documents of {[str(p) for p in val_files]}" if val_files
+            "val_rule": f"documents of {[str(p) for p, _ in val_files]}" if val_files
             else f"sha256(document id) bucket < {val_fraction} (document-level)",
             "sources": [file_fingerprint(p) if isinstance(p, Path) else {"path": p}
-                        for p in input_files + val_files],
+                        for p, _ in input_files + val_files],
             "skipped_files": len(counters.get("skipped", ())),
             "seconds": round(time.time() - started, 2),
         }
@@ -504,7 +511,8 @@ def embedded_shards(cache_dir: str | Path | None = None, progress: bool = True) 
     """Token shards of the embedded corpus with the embedded tokenizer, built once into
     a cache folder keyed by the corpus and tokenizer hashes."""
     corpus, tokenizer = embedded_corpus(), ASSETS / "tokenizer.json"
-    key = hashlib.sha256(corpus.read_bytes() + tokenizer.read_bytes()).hexdigest()[:12]
+    # The key covers the inputs and the format: a cache from another version is not reused.
+    key = hashlib.sha256(FORMAT.encode() + b"/ids-relative/" + corpus.read_bytes() + tokenizer.read_bytes()).hexdigest()[:12]
     root = Path(cache_dir or os.environ.get("FINEMOE_CACHE", Path.home() / ".cache" / "finemoe"))
     folder = root / f"default-{key}"
     if not (folder / MANIFEST).is_file():

@@ -162,3 +162,19 @@ def test_parquet_zstd_and_hugging_face_inputs(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": TEXTS[5:8]}).save_to_disk(str(tmp_path / "hfds"))
     assert [d.text for d in iter_documents([f"hf:{tmp_path / 'hfds'}"])] == TEXTS[5:8]
+
+
+def test_split_does_not_depend_on_where_the_data_lives(tmp_path):
+    """Document ids are relative (file name, or path under the input folder)."""
+    for place in ("a", "b/deeper"):
+        folder = tmp_path / place
+        folder.mkdir(parents=True)
+        _jsonl(folder / "corpus.jsonl", TEXTS)
+        (folder / "tree" / "sub").mkdir(parents=True)
+        for i in range(30):
+            (folder / "tree" / "sub" / f"f{i}.txt").write_text(TEXTS[i])
+    built = [build_shards([tmp_path / p / "corpus.jsonl", tmp_path / p / "tree"], tmp_path / f"out-{i}", vocab_size=300,
+                          val_fraction=0.3, progress=False) for i, p in enumerate(("a", "b/deeper"))]
+    assert built[0]["splits"] == built[1]["splits"]
+    a, b = TokenShards(tmp_path / "out-0"), TokenShards(tmp_path / "out-1")
+    assert np.array_equal(np.asarray(a.arrays("val")[0]), np.asarray(b.arrays("val")[0]))
