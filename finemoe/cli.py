@@ -347,6 +347,8 @@ def analyze(
     evals_dir: Annotated[str, typer.Option(help="Folder of the eval sets.")] = "../shared/data/evals",
     limit: Annotated[int, typer.Option(help="Examples per eval source.")] = 300,
     device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="'float32', or 'bfloat16' (autocast on CUDA; values on bf16's grid).")] =
+        "float32",
 ) -> None:
     """Activation sparsity (NSAR), expert load, DSMoE active experts, routing robustness,
     PEER/PKM usage: JSON and PNG for any checkpoint.
@@ -377,10 +379,11 @@ def analyze(
         extra = {}
         if any(f.kind == "dsmoe" for f in cfg.model.layer_ffns()) and sources and Path(evals_dir).is_dir():
             extra = {s: list(task_texts(evals_dir, s, limit)) for s in sources.split(",")}
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else None
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" and dtype == "bfloat16" else None
         result = analyze_model(model, tokenizer, shards, seq_len=seq_len, batch_size=batch_size, max_batches=batches,
                                sources=extra, device=dev, autocast=autocast)
         result["checkpoint"] = ckpt
+        result["dtype"] = "bfloat16" if autocast is not None else "float32"
         summaries[name] = result
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
         line = f"{name}: NSAR(act, τ=0.1) {result['model'].get('nsar_act', {}).get('0.1', float('nan')):.3f}"

@@ -58,8 +58,10 @@ def plot_nsar(summaries: dict[str, dict], out) -> Path | None:
     return _save(fig, out) if drawn else None
 
 
-def plot_activation_hist(summaries: dict[str, dict], out, key: str = "act") -> Path | None:
-    """Density of activation values, all layers pooled, log scale."""
+def plot_activation_hist(summaries: dict[str, dict], out, key: str = "act", rebin: int = 5) -> Path | None:
+    """Density of activation values, all layers pooled, log scale. ``rebin`` adjacent
+    bins are merged for display (bf16 values sit on a grid coarser than the recorded
+    bins above 1, which would otherwise draw a comb)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
@@ -67,8 +69,10 @@ def plot_activation_hist(summaries: dict[str, dict], out, key: str = "act") -> P
         hists = [l[f"hist_{key}"] for l in s["layers"].values() if f"hist_{key}" in l]
         if not hists:
             continue
-        edges = np.array(hists[0]["edges"])
+        edges = np.array(hists[0]["edges"])[::rebin]
         counts = np.sum([h["counts"] for h in hists], axis=0)
+        counts = counts[: (len(counts) // rebin) * rebin].reshape(-1, rebin).sum(1)
+        edges = edges[: len(counts) + 1]
         total = sum(h["total"] for h in hists)
         density = counts / total / np.diff(edges)
         density[density == 0] = np.nan  # empty bins (e.g. below SiLU's minimum, -0.278) are not drawn
