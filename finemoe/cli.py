@@ -8,6 +8,7 @@ line naming the field and exit status 2.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import sys
 import time
 from typing import Annotated, Callable, Optional
@@ -400,6 +401,34 @@ def analyze(
                       ("robustness.png", figures.plot_robustness), ("product_key_usage.png", figures.plot_product_key_usage)):
         if fn(summaries, out_dir / fname):
             typer.echo(f"wrote {fname}")
+
+
+@app.command()
+@config_errors_as_messages
+def study(
+    name: Annotated[Optional[str], typer.Argument(help="A study in studies/ (see --list) or a YAML path.")] = None,
+    overrides: Overrides = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Study folder (default results/study_NAME/runs).")] = None,
+    only: Annotated[Optional[str], typer.Option(help="Comma-separated arms to run now.")] = None,
+    evals_dir: Annotated[str, typer.Option(help="Eval sets, for DSMoE's per-source analysis.")] = "../shared/data/evals",
+    list_: Annotated[bool, typer.Option("--list", help="List the studies.")] = False,
+) -> None:
+    """Run (or resume) a side-by-side study: every arm on the same data, tokens, seed and
+    optimizer; finished arms are skipped; writes table.md/table.json.
+
+    Example: finemoe study cartesian --out results/study_cartesian/runs data.path=data/prose
+    """
+    from finemoe.study import list_studies, load_study, run_study
+
+    if list_ or name is None:
+        for n in list_studies():
+            typer.echo(f"{n:12s} {load_study(n).claim}")
+        return
+    folder = out or f"results/study_{name}/runs"
+    table = run_study(name, folder, extra=list(overrides or []), only=only.split(",") if only else None,
+                      evals_dir=evals_dir)
+    typer.echo(Path(folder, "table.md").read_text())
+    del table
 
 
 def main() -> None:  # console-script entry point

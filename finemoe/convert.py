@@ -38,6 +38,7 @@ __all__ = [
     "split_dense_ffn",
     "moe_config_for_split",
     "convert_dense_ffns",
+    "prune_dense_ffns",
 ]
 
 
@@ -245,3 +246,37 @@ def convert_dense_ffns(
 
         new_config = dataclasses.replace(config, ffn_layers=kept + [FFNLayers(dense_layers, target)])
     return new_config, out
+
+
+def prune_dense_ffns(
+    state_dict: Mapping[str, Tensor], config: ModelConfig, keep_fraction: float
+) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Channel pruning of every dense FFN (the pruning baseline of DSMoE, METHODS.md §2):
+    keep the ``round(keep_fraction · F)`` hidden channels of largest magnitude score
+    ``‖W_g[:, j]‖ · ‖W_u[:, j]‖ · ‖W_d[j, :]‖`` (in their original order). A one-shot
+    magnitude criterion in the spirit of LLM-Pruner's channel pruning, without its
+    gradient-based importance."""
+    import dataclasses
+
+    from finemoe.model import FFNLayers
+
+    if not 0 < keep_fraction <= 1:
+        raise ConfigError("keep_fraction", f"must be in (0, 1], got {keep_fraction}")
+    out = dict(state_dict)
+    new_layers = []
+    for i, ffn in enumerate(config.layer_ffns()):
+        if not isinstance(ffn, DenseConfig):
+            new_layers.append(ffn)
+            continue
+        prefix = f"blocks.{i}.ffn.mlp."
+        w_g, w_u, w_d = (out[prefix + f"{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+        score = w_g.float().norm(dim=1) * w_u.float().norm(dim=1) * w_d.float().norm(dim=0)
+        kept = max(1, round(keep_fraction * ffn.intermediate_size))
+        channels = score.topk(kept).indices.sort().values
+        out[prefix + "gate_proj.weight"] = w_g[channels].contiguous()
+        out[prefix + "up_proj.weight"] = w_u[channels].contiguous()
+        out[prefix + "down_proj.weight"] = w_d[:, channels].contiguous()
+        new_layers.append(dataclasses.replace(ffn, intermediate_size=kept))
+    first = new_layers[0]
+    exceptions = [FFNLayers([i], f) for i, f in enumerate(new_layers) if f != first]
+    return dataclasses.replace(config, ffn=first, ffn_layers=exceptions), out

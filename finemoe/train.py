@@ -72,6 +72,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
+    init_from: str | None = None
+    """Start from these model weights (a checkpoint file or run folder whose model config
+    equals this run's), e.g. a dense model converted to DSMoE; the optimizer starts fresh."""
     tensorboard: bool = True
     """Also write TensorBoard logs, when the tensorboard package is installed."""
 
@@ -193,7 +196,10 @@ class Trainer:
             raise ConfigError("train.seq_len", f"{self.seq_len} exceeds model.max_seq_len ({model_cfg.max_seq_len})")
 
         torch.manual_seed(run_config.seed)
-        self.model = Transformer(model_cfg).to(self.device)
+        self.model = Transformer(model_cfg)
+        if self.cfg.init_from and not resume:
+            self._load_init(self.cfg.init_from)
+        self.model = self.model.to(self.device)
         self.autocast_dtype = self._autocast_dtype()
         self.wrapped = self._parallelize(self.model)
         self.optimizer = self._optimizer()
@@ -269,6 +275,14 @@ class Trainer:
             "tokenizer_json": self.tokenizer_json,
         }
         return save_checkpoint(self.ckpt_dir, self.step, state, self.cfg.keep_checkpoints)
+
+    def _load_init(self, path: str) -> None:
+        state = load_checkpoint(path)
+        if state["config"].get("model") != to_dict(self.run_config.model):
+            raise CheckpointError(f"{state['path']}: its model config differs from this run's (train.init_from)")
+        self.model.load_state_dict(state["model"])
+        if self.is_main:
+            print(f"initialised from {state['path']}", file=sys.stderr)
 
     def _resume(self) -> None:
         try:

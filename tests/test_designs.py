@@ -305,3 +305,30 @@ def test_peer_usage_stats_sum_to_the_gate_mass():
     out = cfg.build(D)(torch.randn(3, 4, D), return_stats=True)
     # softmax gates sum to 1 per head and token: total mass = tokens × heads
     torch.testing.assert_close(out.stats["gate_mass"].sum(), torch.tensor(12.0 * 2))
+
+
+def test_channel_pruning_keeps_the_strongest_channels_and_their_function():
+    """Pruning with keep 1.0 is the identity; with keep < 1 the kept channels' sum equals
+    the dense FFN minus the pruned channels' contribution."""
+    from finemoe import ModelConfig, Transformer
+    from finemoe.convert import prune_dense_ffns
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, d_model=D, n_layers=2, n_heads=2, max_seq_len=8, ffn=DenseConfig(20))
+    model = randomise(Transformer(cfg)).double()
+    sd = model.state_dict()
+    same_cfg, same_sd = prune_dense_ffns(sd, cfg, 1.0)
+    assert same_cfg.layer_ffns()[0].intermediate_size == 20
+    new_cfg, new_sd = prune_dense_ffns(sd, cfg, 0.6)
+    assert [f.intermediate_size for f in new_cfg.layer_ffns()] == [12, 12]
+    pruned = Transformer(new_cfg).double()
+    pruned.load_state_dict(new_sd)
+    # one layer by hand: the pruned FFN equals the dense FFN restricted to the kept channels
+    dense_ffn, pruned_ffn = model.blocks[0].ffn, pruned.blocks[0].ffn
+    h = torch.randn(1, 3, D, dtype=torch.float64)
+    w_g, w_u, w_d = (dense_ffn.mlp.gate_proj.weight, dense_ffn.mlp.up_proj.weight, dense_ffn.mlp.down_proj.weight)
+    score = w_g.norm(dim=1) * w_u.norm(dim=1) * w_d.norm(dim=0)
+    keep = score.topk(12).indices.sort().values
+    u = dense_ffn.norm(h)
+    expected = (torch.nn.functional.silu(u @ w_g[keep].T) * (u @ w_u[keep].T)) @ w_d[:, keep].T
+    torch.testing.assert_close(pruned_ffn(h).update, expected)

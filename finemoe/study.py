@@ -1,0 +1,321 @@
+"""``finemoe study NAME``: side-by-side comparisons as code.
+
+A study (``studies/NAME.yaml``) names its arms: a preset with overrides, or the final
+weights of an earlier arm converted to another FFN kind (``init: {from: ARM, convert:
+dsmoe | moe | prune, ...}``). Every arm shares the study's ``common`` overrides (data,
+steps, batch, optimizer) and seed, so all train on the same batches; ``repeat`` runs
+chosen arms again with other seeds to measure run-to-run noise. Arms run in order;
+an arm whose folder already holds ``summary.json`` is skipped, so an interrupted study
+resumes where it stopped. Each arm's folder records the command, hardware, git commit
+and wall time (``run.json``); the study writes ``table.md``/``table.json``, the loss
+curves and the analyses it asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+import torch
+
+from finemoe.config import ConfigError, check, from_dict, load_yaml, to_dict
+
+__all__ = ["ArmSpec", "StudySpec", "load_study", "run_study", "study_path", "list_studies"]
+
+STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
+
+
+@dataclass
+class InitSpec:
+    """Start an arm from another arm's final weights, converted."""
+
+    source: str
+    """The arm whose final checkpoint is converted."""
+    convert: str = "none"
+    """``none``, ``dsmoe`` (sigmoid gates + STE), ``moe`` (softmax top-k router, LLaMA-MoE),
+    or ``prune`` (channel pruning of every dense FFN)."""
+    num_experts: int = 8
+    top_k: int = 5
+    """moe: experts per token."""
+    keep_fraction: float = 0.6
+    """prune: share of FFN channels kept."""
+    threshold: float = 0.5
+    straight_through: bool = True
+    sparsity_loss_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.convert in ("none", "dsmoe", "moe", "prune"), "convert",
+              f"must be none, dsmoe, moe or prune; got {self.convert!r}")
+
+
+@dataclass
+class ArmSpec:
+    name: str
+    preset: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    init: InitSpec | None = None
+    analyses: list[str] = field(default_factory=list)
+    """Any of: robustness, nsar, dsmoe_sources, usage."""
+
+    def __post_init__(self) -> None:
+        check((self.preset is None) != (self.init is None), "preset", "give either a preset or an init (conversion)")
+        check(all(c.isalnum() or c in "-_." for c in self.name), "name", f"{self.name!r}: letters, digits, - _ . only")
+
+
+@dataclass
+class RepeatSpec:
+    arms: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ExpectSpec:
+    """The paper's direction: perplexity of ``better`` below each of ``than``."""
+
+    better: str
+    than: list[str]
+
+
+@dataclass
+class StudySpec:
+    name: str
+    claim: str
+    common: list[str] = field(default_factory=list)
+    arms: list[ArmSpec] = field(default_factory=list)
+    repeat: RepeatSpec = field(default_factory=RepeatSpec)
+    expect: list[ExpectSpec] = field(default_factory=list)
+    seed: int = 0
+    flop_budget: float | None = None
+    """isoFLOP studies: training FLOPs per arm; each arm's steps follow from its FLOPs/token."""
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.arms]
+        check(len(set(names)) == len(names), "arms", "arm names must be unique")
+        for arm in self.arms:
+            if arm.init is not None:
+                check(arm.init.source in names[: names.index(arm.name)], "arms",
+                      f"{arm.name}: init.source {arm.init.source!r} must name an earlier arm")
+        for name in self.repeat.arms:
+            check(name in names, "repeat.arms", f"{name!r} is not an arm")
+        for e in self.expect:
+            for name in [e.better, *e.than]:
+                check(name in names, "expect", f"{name!r} is not an arm")
+
+
+def list_studies() -> list[str]:
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def study_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = STUDIES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError("study", f"no study {name_or_path!r}; studies: {', '.join(list_studies())}")
+    return candidate
+
+
+def load_study(name_or_path: str) -> StudySpec:
+    data = load_yaml(study_path(name_or_path))
+    for arm in data.get("arms", []):  # `init: {from: ...}` reads better in YAML
+        if isinstance(arm, dict) and isinstance(arm.get("init"), dict) and "from" in arm["init"]:
+            arm["init"]["source"] = arm["init"].pop("from")
+    return from_dict(StudySpec, data, "study")
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} × {torch.cuda.get_device_name()}"
+    import platform
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path):
+    """Convert the parent arm's final weights; return (run config, init checkpoint path)."""
+    from finemoe.checkpoint import load_checkpoint
+    from finemoe.convert import convert_dense_ffns, moe_config_for_split, prune_dense_ffns
+    from finemoe.layers import DenseConfig, DSMoEConfig
+    from finemoe.run_config import RunConfig
+
+    state = load_checkpoint(parent_dir)
+    run_config = from_dict(RunConfig, state["config"])
+    model_cfg, sd = run_config.model, state["model"]
+    spec = arm.init
+    dense = next((f for f in model_cfg.layer_ffns() if isinstance(f, DenseConfig)), None)
+    if spec.convert != "none" and dense is None:
+        raise ConfigError(f"arms.{arm.name}.init", "the source arm has no dense FFN to convert")
+    if spec.convert == "dsmoe":
+        target = DSMoEConfig(intermediate_size=dense.intermediate_size, num_experts=spec.num_experts,
+                             threshold=spec.threshold, straight_through=spec.straight_through,
+                             sparsity_loss_coef=spec.sparsity_loss_coef, norm_eps=dense.norm_eps)
+        model_cfg, sd = convert_dense_ffns(sd, model_cfg, target, seed=0)
+    elif spec.convert == "moe":
+        model_cfg, sd = convert_dense_ffns(sd, model_cfg, moe_config_for_split(dense, spec.num_experts, spec.top_k),
+                                           seed=0)
+    elif spec.convert == "prune":
+        model_cfg, sd = prune_dense_ffns(sd, model_cfg, spec.keep_fraction)
+    run_config = dataclasses.replace(run_config, model=model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    init_path = folder / "init.pt"
+    torch.save({"model": sd, "config": {"model": to_dict(model_cfg)}, "step": 0}, init_path)
+    return run_config, init_path
+
+
+def _arm_config(study: StudySpec, arm: ArmSpec, folder: Path, seed: int, study_dir: Path, extra: list[str]):
+    from finemoe.config import apply_overrides
+    from finemoe.run_config import RunConfig, load_preset_data
+
+    common = list(study.common) + list(extra)
+    if arm.init is None:
+        data = load_preset_data(arm.preset)
+    else:
+        run_config, init_path = _converted_init(arm, study_dir / arm.init.source, folder)
+        data = to_dict(run_config)
+        data["train"]["init_from"] = str(init_path)
+        # the continuation draws batches of its own, not the source arm's first steps
+        seed += 1000
+    apply_overrides(data, common + list(arm.overrides) + [f"train.out_dir={folder}", f"seed={seed}"])
+    cfg = from_dict(RunConfig, data)
+    if study.flop_budget:
+        # isoFLOP: every arm spends the same training FLOPs (3 × forward), so cheaper
+        # models see more tokens
+        seq = cfg.train.seq_len or cfg.model.max_seq_len
+        tokens_per_step = cfg.train.batch_size * seq * cfg.train.grad_accum
+        steps = max(1, round(study.flop_budget / (3 * cfg.model.flops_per_token(seq) * tokens_per_step)))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps - 1)))
+    return cfg
+
+
+def run_study(name: str, out_dir: str | Path, *, extra: list[str] | None = None, only: list[str] | None = None,
+              evals_dir: str | None = None, progress: bool = True) -> dict:
+    """Run (or resume) a study; returns the table."""
+    from finemoe.train import Trainer, git_commit
+
+    study = load_study(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [(arm, study.seed, arm.name) for arm in study.arms]
+    by_name = {a.name: a for a in study.arms}
+    for seed in study.repeat.seeds:
+        runs += [(by_name[n], seed, f"{n}.seed{seed}") for n in study.repeat.arms]
+    for arm, seed, run_name in runs:
+        if only and arm.name not in only:
+            continue
+        folder = out / run_name
+        if (folder / "summary.json").is_file():
+            print(f"[study {study.name}] {run_name}: done, skipped", file=sys.stderr)
+            continue
+        print(f"[study {study.name}] {run_name}: training", file=sys.stderr)
+        cfg = _arm_config(study, arm, folder, seed, out, extra or [])
+        started = time.time()
+        trainer = Trainer(cfg, progress=progress)
+        summary = trainer.fit()
+        trainer.close()
+        record = {
+            "arm": arm.name, "seed": seed,
+            "command": f"finemoe study {name} --out {out_dir}" + (" " + " ".join(extra) if extra else ""),
+            "hardware": _hardware(), "git_commit": git_commit(), "wall_seconds": round(time.time() - started, 1),
+            "tokens": summary["step"] * cfg.train.batch_size * (cfg.train.seq_len or cfg.model.max_seq_len)
+            * cfg.train.grad_accum,
+        }
+        (folder / "run.json").write_text(json.dumps(record, indent=2))
+        _run_analyses(arm, folder, evals_dir, progress)
+    return write_table(study, out)
+
+
+def _run_analyses(arm: ArmSpec, folder: Path, evals_dir: str | None, progress: bool) -> None:
+    if not arm.analyses:
+        return
+    from finemoe.analysis import analyze_model, task_texts
+    from finemoe.checkpoint import load_model
+    from finemoe.data import TokenShards, embedded_shards
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg, tokenizer = load_model(folder, device)
+    shards = TokenShards(cfg.data.path or embedded_shards())
+    sources = {}
+    if "dsmoe_sources" in arm.analyses and evals_dir and Path(evals_dir).is_dir():
+        sources = {s: list(task_texts(evals_dir, s, 300)) for s in ("hellaswag", "piqa", "arc_easy", "sciq", "lambada")}
+    result = analyze_model(model, tokenizer, shards, seq_len=cfg.train.seq_len or cfg.model.max_seq_len,
+                           batch_size=cfg.train.batch_size, max_batches=20, sources=sources, device=device,
+                           progress=progress)
+    (folder / "analysis.json").write_text(json.dumps(result, indent=1))
+
+
+def write_table(study: StudySpec, out: Path) -> dict:
+    """``table.md`` and ``table.json`` of every finished run, and the study's verdicts."""
+    from finemoe.config import from_dict as _from_dict
+    from finemoe.run_config import RunConfig
+
+    rows = []
+    for folder in sorted(p for p in out.iterdir() if (p / "summary.json").is_file()):
+        summary = json.loads((folder / "summary.json").read_text())
+        record = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+        import yaml
+
+        cfg = _from_dict(RunConfig, yaml.safe_load((folder / "config.yaml").read_text()))
+        analysis = json.loads((folder / "analysis.json").read_text()) if (folder / "analysis.json").is_file() else {}
+        active = analysis.get("compute", {}).get("active_params_per_token", cfg.model.num_active_params())
+        row = {
+            "run": folder.name, "arm": record.get("arm", folder.name), "seed": record.get("seed"),
+            "params": cfg.model.num_params(), "active_params": active,
+            "flops_per_token": analysis.get("compute", {}).get("forward_flops_per_token", cfg.model.flops_per_token()),
+            "tokens": record.get("tokens"), "val_perplexity": summary["final_val"]["perplexity"],
+            "val_loss": summary["final_val"]["loss"], "wall_seconds": record.get("wall_seconds"),
+            "git_commit": record.get("git_commit"), "hardware": record.get("hardware"),
+        }
+        rob = analysis.get("robustness", {})
+        if rob.get("routed_layers"):
+            row["perplexity_top1_disabled"] = rob["perplexity_top1_disabled"]
+        rows.append(row)
+    verdicts = _verdicts(study, rows)
+    table = {"study": study.name, "claim": study.claim, "rows": rows, "verdicts": verdicts}
+    (out / "table.json").write_text(json.dumps(table, indent=2))
+    lines = [f"# Study `{study.name}`", "", study.claim, "",
+             "| run | params | active params | fwd FLOPs/token | tokens | val ppl | ppl, top-1 disabled | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        top1 = f"{r['perplexity_top1_disabled']:.2f}" if "perplexity_top1_disabled" in r else ""
+        lines.append(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
+                     f"{r['flops_per_token'] / 1e6:.1f}M | {(r['tokens'] or 0) / 1e6:.1f}M | {r['val_perplexity']:.2f} | "
+                     f"{top1} | {r['wall_seconds']} |")
+    lines += ["", *[f"- {v}" for v in verdicts]]
+    hardware = {r["hardware"] for r in rows if r.get("hardware")}
+    commits = {r["git_commit"] for r in rows if r.get("git_commit")}
+    lines += ["", f"Hardware: {', '.join(sorted(hardware)) or 'unknown'}. Commits: {', '.join(sorted(commits)) or 'unknown'}."]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    return table
+
+
+def _verdicts(study: StudySpec, rows: list[dict]) -> list[str]:
+    ppl = {r["run"]: r["val_perplexity"] for r in rows}
+    # run-to-run noise: |Δ ppl| between the seeds of each repeated arm
+    noise = []
+    for name in study.repeat.arms:
+        runs = [v for k, v in ppl.items() if k == name or k.startswith(f"{name}.seed")]
+        if len(runs) > 1:
+            noise.append(max(runs) - min(runs))
+    spread = max(noise) if noise else None
+    out = []
+    for e in study.expect:
+        if e.better not in ppl or any(t not in ppl for t in e.than):
+            continue
+        for other in e.than:
+            gap = ppl[other] - ppl[e.better]
+            held = gap > 0
+            size = f"{abs(gap):.2f} perplexity ({abs(gap) / ppl[other]:.1%})"
+            noise_txt = f"; seed-to-seed spread {spread:.2f}" if spread is not None else "; noise not yet measured"
+            beyond = "" if spread is None else (" — beyond the noise" if abs(gap) > spread else " — within the noise")
+            out.append(f"{e.better} vs {other}: the paper's direction {'held' if held else 'did not hold'} by {size}"
+                       f"{noise_txt}{beyond}.")
+    return out
+

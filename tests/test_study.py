@@ -1,0 +1,87 @@
+"""`finemoe study`: arms on the same data, conversions from an earlier arm, repeats,
+the table, and a restart that skips finished arms."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finemoe.data import build_shards
+from finemoe.study import load_study, run_study
+
+TINY = ["model.vocab_size=300", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=2",
+        "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=1", "train.eval_batches=1", "train.device=cpu",
+        "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    src = folder / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Line {i}: " + " ".join(f"w{(i * 7 + j) % 53}" for j in range(60))}) + "\n"
+                           for i in range(80)))
+    build_shards([src], folder / "shards", vocab_size=300, val_fraction=0.2, progress=False)
+    return folder / "shards"
+
+
+def _study_file(tmp_path, shards):
+    text = f"""
+name: toy
+claim: "a toy claim"
+common: [data.path={shards}, train.steps=4, {", ".join(TINY)}]
+arms:
+  - {{name: dense, preset: tiny}}
+  - {{name: moe, preset: tiny-moe, overrides: [model.ffn_layers.0.ffn.expert_intermediate_size=16], analyses: [robustness]}}
+  - {{name: dsmoe, init: {{from: dense, convert: dsmoe, num_experts: 4}}, overrides: [train.steps=3], analyses: [dsmoe_sources]}}
+  - {{name: split-moe, init: {{from: dense, convert: moe, num_experts: 4, top_k: 2}}, overrides: [train.steps=3]}}
+  - {{name: pruned, init: {{from: dense, convert: prune, keep_fraction: 0.5}}, overrides: [train.steps=3]}}
+repeat: {{arms: [dense], seeds: [1]}}
+expect:
+  - {{better: moe, than: [dense]}}
+"""
+    path = tmp_path / "toy.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_study_runs_converts_tabulates_and_resumes(tmp_path, shards, capsys):
+    spec = _study_file(tmp_path, shards)
+    out = tmp_path / "runs"
+    table = run_study(str(spec), out, progress=False)
+    runs = {r["run"]: r for r in table["rows"]}
+    assert set(runs) == {"dense", "moe", "dsmoe", "split-moe", "pruned", "dense.seed1"}
+    # conversions keep the source's attention and change the FFN
+    assert runs["pruned"]["params"] < runs["dense"]["params"]
+    assert runs["dsmoe"]["active_params"] <= runs["dense"]["active_params"] + 2 * 32 * 4  # gates added, blocks measured
+    assert "perplexity_top1_disabled" in runs["moe"]
+    assert runs["dense"]["val_perplexity"] != runs["dense.seed1"]["val_perplexity"]  # another seed, another run
+    record = json.loads((out / "dense" / "run.json").read_text())
+    assert record["tokens"] == 4 * 4 * 32 and record["hardware"] and record["wall_seconds"] > 0
+    assert (out / "dsmoe" / "init.pt").is_file()
+    assert len(table["verdicts"]) == 1 and "seed-to-seed spread" in table["verdicts"][0]
+    md = (out / "table.md").read_text()
+    assert "| dense |" in md and "a toy claim" in md
+
+    # A rerun skips every finished arm and trains nothing.
+    before = (out / "moe" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    again = run_study(str(spec), out, progress=False)
+    assert again["rows"] == table["rows"]
+    assert (out / "moe" / "metrics.jsonl").read_text() == before
+    assert capsys.readouterr().err.count("done, skipped") == 6
+
+
+@pytest.mark.parametrize("name", ["cartesian", "finedeep", "dsmoe", "peer"])
+def test_shipped_studies_load(name):
+    study = load_study(name)
+    assert study.arms and study.claim and study.expect
+
+
+def test_bad_study_names_the_field(tmp_path):
+    from finemoe.config import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('name: x\nclaim: y\narms:\n  - {name: a, init: {from: b, convert: dsmoe}}\n')
+    with pytest.raises(ConfigError, match="init.source 'b' must name an earlier arm"):
+        load_study(str(bad))
