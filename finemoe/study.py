@@ -297,13 +297,13 @@ def write_table(study: StudySpec, out: Path) -> dict:
 
 
 def _verdicts(study: StudySpec, rows: list[dict]) -> list[str]:
-    ppl = {r["run"]: r["val_perplexity"] for r in rows}
-    # run-to-run noise: |Δ ppl| between the seeds of each repeated arm
-    noise = []
-    for name in study.repeat.arms:
-        runs = [v for k, v in ppl.items() if k == name or k.startswith(f"{name}.seed")]
-        if len(runs) > 1:
-            noise.append(max(runs) - min(runs))
+    """One sentence per expected ordering, on each arm's perplexity averaged over its
+    seeds, with the largest seed-to-seed spread of a repeated arm as the noise."""
+    by_arm: dict[str, list[float]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], []).append(r["val_perplexity"])
+    ppl = {arm: sum(v) / len(v) for arm, v in by_arm.items()}
+    noise = [max(v) - min(v) for arm, v in by_arm.items() if len(v) > 1]
     spread = max(noise) if noise else None
     out = []
     for e in study.expect:
@@ -312,7 +312,8 @@ def _verdicts(study: StudySpec, rows: list[dict]) -> list[str]:
         for other in e.than:
             gap = ppl[other] - ppl[e.better]
             held = gap > 0
-            size = f"{abs(gap):.2f} perplexity ({abs(gap) / ppl[other]:.1%})"
+            seeds = f" (means over {len(by_arm[e.better])} and {len(by_arm[other])} seeds)"
+            size = f"{abs(gap):.2f} perplexity ({abs(gap) / ppl[other]:.1%}){seeds}"
             noise_txt = f"; seed-to-seed spread {spread:.2f}" if spread is not None else "; noise not yet measured"
             beyond = "" if spread is None else (" — beyond the noise" if abs(gap) > spread else " — within the noise")
             out.append(f"{e.better} vs {other}: the paper's direction {'held' if held else 'did not hold'} by {size}"
