@@ -57,6 +57,13 @@ def config_errors_as_messages(command: Callable) -> Callable:
     return wrapper
 
 
+def _device(spec: str) -> str:
+    """'auto' → 'cuda' when available, else 'cpu'; anything else as given."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
+
+
 def _load(config: str, overrides: list[str] | None) -> RunConfig:
     return load_run_config(config, overrides)
 
@@ -135,7 +142,7 @@ def smoke(
     cfg = _load(config, overrides)
     if steps < 1 or batch_size < 1 or seq_len < 0:
         _fail("--steps and --batch-size must be >= 1 and --seq-len >= 0")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = _device(device)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(dev)
     T = seq_len or min(cfg.model.max_seq_len, 128)
@@ -268,7 +275,7 @@ def eval_(
     from finemoe.data import TokenShards
     from finemoe.evaluate import TASKS, evaluate_perplexity, load_task, score_task
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = _device(device)
     model, cfg, tokenizer = load_model(checkpoint, dev)
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
@@ -322,7 +329,7 @@ def generate(
     from finemoe.checkpoint import load_model
     from finemoe.generate import generate as sample
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = _device(device)
     model, cfg, tokenizer = load_model(checkpoint, dev)
     if tokenizer is None:
         _fail("the checkpoint carries no tokenizer")
@@ -366,7 +373,7 @@ def analyze(
     from finemoe.checkpoint import load_model
     from finemoe.data import TokenShards, embedded_shards
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = _device(device)
     names = labels.split(",") if labels else [Path(c).name for c in checkpoints]
     if len(names) != len(checkpoints):
         _fail(f"--labels names {len(names)} checkpoints, but {len(checkpoints)} were given")
