@@ -145,7 +145,16 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path):
     from finemoe.layers import DenseConfig, DSMoEConfig
     from finemoe.run_config import RunConfig
 
-    state = load_checkpoint(parent_dir)
+    from finemoe.checkpoint import CheckpointError
+
+    try:
+        state = load_checkpoint(parent_dir)
+    except CheckpointError:
+        raise ConfigError(
+            f"arms.{arm.name}.init.from",
+            f"arm {spec_source(arm)!r} finished but its checkpoint is gone (results keep no checkpoints); "
+            f"delete {parent_dir / 'summary.json'} to train it again",
+        ) from None
     run_config = from_dict(RunConfig, state["config"])
     model_cfg, sd = run_config.model, state["model"]
     spec = arm.init
@@ -167,6 +176,10 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path):
     init_path = folder / "init.pt"
     torch.save({"model": sd, "config": {"model": to_dict(model_cfg)}, "step": 0}, init_path)
     return run_config, init_path
+
+
+def spec_source(arm: ArmSpec) -> str:
+    return arm.init.source if arm.init else ""
 
 
 def _arm_config(study: StudySpec, arm: ArmSpec, folder: Path, seed: int, study_dir: Path, extra: list[str]):

@@ -85,3 +85,16 @@ def test_bad_study_names_the_field(tmp_path):
     bad.write_text('name: x\nclaim: y\narms:\n  - {name: a, init: {from: b, convert: dsmoe}}\n')
     with pytest.raises(ConfigError, match="init.source 'b' must name an earlier arm"):
         load_study(str(bad))
+
+
+def test_conversion_from_a_finished_arm_without_checkpoint_says_what_to_do(tmp_path, shards):
+    import shutil
+
+    from finemoe.config import ConfigError
+
+    spec = _study_file(tmp_path, shards)
+    out = tmp_path / "runs"
+    run_study(str(spec), out, only=["dense"], progress=False)
+    shutil.rmtree(out / "dense" / "checkpoints")  # as after copying results to a fresh machine
+    with pytest.raises(ConfigError, match=r"arm 'dense' finished but its checkpoint is gone.*dense/summary.json"):
+        run_study(str(spec), out, only=["dsmoe"], progress=False)
