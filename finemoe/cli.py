@@ -364,14 +364,9 @@ def analyze(
     Example: finemoe analyze runs/s20m runs/s20m-finedeep --labels dense,finedeep --out analysis/
     """
     import json
-    from pathlib import Path
 
-    import torch
-
-    from finemoe.analysis import analyze_model, task_texts
+    from finemoe.analysis import analyze_checkpoint
     from finemoe.analysis import figures
-    from finemoe.checkpoint import load_model
-    from finemoe.data import TokenShards, embedded_shards
 
     dev = _device(device)
     names = labels.split(",") if labels else [Path(c).name for c in checkpoints]
@@ -381,17 +376,9 @@ def analyze(
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for name, ckpt in zip(names, checkpoints):
-        model, cfg, tokenizer = load_model(ckpt, dev)
-        shards = TokenShards(data_path or cfg.data.path or embedded_shards())
-        seq_len = cfg.train.seq_len or cfg.model.max_seq_len
-        extra = {}
-        if any(f.kind == "dsmoe" for f in cfg.model.layer_ffns()) and sources and Path(evals_dir).is_dir():
-            extra = {s: list(task_texts(evals_dir, s, limit)) for s in sources.split(",")}
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" and dtype == "bfloat16" else None
-        result = analyze_model(model, tokenizer, shards, seq_len=seq_len, batch_size=batch_size, max_batches=batches,
-                               sources=extra, device=dev, autocast=autocast)
-        result["checkpoint"] = ckpt
-        result["dtype"] = "bfloat16" if autocast is not None else "float32"
+        result = analyze_checkpoint(ckpt, data_path=data_path, batches=batches, batch_size=batch_size,
+                                    sources=sources.split(",") if sources else (), evals_dir=evals_dir, limit=limit,
+                                    device=dev, bf16=dtype == "bfloat16")
         summaries[name] = result
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
         line = f"{name}: NSAR(act, τ=0.1) {result['model'].get('nsar_act', {}).get('0.1', float('nan')):.3f}"
@@ -403,7 +390,6 @@ def analyze(
             typer.echo(f"  wrote expert_load_{name}.png")
         if figures.plot_dsmoe_sources(result, out_dir / f"dsmoe_sources_{name}.png", f"{name}: active experts"):
             typer.echo(f"  wrote dsmoe_sources_{name}.png")
-        del model
     for fname, fn in (("nsar.png", figures.plot_nsar), ("activation_hist.png", figures.plot_activation_hist),
                       ("robustness.png", figures.plot_robustness), ("product_key_usage.png", figures.plot_product_key_usage)):
         if fn(summaries, out_dir / fname):

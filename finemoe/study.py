@@ -248,19 +248,11 @@ def run_study(name: str, out_dir: str | Path, *, extra: list[str] | None = None,
 def _run_analyses(arm: ArmSpec, folder: Path, evals_dir: str | None, progress: bool) -> None:
     if not arm.analyses:
         return
-    from finemoe.analysis import analyze_model, task_texts
-    from finemoe.checkpoint import load_model
-    from finemoe.data import TokenShards, embedded_shards
+    from finemoe.analysis import DSMOE_SOURCES, analyze_checkpoint
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, tokenizer = load_model(folder, device)
-    shards = TokenShards(cfg.data.path or embedded_shards())
-    sources = {}
-    if "dsmoe_sources" in arm.analyses and evals_dir and Path(evals_dir).is_dir():
-        sources = {s: list(task_texts(evals_dir, s, 300)) for s in ("hellaswag", "piqa", "arc_easy", "sciq", "lambada")}
-    result = analyze_model(model, tokenizer, shards, seq_len=cfg.train.seq_len or cfg.model.max_seq_len,
-                           batch_size=cfg.train.batch_size, max_batches=20, sources=sources, device=device,
-                           progress=progress)
+    result = analyze_checkpoint(folder, batches=20, sources=DSMOE_SOURCES if "dsmoe_sources" in arm.analyses else (),
+                                evals_dir=evals_dir, limit=300,
+                                device="cuda" if torch.cuda.is_available() else "cpu", progress=progress)
     (folder / "analysis.json").write_text(json.dumps(result, indent=1))
 
 

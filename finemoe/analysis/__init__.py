@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from finemoe.analysis.recorder import HIST_BINS, HIST_RANGE, NSAR_THRESHOLDS, Recorder, entropy_nats, kl_to_uniform
+from finemoe.analysis.recorder import HIST_BINS, HIST_RANGE, NSAR_THRESHOLDS, Recorder, kl_to_uniform
 
 __all__ = [
     "Recorder",
@@ -36,7 +36,11 @@ __all__ = [
     "routing_robustness",
     "disabled_top1",
     "text_batches",
+    "analyze_checkpoint",
+    "DSMOE_SOURCES",
 ]
+
+DSMOE_SOURCES = ("hellaswag", "piqa", "arc_easy", "sciq", "lambada")
 
 
 def record(model: nn.Module, batches: Iterable[Tensor], *, device, autocast=None, progress: bool = True,
@@ -272,3 +276,27 @@ def analyze_model(model, tokenizer, shards, *, seq_len: int, batch_size: int = 1
 
 def _dsmoe_shares(summary: dict) -> dict:
     return {layer: v["dsmoe"]["active_share"] for layer, v in summary["layers"].items() if "dsmoe" in v}
+
+
+def analyze_checkpoint(checkpoint, *, data_path=None, batches: int = 20, batch_size: int | None = None,
+                       sources=DSMOE_SOURCES, evals_dir=None, limit: int = 300, device: str = "cpu",
+                       bf16: bool = False, progress: bool = True) -> dict:
+    """``analyze_model`` on a checkpoint file or run folder: its data (or ``data_path``),
+    its sequence length, and, for DSMoE models, the eval sets ``sources`` as extra text."""
+    from pathlib import Path
+
+    from finemoe.checkpoint import load_model
+    from finemoe.data import TokenShards, embedded_shards
+
+    model, cfg, tokenizer = load_model(checkpoint, device)
+    shards = TokenShards(data_path or cfg.data.path or embedded_shards())
+    extra = {}
+    if sources and evals_dir and Path(evals_dir).is_dir() and any(f.kind == "dsmoe" for f in cfg.model.layer_ffns()):
+        extra = {s: list(task_texts(evals_dir, s, limit)) for s in sources}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and str(device).startswith("cuda") else None
+    result = analyze_model(model, tokenizer, shards, seq_len=cfg.train.seq_len or cfg.model.max_seq_len,
+                           batch_size=batch_size or cfg.train.batch_size, max_batches=batches, sources=extra,
+                           device=device, autocast=autocast, progress=progress)
+    result["checkpoint"] = str(checkpoint)
+    result["dtype"] = "bfloat16" if autocast is not None else "float32"
+    return result

@@ -17,6 +17,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from finemoe.layers.routing import router_entropy
+
 __all__ = ["Recorder", "NSAR_THRESHOLDS", "HIST_RANGE", "HIST_BINS"]
 
 NSAR_THRESHOLDS = (0.001, 0.01, 0.05, 0.1, 0.2)
@@ -104,8 +106,7 @@ class Recorder:
         N, E = probs.shape
         self._add(layer, "route/slot_counts", torch.bincount(slots.reshape(-1), minlength=E).double())
         self._add(layer, "route/prob_sum", probs.sum(0).double())
-        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-        self._add(layer, "route/entropy_sum", float(entropy.sum()))
+        self._add(layer, "route/entropy_sum", float(router_entropy(probs)) * N)
         self._add(layer, "route/tokens", float(N))
         if chosen_tokens is not None:  # expert choice: tokens that no expert took
             chosen = torch.zeros(N, dtype=torch.bool, device=probs.device)

@@ -128,6 +128,14 @@ class ProductKeyRetrieval(nn.Module):
             keys = at_least_float32(self.sub_keys)
             return product_key_topk(q_NHK, keys[0], keys[1], cfg.top_k)
 
+    def route(self, u_ND: Tensor) -> tuple[Tensor, Tensor]:
+        """``(idx_NHk, gates_NHk)`` of the normalised input: retrieval, then the gate, and
+        the report to an attached analysis recorder (shared by PEER and PKM)."""
+        scores_NHk, idx_NHk = self(u_ND)
+        gates_NHk = self.gates(scores_NHk)
+        report(self, "retrieval", idx=idx_NHk, gates=gates_NHk)
+        return idx_NHk, gates_NHk
+
     def gates(self, scores_NHk: Tensor) -> Tensor:
         if self.config.gate == "softmax":
             return torch.softmax(scores_NHk, dim=-1)
@@ -167,9 +175,7 @@ class PEERFFN(FFN):
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
-        scores_NHk, idx_NHk = self.retrieval(u_ND)
-        gates_NHk = self.retrieval.gates(scores_NHk)
-        report(self, "retrieval", idx=idx_NHk, gates=gates_NHk)
+        idx_NHk, gates_NHk = self.retrieval.route(u_ND)
         # σ(u_i · x) for the retrieved experts only: gather (N, H, k, D), never (N, num_experts).
         u_NHkD = F.embedding(idx_NHk, self.expert_in)
         act_NHk = torch.einsum("nhkd,nd->nhk", u_NHkD.to(u_ND.dtype), u_ND)

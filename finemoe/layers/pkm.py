@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.layers.base import FFN, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import FFN, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.common import RMSNorm
 from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, usage_stats
 
@@ -53,9 +53,7 @@ class PKMFFN(FFN):
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
-        scores_NHk, idx_NHk = self.retrieval(u_ND)
-        gates_NHk = self.retrieval.gates(scores_NHk)
-        report(self, "retrieval", idx=idx_NHk, gates=gates_NHk)
+        idx_NHk, gates_NHk = self.retrieval.route(u_ND)
         y_ND = F.embedding_bag(
             idx_NHk.reshape(B * T, -1), self.values,
             per_sample_weights=gates_NHk.reshape(B * T, -1).to(self.values.dtype), mode="sum",
