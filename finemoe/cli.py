@@ -185,6 +185,7 @@ def data(
     eos_token: Annotated[Optional[str], typer.Option(help="End-of-text token separating documents.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="uint16 or uint32 (default: the smallest that fits).")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="Skip (and count) files that are not UTF-8 instead of failing.")] = False,
+    dedupe: Annotated[bool, typer.Option(help="Drop documents whose exact text was already read.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Tokenize text into memory-mapped token shards with a JSON manifest.
@@ -196,13 +197,17 @@ def data(
     manifest = build_shards(
         inputs, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
         val_inputs=val_input, glob=glob, text_field=text_field, eos_token=eos_token, dtype=dtype,
-        skip_invalid=skip_invalid, overwrite=overwrite,
+        skip_invalid=skip_invalid, dedupe=dedupe, overwrite=overwrite,
     )
     for split, info in manifest["splits"].items():
         typer.echo(f"{split:5s} {info['documents']:>9,} documents {info['tokens']:>13,} tokens")
     if manifest["skipped_files"]:
         typer.echo(f"skipped {manifest['skipped_files']} invalid file(s)")
+    if manifest["duplicates_dropped"]:
+        typer.echo(f"dropped {manifest['duplicates_dropped']:,} duplicate document(s)")
     typer.echo(f"vocabulary {manifest['vocab_size']:,} ({manifest['dtype']}), written to {out}")
+    typer.echo(f"{len(manifest['sources']):,} source file(s), {manifest['source_bytes']:,} bytes; "
+               f"fingerprint {manifest['fingerprint']} ({manifest['seconds']:.0f} s)")
 
 
 @app.command()
@@ -405,23 +410,31 @@ def study(
     only: Annotated[Optional[str], typer.Option(help="Comma-separated arms to run now.")] = None,
     evals_dir: Annotated[str, typer.Option(help="Eval sets, for DSMoE's per-source analysis.")] = "../shared/data/evals",
     list_: Annotated[bool, typer.Option("--list", help="List the studies.")] = False,
+    report: Annotated[bool, typer.Option(help="Train nothing: rewrite the table and figures from finished runs.")] = False,
 ) -> None:
     """Run (or resume) a side-by-side study: every arm on the same data, tokens, seed and
     optimizer; finished arms are skipped; writes table.md/table.json.
 
     Example: finemoe study cartesian --out results/study_cartesian/runs data.path=data/prose
     """
-    from finemoe.study import list_studies, load_study, run_study
+    from finemoe.study import list_studies, load_study, run_study, write_figures, write_table
 
     if list_ or name is None:
         for n in list_studies():
             typer.echo(f"{n:12s} {load_study(n).claim}")
         return
     folder = out or f"results/study_{name}/runs"
-    table = run_study(name, folder, extra=list(overrides or []), only=only.split(",") if only else None,
-                      evals_dir=evals_dir)
+    if report:
+        if not Path(folder).is_dir():
+            raise typer.BadParameter(f"{folder}: no such study folder", param_hint="--out")
+        spec = load_study(name)
+        write_table(spec, Path(folder))
+        for path in write_figures(spec, Path(folder)):
+            typer.echo(f"wrote {path}")
+    else:
+        run_study(name, folder, extra=list(overrides or []), only=only.split(",") if only else None,
+                  evals_dir=evals_dir)
     typer.echo(Path(folder, "table.md").read_text())
-    del table
 
 
 def main() -> None:  # console-script entry point

@@ -20,6 +20,7 @@ import bz2
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import os
@@ -206,12 +207,27 @@ def iter_documents(
             yield from _read_file(path, text_field, counters, prefix)
 
 
-def file_fingerprint(path: Path) -> dict:
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: Path) -> dict:
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+
+
+def corpus_fingerprint(folder: Path, splits: dict, tokenizer_sha256: str) -> str:
+    """One hash of what a model trained on this folder sees: the tokenizer and every
+    shard's tokens, in order. Independent of where the sources lay, so the same corpus
+    rebuilt on another machine from the same files has the same fingerprint."""
+    digest = hashlib.sha256(tokenizer_sha256.encode())
+    for split in ("train", "val"):
+        for f in splits[split]["files"]:
+            digest.update(f"{split}/{f['name']}:{f['tokens']}:{_sha256_file(folder / f['name'])}".encode())
+    return digest.hexdigest()
 
 
 # -- tokenizers ------------------------------------------------------------------------------------
@@ -330,6 +346,7 @@ def build_shards(
     eos_token: str | None = None,
     dtype: str | None = None,
     skip_invalid: bool = False,
+    dedupe: bool = False,
     shard_tokens: int = 100_000_000,
     batch_documents: int = 512,
     progress: bool = True,
@@ -339,7 +356,9 @@ def build_shards(
 
     Give either ``tokenizer_path`` (a ``tokenizers`` JSON) or ``vocab_size`` (train a
     byte-level BPE on the training documents). With ``val_inputs``, those documents
-    form the validation split and ``val_fraction`` is not used.
+    form the validation split and ``val_fraction`` is not used. With ``dedupe``, a
+    document whose exact text was already read is dropped (vendored copies of one file
+    would otherwise land on both sides of the split).
     """
     from tqdm import tqdm
 
@@ -356,10 +375,20 @@ def build_shards(
     val_files = _expand(val_inputs, glob) if val_inputs else []
 
     def documents() -> Iterator[tuple[Document, bool]]:
-        for doc in iter_documents(inputs, glob=glob, text_field=text_field, counters=counters):
-            yield doc, (not val_files) and _is_val(doc.id, val_fraction)
-        for doc in iter_documents(val_inputs or [], glob=glob, text_field=text_field, counters=counters):
-            yield doc, True
+        seen: set[bytes] = set()
+        counters["duplicates"] = 0
+        for doc, is_val in itertools.chain(
+            ((doc, (not val_files) and _is_val(doc.id, val_fraction))
+             for doc in iter_documents(inputs, glob=glob, text_field=text_field, counters=counters)),
+            ((doc, True) for doc in iter_documents(val_inputs or [], glob=glob, text_field=text_field, counters=counters)),
+        ):
+            if dedupe:
+                key = hashlib.sha1(doc.text.encode("utf-8", "surrogatepass")).digest()
+                if key in seen:
+                    counters["duplicates"] += 1
+                    continue
+                seen.add(key)
+            yield doc, is_val
 
     if tokenizer_path is not None:
         tokenizer = load_tokenizer(tokenizer_path)
@@ -397,23 +426,27 @@ def build_shards(
             skipped = len(counters.get("skipped", ()))
             raise DataError("the corpus is empty: no training document was read" + (f" ({skipped} files skipped)" if skipped else ""))
         tokenizer.save(str(staging / "tokenizer.json"))
+        tokenizer_sha256 = _sha256_file(staging / "tokenizer.json")
+        sources = [file_fingerprint(p) if isinstance(p, Path) else {"path": p} for p, _ in input_files + val_files]
         manifest = {
             "format": FORMAT,
+            "fingerprint": corpus_fingerprint(staging, splits, tokenizer_sha256),
             "dtype": np_dtype.name,
             "vocab_size": vocab,
             "eos_token": eos_name,
             "eos_id": eos_id,
             "tokenizer": {
                 "file": "tokenizer.json",
-                "sha256": hashlib.sha256((staging / "tokenizer.json").read_bytes()).hexdigest(),
+                "sha256": tokenizer_sha256,
                 "source": str(tokenizer_path) if tokenizer_path else f"byte-level BPE trained here, vocab {vocab_size}",
             },
             "splits": splits,
             "val_rule": f"documents of {[str(p) for p, _ in val_files]}" if val_files
             else f"sha256(document id) bucket < {val_fraction} (document-level)",
-            "sources": [file_fingerprint(p) if isinstance(p, Path) else {"path": p}
-                        for p, _ in input_files + val_files],
+            "sources": sources,
+            "source_bytes": sum(src.get("bytes", 0) for src in sources),
             "skipped_files": len(counters.get("skipped", ())),
+            "duplicates_dropped": counters["duplicates"] if dedupe else None,
             "seconds": round(time.time() - started, 2),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -464,6 +497,18 @@ class TokenShards:
 
     def num_tokens(self, split: str) -> int:
         return sum(len(a) for a in self.arrays(split))
+
+    def describe(self) -> dict:
+        """What a run records about its data: small even when the corpus has many files."""
+        sources = self.manifest.get("sources", [])
+        return {
+            "path": str(self.folder),
+            "fingerprint": self.manifest.get("fingerprint"),
+            "tokens": {split: info["tokens"] for split, info in self.manifest["splits"].items()},
+            "source_files": len(sources),
+            "source_bytes": self.manifest.get("source_bytes"),
+            "sources": sources if len(sources) <= 8 else sources[:3] + [{"…": f"{len(sources) - 3} more in {MANIFEST}"}],
+        }
 
     def tokenizer(self):
         return load_tokenizer(self.folder / self.manifest["tokenizer"]["file"])

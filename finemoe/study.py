@@ -19,11 +19,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+import numpy as np
 import torch
 
 from finemoe.config import ConfigError, check, from_dict, load_yaml, to_dict
 
-__all__ = ["ArmSpec", "StudySpec", "load_study", "run_study", "study_path", "list_studies"]
+__all__ = ["ArmSpec", "StudySpec", "load_study", "run_study", "write_table", "write_figures", "study_path", "list_studies"]
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 
@@ -230,7 +231,9 @@ def run_study(name: str, out_dir: str | Path, *, extra: list[str] | None = None,
         print(f"[study {study.name}] {run_name}: training", file=sys.stderr)
         cfg = _arm_config(study, arm, folder, seed, out, extra or [])
         started = time.time()
-        trainer = Trainer(cfg, progress=progress)
+        # an arm stopped part-way (a time limit) continues from its last checkpoint
+        trainer = Trainer(cfg, resume=True, progress=progress)
+        resumed_at = trainer.step
         summary = trainer.fit()
         trainer.close()
         record = {
@@ -239,10 +242,15 @@ def run_study(name: str, out_dir: str | Path, *, extra: list[str] | None = None,
             "hardware": _hardware(), "git_commit": git_commit(), "wall_seconds": round(time.time() - started, 1),
             "tokens": summary["step"] * cfg.train.batch_size * (cfg.train.seq_len or cfg.model.max_seq_len)
             * cfg.train.grad_accum,
+            "data": {k: v for k, v in trainer.data.describe().items() if k != "sources"},
         }
+        if resumed_at:
+            record["resumed_at_step"] = resumed_at  # wall_seconds covers the steps after it only
         (folder / "run.json").write_text(json.dumps(record, indent=2))
         _run_analyses(arm, folder, evals_dir, progress)
-    return write_table(study, out)
+    table = write_table(study, out)
+    write_figures(study, out)
+    return table
 
 
 def _run_analyses(arm: ArmSpec, folder: Path, evals_dir: str | None, progress: bool) -> None:
@@ -277,6 +285,7 @@ def write_table(study: StudySpec, out: Path) -> dict:
             "tokens": record.get("tokens"), "val_perplexity": summary["final_val"]["perplexity"],
             "val_loss": summary["final_val"]["loss"], "wall_seconds": record.get("wall_seconds"),
             "git_commit": record.get("git_commit"), "hardware": record.get("hardware"),
+            "data_fingerprint": record.get("data", {}).get("fingerprint"),
         }
         rob = analysis.get("robustness", {})
         if rob.get("routed_layers"):
@@ -296,9 +305,60 @@ def write_table(study: StudySpec, out: Path) -> dict:
     lines += ["", *[f"- {v}" for v in verdicts]]
     hardware = {r["hardware"] for r in rows if r.get("hardware")}
     commits = {r["git_commit"] for r in rows if r.get("git_commit")}
-    lines += ["", f"Hardware: {', '.join(sorted(hardware)) or 'unknown'}. Commits: {', '.join(sorted(commits)) or 'unknown'}."]
+    corpora = {r["data_fingerprint"][:16] for r in rows if r.get("data_fingerprint")}
+    lines += ["", f"Hardware: {', '.join(sorted(hardware)) or 'unknown'}. Commits: {', '.join(sorted(commits)) or 'unknown'}."
+              + (f" Data fingerprint{'s' if len(corpora) > 1 else ''}: {', '.join(sorted(corpora))}." if corpora else "")]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     return table
+
+
+def write_figures(study: StudySpec, out: Path) -> list[Path]:
+    """The study's figures, from its finished runs alone (so they can be redrawn at any
+    time with ``finemoe study NAME --report``): loss curves and perplexity per arm
+    always; perplexity against activated parameters when arms differ in it; and the
+    analyses the arms asked for (robustness, NSAR, PEER/PKM usage, DSMoE heat maps)."""
+    from finemoe.analysis import figures
+    from finemoe.plots import plot_loss_curves
+
+    table = json.loads((out / "table.json").read_text())
+    rows = table["rows"]
+    if not rows:
+        return []
+    arm_order = [a.name for a in study.arms]
+    rows.sort(key=lambda r: (arm_order.index(r["arm"]) if r["arm"] in arm_order else len(arm_order), r["run"]))
+    first_seed = [r for r in rows if r["seed"] in (None, study.seed)]
+    analyses = {r["run"]: json.loads((out / r["run"] / "analysis.json").read_text())
+                for r in rows if (out / r["run"] / "analysis.json").is_file()}
+    asked = {a.name: set(a.analyses) for a in study.arms}
+
+    def wanted(rows_: list[dict], analysis: str) -> dict[str, dict]:
+        """The analyses of these runs whose arm asked for ``analysis``, by run name."""
+        return {r["run"]: analyses[r["run"]] for r in rows_ if r["run"] in analyses and analysis in asked.get(r["arm"], ())}
+
+    written = [plot_loss_curves([out / r["run"] for r in first_seed], out / "loss_curves.png",
+                                labels=[r["arm"] for r in first_seed], title=f"study {study.name}: loss (seed {study.seed})")]
+    written.append(figures.plot_perplexity_by_arm(rows, out / "perplexity.png", title=f"study {study.name}"))
+    actives = [r["active_params"] for r in rows]
+    if max(actives) > 1.05 * min(actives):
+        written.append(figures.plot_perplexity_vs_active(rows, out / "ppl_vs_active.png"))
+    written.append(figures.plot_robustness(wanted(rows, "robustness"), out / "robustness.png"))
+    written.append(figures.plot_product_key_usage(wanted(first_seed, "usage"), out / "product_key_usage.png"))
+    nsar = {r["arm"]: analyses[r["run"]] for r in first_seed if r["run"] in wanted(first_seed, "nsar")}
+    if nsar:
+        written.append(figures.plot_nsar(nsar, out / "nsar.png", per_layer=len(nsar) <= 2))
+        # the references of the study's claims against the best of the other arms, layer by layer
+        references = [a for e in study.expect for a in e.than if a in nsar]
+        mean_ppl = {arm: np.mean([r["val_perplexity"] for r in rows if r["arm"] == arm]) for arm in nsar}
+        others = [a for a in nsar if a not in references]
+        if references and others and len(nsar) > 2:
+            best = min(others, key=mean_ppl.get)
+            pair = {f"{a} (ppl {mean_ppl[a]:.2f})": nsar[a] for a in (references[0], best)}
+            written.append(figures.plot_nsar(pair, out / "nsar_reference_vs_best.png"))
+    for r in first_seed:
+        if analyses.get(r["run"], {}).get("dsmoe_by_source"):
+            written.append(figures.plot_dsmoe_sources(analyses[r["run"]], out / f"dsmoe_sources_{r['run']}.png",
+                                                      f"{r['run']}: share of active experts per layer and source"))
+    return [p for p in written if p]
 
 
 def _verdicts(study: StudySpec, rows: list[dict]) -> list[str]:

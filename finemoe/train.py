@@ -131,6 +131,10 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout (``+dirty`` with uncommitted changes), or ``FINEMOE_GIT_COMMIT``
+    where the code was copied without its ``.git`` (a remote GPU machine, a container)."""
+    if os.environ.get("FINEMOE_GIT_COMMIT"):
+        return os.environ["FINEMOE_GIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -197,7 +201,8 @@ class Trainer:
 
         torch.manual_seed(run_config.seed)
         self.model = Transformer(model_cfg)
-        if self.cfg.init_from and not resume:
+        # train.init_from seeds a fresh run; a run resumed from its own checkpoint ignores it
+        if self.cfg.init_from and not (resume and (self.ckpt_dir / "latest").is_file()):
             self._load_init(self.cfg.init_from)
         self.model = self.model.to(self.device)
         self.autocast_dtype = self._autocast_dtype()
@@ -271,7 +276,8 @@ class Trainer:
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
             },
-            "data": {"path": str(self.data.folder), "tokenizer_sha256": self.data.manifest["tokenizer"]["sha256"]},
+            "data": {"path": str(self.data.folder), "tokenizer_sha256": self.data.manifest["tokenizer"]["sha256"],
+                     "fingerprint": self.data.manifest.get("fingerprint")},
             "tokenizer_json": self.tokenizer_json,
         }
         return save_checkpoint(self.ckpt_dir, self.step, state, self.cfg.keep_checkpoints)
@@ -358,13 +364,13 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        logger = MetricsLogger(self.out_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
+        logger = MetricsLogger(self.out_dir, enabled=self.is_main, tensorboard=cfg.tensorboard, start_step=self.step)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             import yaml
 
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.run_config), sort_keys=False))
-            env = environment(self.device, self.world_size) | {"data": self.data.manifest.get("sources")}
+            env = environment(self.device, self.world_size) | {"data": self.data.describe()}
             (self.out_dir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
         tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum * self.world_size
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main),
@@ -468,15 +474,33 @@ def layer_stat_summary(layer_stats: list[dict[str, torch.Tensor]]) -> dict[str, 
     return out
 
 
+def _keep_record(line: str, start_step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # a line torn by a kill
+        return False
+    return record.get("step", 0) <= start_step and not any(k.startswith("final_val/") for k in record) and start_step > 0
+
+
 class MetricsLogger:
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+    """``metrics.jsonl`` (and TensorBoard). A run starting at ``start_step`` keeps only the
+    records up to that step: those written after the checkpoint it resumed from (or all,
+    for a fresh start in a used folder) would otherwise be logged twice."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0):
         self.enabled = enabled
         self.file = None
         self.tb = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(out_dir / "metrics.jsonl", "a")
+        path = out_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _keep_record(line, start_step)]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -55,6 +55,56 @@ def test_build_with_trained_bpe_round_trips_and_splits_by_document(tmp_path):
     assert again["splits"]["val"]["documents"] == val["documents"]
 
 
+def test_fingerprint_names_the_tokens_not_the_location(tmp_path):
+    """The same source tree at two paths gives the same fingerprint (what the model sees);
+    one changed byte in one file gives another; a run records it without the file list."""
+    import hashlib
+
+    for where in ("a", "b"):
+        for i, text in enumerate(TEXTS[:30]):
+            (tmp_path / where / "pkg" / f"m{i:02d}.py").parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / where / "pkg" / f"m{i:02d}.py").write_text(text)
+    a = build_shards([tmp_path / "a"], tmp_path / "out_a", vocab_size=300, glob="**/*.py", val_fraction=0.2, progress=False)
+    b = build_shards([tmp_path / "b"], tmp_path / "out_b", vocab_size=300, glob="**/*.py", val_fraction=0.2, progress=False)
+    assert a["fingerprint"] == b["fingerprint"] and len(a["fingerprint"]) == 64
+    # by hand: the tokenizer's hash, then each shard's name, token count and hash, in order
+    digest = hashlib.sha256(a["tokenizer"]["sha256"].encode())
+    for split in ("train", "val"):
+        for f in a["splits"][split]["files"]:
+            data = (tmp_path / "out_a" / f["name"]).read_bytes()
+            digest.update(f"{split}/{f['name']}:{f['tokens']}:{hashlib.sha256(data).hexdigest()}".encode())
+    assert a["fingerprint"] == digest.hexdigest()
+    assert a["source_bytes"] == sum(len(t.encode()) for t in TEXTS[:30])
+    (tmp_path / "b" / "pkg" / "m07.py").write_text(TEXTS[7] + "!")
+    c = build_shards([tmp_path / "b"], tmp_path / "out_c", vocab_size=300, glob="**/*.py", val_fraction=0.2, progress=False)
+    assert c["fingerprint"] != a["fingerprint"]
+    described = TokenShards(tmp_path / "out_a").describe()
+    assert described["fingerprint"] == a["fingerprint"] and described["source_files"] == 30
+    assert len(described["sources"]) == 4  # three named, then a pointer to the manifest
+
+
+def test_dedupe_keeps_one_copy_of_each_text(tmp_path):
+    """Copies of one file under several names (vendored modules) are read once: without
+    dedupe they would be split across train and val by their different ids."""
+    for i, text in enumerate(TEXTS[:20]):
+        (tmp_path / "src" / f"m{i:02d}.py").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / f"m{i:02d}.py").write_text(text)
+        (tmp_path / "src" / "vendored" / f"copy{i:02d}.py").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "vendored" / f"copy{i:02d}.py").write_text(text)
+    kept = build_shards([tmp_path / "src"], tmp_path / "d", vocab_size=300, glob="**/*.py", val_fraction=0.3,
+                        dedupe=True, progress=False)
+    assert kept["duplicates_dropped"] == 20
+    assert kept["splits"]["train"]["documents"] + kept["splits"]["val"]["documents"] == 20
+    shards = TokenShards(tmp_path / "d")
+    tok = shards.tokenizer()
+    ids = np.concatenate([np.asarray(a) for a in shards.arrays("train") + shards.arrays("val")])
+    decoded = [tok.decode(p[:-1].tolist()) for p in np.split(ids, np.nonzero(ids == shards.eos_id)[0] + 1)[:-1]]
+    assert sorted(decoded) == sorted(TEXTS[:20])
+    plain = build_shards([tmp_path / "src"], tmp_path / "p", vocab_size=300, glob="**/*.py", progress=False)
+    assert plain["duplicates_dropped"] is None
+    assert plain["splits"]["train"]["documents"] + plain["splits"]["val"]["documents"] == 40
+
+
 def test_build_with_a_given_tokenizer_and_val_inputs(tmp_path):
     train_src = _jsonl(tmp_path / "train.jsonl", TEXTS[:40])
     val_src = _jsonl(tmp_path / "val.jsonl", TEXTS[40:])

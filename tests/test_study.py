@@ -62,6 +62,11 @@ def test_study_runs_converts_tabulates_and_resumes(tmp_path, shards, capsys):
     assert len(table["verdicts"]) == 1 and "seed-to-seed spread" in table["verdicts"][0]
     md = (out / "table.md").read_text()
     assert "| dense |" in md and "a toy claim" in md
+    # figures from the finished runs: always loss curves and perplexity per arm; the
+    # rest where an arm asked for the analysis or the arms differ in activated parameters
+    figures = {p.name for p in out.glob("*.png")}
+    assert {"loss_curves.png", "perplexity.png", "robustness.png", "ppl_vs_active.png"} <= figures
+    assert "product_key_usage.png" not in figures and "nsar.png" not in figures  # no arm asked for them
 
     # A rerun skips every finished arm and trains nothing.
     before = (out / "moe" / "metrics.jsonl").read_text()

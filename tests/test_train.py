@@ -71,6 +71,56 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(shards, tmp_path, monkey
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_killed_between_checkpoints_logs_each_step_once(shards, tmp_path, monkeypatch):
+    """Killed at step 6 (checkpoint at 4): the resumed run drops the records of steps 5-6
+    it will log again, so metrics.jsonl reads like the uninterrupted run's."""
+    Trainer(_config(shards, tmp_path / "full"), progress=False).fit()
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step_then_die(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_config(shards, tmp_path / "split"), progress=False).fit()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert max(logged) == 6  # steps 5 and 6 were logged before the kill
+    Trainer(_config(shards, tmp_path / "split"), resume=True, progress=False).fit()
+
+    def records(folder):
+        return [(r["step"], sorted(k for k in r if k not in ("tokens_per_s", "mfu")))
+                for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+    assert records(tmp_path / "split") == records(tmp_path / "full")
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+    # A fresh (not resumed) run in the same folder starts a new log.
+    Trainer(_config(shards, tmp_path / "split"), progress=False).fit()
+    assert records(tmp_path / "split") == records(tmp_path / "full")
+
+
+def test_init_from_seeds_a_fresh_run_and_a_resume_keeps_its_own_weights(shards, tmp_path):
+    source = Trainer(_config(shards, tmp_path / "source"), progress=False)
+    source.fit()
+    weights = load_checkpoint(tmp_path / "source")["model"]
+    # resume=True with no checkpoint yet (a study arm's first start) still loads init_from
+    seeded = Trainer(_config(shards, tmp_path / "seeded", f"train.init_from={tmp_path / 'source'}", "train.steps=4"),
+                     resume=True, progress=False)
+    assert all(torch.equal(seeded.model.state_dict()[k].cpu(), weights[k]) for k in weights)
+    seeded.fit()
+    own = load_checkpoint(tmp_path / "seeded")["model"]
+    again = Trainer(_config(shards, tmp_path / "seeded", f"train.init_from={tmp_path / 'source'}", "train.steps=8"),
+                    resume=True, progress=False)
+    assert again.step == 4 and all(torch.equal(again.model.state_dict()[k].cpu(), own[k]) for k in own)
+    with pytest.raises(CheckpointError, match="model config differs"):
+        Trainer(_config(shards, tmp_path / "x", f"train.init_from={tmp_path / 'source'}", "model.d_model=48"),
+                progress=False)
+
+
 def test_a_kill_during_a_save_leaves_the_latest_checkpoint_readable(shards, tmp_path, monkeypatch):
     import finemoe.checkpoint as ckpt
 

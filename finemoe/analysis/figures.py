@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["plot_nsar", "plot_activation_hist", "plot_expert_load", "plot_dsmoe_sources", "plot_robustness",
-           "plot_product_key_usage"]
+           "plot_product_key_usage", "plot_perplexity_by_arm", "plot_perplexity_vs_active"]
 
 
 def _plt():
@@ -29,9 +29,9 @@ def _save(fig, out) -> Path:
     return out
 
 
-def plot_nsar(summaries: dict[str, dict], out) -> Path | None:
+def plot_nsar(summaries: dict[str, dict], out, per_layer: bool = True) -> Path | None:
     """NSAR(τ) of the activation output and of the gated product: one thick line per
-    model (all layers pooled) and thin lines per layer."""
+    model (all layers pooled) and, with ``per_layer``, thin lines per layer."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     drawn = False
@@ -43,7 +43,7 @@ def plot_nsar(summaries: dict[str, dict], out) -> Path | None:
                 continue
             taus = [float(t) for t in model_level]
             ax.plot(taus, list(model_level.values()), "o-", color=f"C{i}", lw=2, label=label)
-            for layer in s["layers"].values():
+            for layer in s["layers"].values() if per_layer else ():
                 if f"nsar_{key}" in layer:
                     ax.plot(taus, list(layer[f"nsar_{key}"].values()), color=f"C{i}", lw=0.6, alpha=0.35)
             drawn = True
@@ -54,7 +54,7 @@ def plot_nsar(summaries: dict[str, dict], out) -> Path | None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Non-sparse activation rate (thin: individual layers)", fontsize=11)
+    fig.suptitle("Non-sparse activation rate" + (" (thin: individual layers)" if per_layer else ""), fontsize=11)
     return _save(fig, out) if drawn else None
 
 
@@ -174,5 +174,50 @@ def plot_product_key_usage(summaries: dict[str, dict], out) -> Path | None:
     ax.set_xlabel("times an expert was retrieved (over all heads and tokens)")
     ax.set_ylabel("number of experts")
     ax.set_title("Expert retrieval counts", fontsize=11)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_perplexity_by_arm(rows: list[dict], out, title: str = "") -> Path | None:
+    """Validation perplexity of every arm: a bar at the mean over seeds, a dot per seed."""
+    if not rows:
+        return None
+    plt = _plt()
+    arms: dict[str, list[float]] = {}
+    for r in rows:
+        arms.setdefault(r["arm"], []).append(r["val_perplexity"])
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(arms), 4))
+    for i, (arm, ppl) in enumerate(arms.items()):
+        mean = float(np.mean(ppl))
+        ax.bar(i, mean, 0.6, color=f"C{i % 10}", alpha=0.55)
+        ax.plot([i] * len(ppl), ppl, "k.", ms=6)
+        ax.text(i, mean, f"{mean:.2f}" + (f"\n({len(ppl)} seeds)" if len(ppl) > 1 else ""), ha="center",
+                va="bottom", fontsize=7)
+    low, high = min(min(v) for v in arms.values()), max(max(v) for v in arms.values())
+    ax.set_ylim(max(0.0, low - 0.35 * (high - low) - 1), high + 0.25 * (high - low) + 1)
+    ax.set_xticks(range(len(arms)), list(arms), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("validation perplexity")
+    ax.set_title((title + ": " if title else "") + "perplexity per arm (dots: seeds)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_perplexity_vs_active(rows: list[dict], out) -> Path | None:
+    """Validation perplexity against measured activated parameters per token, one point per run."""
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors: dict[str, str] = {}
+    for r in rows:
+        color = colors.setdefault(r["arm"], f"C{len(colors) % 10}")
+        ax.plot(r["active_params"] / 1e6, r["val_perplexity"], "o", color=color, ms=7,
+                label=r["arm"] if r["arm"] not in ax.get_legend_handles_labels()[1] else None)
+        ax.annotate(r["run"], (r["active_params"] / 1e6, r["val_perplexity"]), fontsize=6,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("activated parameters per token (millions, measured)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("Perplexity against activated parameters", fontsize=11)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out)
