@@ -35,6 +35,11 @@ def plot_loss_curves(run_dirs: list[str | Path], out: str | Path, labels: list[s
         if val:
             ax.plot([t / 1e6 for t, _ in val], [v for _, v in val], "o-", color=color, ms=4, lw=1.5,
                     label=f"{label} validation")
+    # the first few percent of training (loss falling from ln V) would flatten the rest
+    later = [v for run in run_dirs for r in read_metrics(run) if "lm_loss" in r and "tokens" in r
+             for v in [r["lm_loss"]] if r["step"] >= 0.05 * max(x["step"] for x in read_metrics(run))]
+    if later:
+        ax.set_ylim(top=max(later) * 1.02)
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(title or "loss")

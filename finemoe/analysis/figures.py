@@ -147,8 +147,9 @@ def plot_robustness(summaries: dict[str, dict], out) -> Path | None:
         ax.text(xi - 0.2, n, f"{n:.1f}", ha="center", va="bottom", fontsize=7)
         ax.text(xi + 0.2, b, f"{b:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, [label for label, _ in rows], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("validation perplexity (log)")
+    if max(broken) > 10 * min(normal):  # the paper's collapses span orders of magnitude
+        ax.set_yscale("log")
+    ax.set_ylabel("validation perplexity" + (" (log)" if ax.get_yscale() == "log" else ""))
     ax.set_title("Routing robustness", fontsize=11)
     ax.legend(fontsize=8)
     return _save(fig, out)
