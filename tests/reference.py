@@ -120,6 +120,8 @@ def finedeep_ffn(h, p, cfg):
                 gates = sigmoid(scores)
                 if cfg.normalize:
                     gates = gates / gates.sum()
+            if cfg.gate_sum == "experts":
+                gates = gates * K
             state[n] = state[n] + sum(g * e for g, e in zip(gates, experts))
     return (torch.stack(state) - torch.stack(start)).reshape(B, T, D), None
 

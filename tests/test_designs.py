@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from finemoe.config import ConfigError
 from finemoe.convert import moe_config_for_split, split_dense_ffn
 from finemoe.layers import (
     CartesianConfig,
@@ -26,6 +27,7 @@ FINEDEEP_CASES = {
     "sublayer_input_router": FinedeepConfig(num_sublayers=2, experts_per_sublayer=3, expert_intermediate_size=10,
                                             router_input="sublayer_input"),
     "softmax_gate": FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=5, gate="softmax"),
+    "gates_sum_to_K": FinedeepConfig(num_sublayers=2, experts_per_sublayer=3, expert_intermediate_size=6, gate_sum="experts"),
 }
 
 
@@ -48,6 +50,27 @@ def test_finedeep_with_one_sublayer_and_one_expert_is_a_dense_prenorm_ffn():
         fd.router.normal_()  # any router: the single gate normalises to 1
     h = torch.randn(2, 9, D, dtype=torch.float64)
     torch.testing.assert_close(h + fd(h).update, h + dense(h).update, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate_sum, scale", [("experts", 1.0), ("one", 1 / 4)])
+def test_finedeep_one_sublayer_with_equal_gates_is_the_dense_ffn_or_a_Kth_of_it(gate_sum, scale):
+    """M = 1, K = 4, a zero router (all scores equal): gates summing to K give exactly the
+    dense FFN the experts were cut from; gates summing to 1 give a quarter of it."""
+    dense = randomise(DenseConfig(intermediate_size=40).build(D)).double()
+    fd = FinedeepConfig.matching_dense(DenseConfig(intermediate_size=40), 1, 4, gate_sum=gate_sum).build(D).double()
+    with torch.no_grad():
+        fd.norms[0].weight.copy_(dense.norm.weight)
+        fd.w_gate[0].copy_(dense.mlp.gate_proj.weight.t())
+        fd.w_up[0].copy_(dense.mlp.up_proj.weight.t())
+        fd.w_down[0].copy_(dense.mlp.down_proj.weight.t().reshape(4, 10, D))
+        fd.router.zero_()
+    h = torch.randn(2, 9, D, dtype=torch.float64)
+    torch.testing.assert_close(fd(h).update, scale * dense(h).update, rtol=1e-12, atol=1e-12)
+
+
+def test_finedeep_gate_sum_needs_normalised_gates():
+    with pytest.raises(ConfigError, match="gate_sum"):
+        FinedeepConfig(normalize=False, gate_sum="experts")
 
 
 @pytest.mark.parametrize("M,K", [(1, 16), (2, 8), (4, 4), (8, 2)])

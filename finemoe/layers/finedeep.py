@@ -8,7 +8,8 @@ and FLOPs match the dense FFN up to the tiny routers and norms. Sub-layer m:
     u   = RMSNorm_m(h_{m-1})
     e_k = E_{m,k}(u)                                  k = 1..K
     s_k = sigmoid(w_{m,k} · e_k)                      "output-guided" routing
-    g_k = s_k / Σ_j s_j                               (``normalize``, default on)
+    g_k = s_k / Σ_j s_j                               (``normalize``, default on;
+                                                       ``gate_sum="experts"``: K·s_k / Σ_j s_j)
     h_m = h_{m-1} + Σ_k g_k e_k
 
 ``h_0`` is the block's input to the FFN and ``h_M`` replaces "input + FFN output", so
@@ -49,12 +50,18 @@ class FinedeepConfig(FFNConfig):
     normalize: bool = True
     """g_k = s_k / Σ_j s_j (sigmoid gate only)."""
     gate: Literal["sigmoid", "softmax"] = "sigmoid"
+    gate_sum: Literal["one", "experts"] = "one"
+    """What normalised (or softmax) gates sum to: 1, a weighted average of the K experts
+    (the spec), or K, so that equal gates give the plain sum of the experts, i.e. the
+    dense FFN they were cut from (an average is ~1/K of it: see results/study_finedeep)."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("num_sublayers", "experts_per_sublayer", "expert_intermediate_size"):
             check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         check(self.norm_eps > 0, "norm_eps", "must be positive")
+        check(self.gate_sum == "one" or self.normalize or self.gate == "softmax", "gate_sum",
+              "applies to normalised or softmax gates; set normalize=true or gate=softmax")
 
     @classmethod
     def matching_dense(cls, dense: DenseConfig, num_sublayers: int, experts_per_sublayer: int, **options) -> "FinedeepConfig":
@@ -139,6 +146,8 @@ class FinedeepFFN(FFN):
                 gates_NK = torch.sigmoid(scores_NK)
                 if cfg.normalize:
                     gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
+            if cfg.gate_sum == "experts":
+                gates_NK = gates_NK * K
         if record is not None:
             record.setdefault("gate_mean", []).append(gates_NK.detach().mean(0))
         report(self, "gates", gates=gates_NK, sublayer=torch.tensor(m))
