@@ -428,8 +428,7 @@ def study(
         if not Path(folder).is_dir():
             raise typer.BadParameter(f"{folder}: no such study folder", param_hint="--out")
         spec = load_study(name)
-        write_table(spec, Path(folder))
-        for path in write_figures(spec, Path(folder)):
+        for path in write_figures(spec, Path(folder), write_table(spec, Path(folder))):
             typer.echo(f"wrote {path}")
     else:
         run_study(name, folder, extra=list(overrides or []), only=only.split(",") if only else None,

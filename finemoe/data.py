@@ -219,14 +219,15 @@ def file_fingerprint(path: Path) -> dict:
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
 
 
-def corpus_fingerprint(folder: Path, splits: dict, tokenizer_sha256: str) -> str:
-    """One hash of what a model trained on this folder sees: the tokenizer and every
-    shard's tokens, in order. Independent of where the sources lay, so the same corpus
-    rebuilt on another machine from the same files has the same fingerprint."""
+def corpus_fingerprint(splits: dict, tokenizer_sha256: str) -> str:
+    """One hash of what a model trained on these shards sees: the tokenizer and every
+    shard's tokens (their sha256, taken as they were written), in order. Independent of
+    where the sources lay, so the same corpus rebuilt on another machine from the same
+    files has the same fingerprint."""
     digest = hashlib.sha256(tokenizer_sha256.encode())
     for split in ("train", "val"):
         for f in splits[split]["files"]:
-            digest.update(f"{split}/{f['name']}:{f['tokens']}:{_sha256_file(folder / f['name'])}".encode())
+            digest.update(f"{split}/{f['name']}:{f['tokens']}:{f['sha256']}".encode())
     return digest.hexdigest()
 
 
@@ -306,12 +307,18 @@ class _SplitWriter:
         self._in_shard = 0
 
     def _next_file(self) -> None:
-        if self._handle:
-            self._handle.close()
+        self._close_file()
         name = f"{self.split}_{len(self.files):04d}.bin"
         self.files.append({"name": name, "tokens": 0})
         self._handle = open(self.folder / name, "wb")
+        self._digest = hashlib.sha256()  # of the bytes as written: no second read for the fingerprint
         self._in_shard = 0
+
+    def _close_file(self) -> None:
+        if self._handle:
+            self._handle.close()
+            self.files[-1]["sha256"] = self._digest.hexdigest()
+            self._handle = None
 
     def write(self, ids: list[int]) -> None:
         array = np.asarray(ids, dtype=self.dtype)
@@ -320,7 +327,9 @@ class _SplitWriter:
             if self._handle is None or self._in_shard >= self.shard_tokens:
                 self._next_file()
             take = min(len(array) - start, self.shard_tokens - self._in_shard)
-            self._handle.write(array[start : start + take].tobytes())
+            chunk = array[start : start + take].tobytes()
+            self._handle.write(chunk)
+            self._digest.update(chunk)
             self._in_shard += take
             self.files[-1]["tokens"] += take
             start += take
@@ -328,8 +337,7 @@ class _SplitWriter:
         self.documents += 1
 
     def close(self) -> dict:
-        if self._handle:
-            self._handle.close()
+        self._close_file()
         return {"files": self.files, "documents": self.documents, "tokens": self.tokens}
 
 
@@ -375,6 +383,7 @@ def build_shards(
     val_files = _expand(val_inputs, glob) if val_inputs else []
 
     def documents() -> Iterator[tuple[Document, bool]]:
+        # read twice (tokenizer training, then encoding): each pass starts its own count
         seen: set[bytes] = set()
         counters["duplicates"] = 0
         for doc, is_val in itertools.chain(
@@ -430,7 +439,7 @@ def build_shards(
         sources = [file_fingerprint(p) if isinstance(p, Path) else {"path": p} for p, _ in input_files + val_files]
         manifest = {
             "format": FORMAT,
-            "fingerprint": corpus_fingerprint(staging, splits, tokenizer_sha256),
+            "fingerprint": corpus_fingerprint(splits, tokenizer_sha256),
             "dtype": np_dtype.name,
             "vocab_size": vocab,
             "eos_token": eos_name,

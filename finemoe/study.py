@@ -249,7 +249,7 @@ def run_study(name: str, out_dir: str | Path, *, extra: list[str] | None = None,
         (folder / "run.json").write_text(json.dumps(record, indent=2))
         _run_analyses(arm, folder, evals_dir, progress)
     table = write_table(study, out)
-    write_figures(study, out)
+    write_figures(study, out, table)
     return table
 
 
@@ -312,7 +312,14 @@ def write_table(study: StudySpec, out: Path) -> dict:
     return table
 
 
-def write_figures(study: StudySpec, out: Path) -> list[Path]:
+def _perplexities_by_arm(rows: list[dict]) -> dict[str, list[float]]:
+    by_arm: dict[str, list[float]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], []).append(r["val_perplexity"])
+    return by_arm
+
+
+def write_figures(study: StudySpec, out: Path, table: dict) -> list[Path]:
     """The study's figures, from its finished runs alone (so they can be redrawn at any
     time with ``finemoe study NAME --report``): loss curves and perplexity per arm
     always; perplexity against activated parameters when arms differ in it; and the
@@ -320,8 +327,7 @@ def write_figures(study: StudySpec, out: Path) -> list[Path]:
     from finemoe.analysis import figures
     from finemoe.plots import plot_loss_curves
 
-    table = json.loads((out / "table.json").read_text())
-    rows = table["rows"]
+    rows = list(table["rows"])
     if not rows:
         return []
     arm_order = [a.name for a in study.arms]
@@ -348,7 +354,7 @@ def write_figures(study: StudySpec, out: Path) -> list[Path]:
         written.append(figures.plot_nsar(nsar, out / "nsar.png", per_layer=len(nsar) <= 2))
         # the references of the study's claims against the best of the other arms, layer by layer
         references = [a for e in study.expect for a in e.than if a in nsar]
-        mean_ppl = {arm: np.mean([r["val_perplexity"] for r in rows if r["arm"] == arm]) for arm in nsar}
+        mean_ppl = {arm: float(np.mean(v)) for arm, v in _perplexities_by_arm(rows).items()}
         others = [a for a in nsar if a not in references]
         if references and others and len(nsar) > 2:
             best = min(others, key=mean_ppl.get)
@@ -364,9 +370,7 @@ def write_figures(study: StudySpec, out: Path) -> list[Path]:
 def _verdicts(study: StudySpec, rows: list[dict]) -> list[str]:
     """One sentence per expected ordering, on each arm's perplexity averaged over its
     seeds, with the largest seed-to-seed spread of a repeated arm as the noise."""
-    by_arm: dict[str, list[float]] = {}
-    for r in rows:
-        by_arm.setdefault(r["arm"], []).append(r["val_perplexity"])
+    by_arm = _perplexities_by_arm(rows)
     ppl = {arm: sum(v) / len(v) for arm, v in by_arm.items()}
     noise = [max(v) - min(v) for arm, v in by_arm.items() if len(v) > 1]
     spread = max(noise) if noise else None

@@ -474,12 +474,13 @@ def layer_stat_summary(layer_stats: list[dict[str, torch.Tensor]]) -> dict[str, 
     return out
 
 
-def _keep_record(line: str, start_step: int) -> bool:
+def _logged_before(line: str, start_step: int) -> bool:
+    """Whether a metrics line belongs to the steps a resumed run does not repeat."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError:  # a line torn by a kill
         return False
-    return record.get("step", 0) <= start_step and not any(k.startswith("final_val/") for k in record) and start_step > 0
+    return record.get("step", 0) <= start_step and not any(k.startswith("final_val/") for k in record)
 
 
 class MetricsLogger:
@@ -495,12 +496,12 @@ class MetricsLogger:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "metrics.jsonl"
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and _keep_record(line, start_step)]
+        if path.is_file() and start_step > 0:
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _logged_before(line, start_step)]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
-        self.file = open(path, "a")
+        self.file = open(path, "a" if start_step > 0 else "w")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
