@@ -13,10 +13,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "resolve_checkpoint", "load_checkpoint", "load_model"]
+from finemoe.errors import InputError
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "resolve_checkpoint",
+    "load_checkpoint",
+    "load_for_resume",
+    "run_checkpoints",
+    "load_model",
+    "check_data_compatible",
+]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A missing, unreadable or mismatched checkpoint."""
 
 
@@ -64,13 +75,54 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch raises many kinds on a torn or foreign file
+        reason = (str(err).splitlines() or [""])[0].split(". ")[0]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {reason})") from None
     missing = [k for k in ("model", "config", "step") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a finemoe checkpoint (missing {', '.join(missing)})")
     state["path"] = str(path)
     return state
+
+
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The ``step_*.pt`` files of a run folder, newest first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"), reverse=True)
+
+
+def load_for_resume(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict | None, list[str]]:
+    """The newest *intact* checkpoint of a run folder, and a note for each newer one that
+    could not be read (a crash of the file system or a full disk can tear a file that
+    was renamed into place). ``(None, [])`` when the folder has no checkpoint at all;
+    ``CheckpointError`` when it has some but none can be read, so a resume never starts
+    over a run's history."""
+    folder = Path(run_dir) / "checkpoints"
+    candidates = run_checkpoints(run_dir)
+    latest = folder / "latest"
+    named = latest.read_text().strip() if latest.is_file() else None
+    if not candidates and named is None:
+        return None, []
+    skipped = [f"{folder / named}: named by {latest} but missing"] if named and not (folder / named).is_file() else []
+    for path in candidates:
+        try:
+            return load_checkpoint(path, map_location), skipped
+        except CheckpointError as err:
+            skipped.append(str(err))
+    unreadable = ", ".join(p.name for p in candidates) or "none is left"
+    raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from ({unreadable} unreadable); nothing was changed")
+
+
+def check_data_compatible(checkpoint: str | Path, vocab_size: int, tokenizer, shards) -> None:
+    """Refuse to run a model on token shards it cannot read: ids beyond its vocabulary,
+    or ids of another tokenizer (which would give a meaningless perplexity even where
+    the vocabulary sizes agree). ``tokenizer`` is the one the checkpoint carries, if any."""
+    if shards.vocab_size > vocab_size:
+        raise CheckpointError(f"{shards.folder}: its vocabulary ({shards.vocab_size:,}) is larger than that of "
+                              f"{checkpoint} ({vocab_size:,}); use shards made with the model's tokenizer")
+    if tokenizer is not None and tokenizer.get_vocab(with_added_tokens=True) != shards.tokenizer().get_vocab(
+            with_added_tokens=True):
+        raise CheckpointError(f"{shards.folder} was tokenized with another tokenizer than the one {checkpoint} carries; "
+                              f"rebuild the shards with `finemoe data --tokenizer` on the model's tokenizer")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

@@ -16,7 +16,8 @@ from typing import Annotated, Callable, Optional
 import typer
 import yaml
 
-from finemoe.config import ConfigError, to_dict
+from finemoe.config import to_dict
+from finemoe.errors import InputError
 from finemoe.run_config import DEFAULT_PRESET, RunConfig, list_presets, load_run_config
 
 app = typer.Typer(
@@ -35,33 +36,49 @@ Overrides = Annotated[
 ]
 
 
+def _close_progress_bars() -> None:
+    """An error must start on a line of its own, not after an open progress bar's."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _fail(message: str) -> None:
+    _close_progress_bars()
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 
-def config_errors_as_messages(command: Callable) -> Callable:
-    """Turn bad input (config, data, checkpoint) anywhere in a command into one line
-    and exit status 2."""
+def one_line_errors(command: Callable) -> Callable:
+    """Bad input anywhere in a command (a config, data, checkpoint or model file; a file
+    that cannot be read) ends it with one line naming the problem and exit status 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from finemoe.checkpoint import CheckpointError
-        from finemoe.data import DataError
-
         try:
             return command(*args, **kwargs)
-        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+        except InputError as err:
             _fail(str(err))
+        except OSError as err:  # a missing, unreadable or unwritable file: the message names it
+            _fail(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err))
 
     return wrapper
 
 
 def _device(spec: str) -> str:
-    """'auto' → 'cuda' when available, else 'cpu'; anything else as given."""
+    """'auto' → 'cuda' when available, else 'cpu'; anything else as given, if it exists here."""
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise typer.BadParameter(f"{spec!r} is not a device ('cpu', 'cuda', 'cuda:1' or 'auto')", param_hint="--device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("'cuda' was asked for but CUDA is not available here", param_hint="--device")
+    return spec
 
 
 def _load(config: str, overrides: list[str] | None) -> RunConfig:
@@ -104,7 +121,7 @@ def presets() -> None:
 
 
 @app.command()
-@config_errors_as_messages
+@one_line_errors
 def info(
     config: ConfigOption = DEFAULT_PRESET,
     overrides: Overrides = None,
@@ -122,13 +139,13 @@ def info(
 
 
 @app.command()
-@config_errors_as_messages
+@one_line_errors
 def smoke(
     config: ConfigOption = DEFAULT_PRESET,
     overrides: Overrides = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps on one fixed random batch.")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (default: model.max_seq_len, at most 128).")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps on one fixed random batch.")] = 30,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per batch.")] = 8,
+    seq_len: Annotated[int, typer.Option(min=0, help="Tokens per sequence (default: model.max_seq_len, at most 128).")] = 0,
     device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
 ) -> None:
     """Overfit one random batch: checks that a model runs forward and backward and learns.
@@ -140,8 +157,6 @@ def smoke(
     from finemoe.model import Transformer
 
     cfg = _load(config, overrides)
-    if steps < 1 or batch_size < 1 or seq_len < 0:
-        _fail("--steps and --batch-size must be >= 1 and --seq-len >= 0")
     dev = _device(device)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(dev)
@@ -172,7 +187,7 @@ def smoke(
 
 
 @app.command()
-@config_errors_as_messages
+@one_line_errors
 def data(
     inputs: Annotated[list[str], typer.Argument(help="Files (.txt/.jsonl/.parquet, optionally .gz/.xz/.bz2/.zst) or folders.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the shards and manifest into.")],
@@ -211,11 +226,12 @@ def data(
 
 
 @app.command()
-@config_errors_as_messages
+@one_line_errors
 def train(
     config: ConfigOption = DEFAULT_PRESET,
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in train.out_dir.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest intact checkpoint in train.out_dir.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over in a run folder that holds a run (deletes its checkpoints).")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (same as train.out_dir=...).")] = None,
     data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards (same as data.path=...).")] = None,
 ) -> None:
@@ -232,7 +248,9 @@ def train(
     if data_path:
         extra.append(f"data.path={data_path}")
     cfg = _load(config, extra)
-    trainer = Trainer(cfg, resume=resume)
+    if resume and overwrite:
+        raise typer.BadParameter("give --resume or --overwrite, not both", param_hint="--overwrite")
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
     if trainer.is_main:
         m = cfg.model
         typer.echo(
@@ -256,15 +274,15 @@ def train(
 
 
 @app.command(name="eval")
-@config_errors_as_messages
+@one_line_errors
 def eval_(
     checkpoint: Annotated[str, typer.Argument(help="A checkpoint file or a run folder.")],
     data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards for perplexity (default: the run's data).")] = None,
     split: Annotated[str, typer.Option(help="Split for perplexity.")] = "val",
     tasks: Annotated[str, typer.Option(help="Comma-separated zero-shot tasks, or 'none'.")] = "none",
     evals_dir: Annotated[str, typer.Option(help="Folder of the eval sets (*.jsonl.gz).")] = "../shared/data/evals",
-    limit: Annotated[Optional[int], typer.Option(help="At most this many examples per task.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many examples per task.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 16,
     device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
     output: Annotated[Optional[str], typer.Option("--output", help="Also write the results as JSON here.")] = None,
 ) -> None:
@@ -276,13 +294,20 @@ def eval_(
 
     import torch
 
-    from finemoe.checkpoint import load_model
+    from finemoe.checkpoint import check_data_compatible, load_model
     from finemoe.data import TokenShards
     from finemoe.evaluate import TASKS, evaluate_perplexity, load_task, score_task
 
     dev = _device(device)
     model, cfg, tokenizer = load_model(checkpoint, dev)
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+    names = [] if tasks == "none" else (list(TASKS) if tasks == "all" else tasks.split(","))
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise typer.BadParameter(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}, all or none", param_hint="--tasks")
+    if names and tokenizer is None:
+        _fail("the checkpoint carries no tokenizer, so it cannot be scored on text tasks")
+    task_rows = {name: load_task(evals_dir, name, limit) for name in names}  # a missing file fails before any work
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
     results: dict = {"checkpoint": checkpoint}
     shards_path = data_path or cfg.data.path
@@ -290,39 +315,35 @@ def eval_(
         from finemoe.data import embedded_shards
 
         shards_path = embedded_shards()
+    shards = TokenShards(shards_path)
+    check_data_compatible(checkpoint, cfg.model.vocab_size, tokenizer, shards)
     with torch.no_grad(), autocast:
-        ppl = evaluate_perplexity(model, TokenShards(shards_path), split=split, seq_len=seq_len, batch_size=batch_size,
-                                  device=dev)
+        ppl = evaluate_perplexity(model, shards, split=split, seq_len=seq_len, batch_size=batch_size, device=dev)
         results["perplexity"] = {"split": split, "data": str(shards_path)} | ppl
         typer.echo(f"{split}: loss {ppl['loss']:.4f}  perplexity {ppl['perplexity']:.2f}  bits/byte {ppl['bits_per_byte']:.4f}"
                    f"  ({ppl['tokens']:,} tokens)")
-        names = [] if tasks == "none" else (list(TASKS) if tasks == "all" else tasks.split(","))
-        for name in names:
-            if tokenizer is None:
-                _fail("the checkpoint carries no tokenizer, so it cannot be scored on text tasks")
-            rows = load_task(evals_dir, name, limit)
-            r = score_task(lambda ids: model(ids).logits, tokenizer, name, rows, max_len=cfg.model.max_seq_len,
-                           batch_size=batch_size, device=dev, progress=True)
+        for name, rows in task_rows.items():
+            r = score_task(model, tokenizer, name, rows, max_len=cfg.model.max_seq_len, batch_size=batch_size,
+                           device=dev, progress=True)
             results[name] = r
             norm = f"  acc_norm {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else ""
             typer.echo(f"{name:14s} n={r['n']:<6d} acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}")
     if output:
-        from pathlib import Path
-
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(results, indent=2))
 
 
 @app.command()
-@config_errors_as_messages
+@one_line_errors
 def generate(
     checkpoint: Annotated[str, typer.Argument(help="A checkpoint file or a run folder.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample.")] = 100,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
-    num_samples: Annotated[int, typer.Option(help="Independent samples.")] = 1,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to sample.")] = 100,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.8,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass, in (0, 1].")] = 0.95,
+    top_k: Annotated[int, typer.Option(min=0, help="Keep the k most likely tokens (0: all).")] = 0,
+    num_samples: Annotated[int, typer.Option(min=1, help="Independent samples.")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="Sampling seed.")] = 0,
     device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
 ) -> None:
     """Sample continuations of a prompt (KV cache; temperature, top-k, top-p).
@@ -334,6 +355,8 @@ def generate(
     from finemoe.checkpoint import load_model
     from finemoe.generate import generate as sample
 
+    if top_p <= 0:
+        raise typer.BadParameter("must be in (0, 1]", param_hint="--top-p")
     dev = _device(device)
     model, cfg, tokenizer = load_model(checkpoint, dev)
     if tokenizer is None:
@@ -347,18 +370,18 @@ def generate(
 
 
 @app.command()
-@config_errors_as_messages
+@one_line_errors
 def analyze(
     checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint files or run folders (several: compared in one figure).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the JSON and PNG files.")],
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated names for the checkpoints.")] = None,
     data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards (default: each run's data).")] = None,
-    batches: Annotated[int, typer.Option(help="Validation batches to stream (spread over the split).")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 16,
+    batches: Annotated[int, typer.Option(min=1, help="Validation batches to stream (spread over the split).")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per batch.")] = 16,
     sources: Annotated[str, typer.Option(help="Eval sets used as extra text sources for DSMoE's per-source map.")] =
         "hellaswag,piqa,arc_easy,sciq,lambada",
     evals_dir: Annotated[str, typer.Option(help="Folder of the eval sets.")] = "../shared/data/evals",
-    limit: Annotated[int, typer.Option(help="Examples per eval source.")] = 300,
+    limit: Annotated[int, typer.Option(min=1, help="Examples per eval source.")] = 300,
     device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
     dtype: Annotated[str, typer.Option(help="'float32', or 'bfloat16' (autocast on CUDA; values on bf16's grid).")] =
         "float32",
@@ -373,6 +396,8 @@ def analyze(
     from finemoe.analysis import analyze_checkpoint
     from finemoe.analysis import figures
 
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"{dtype!r}: must be 'float32' or 'bfloat16'", param_hint="--dtype")
     dev = _device(device)
     names = labels.split(",") if labels else [Path(c).name for c in checkpoints]
     if len(names) != len(checkpoints):
@@ -402,7 +427,7 @@ def analyze(
 
 
 @app.command()
-@config_errors_as_messages
+@one_line_errors
 def study(
     name: Annotated[Optional[str], typer.Argument(help="A study in studies/ (see --list) or a YAML path.")] = None,
     overrides: Overrides = None,
@@ -436,8 +461,32 @@ def study(
     typer.echo(Path(folder, "table.md").read_text())
 
 
-def main() -> None:  # console-script entry point
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """The console script: every error on the way in (a bad option, a bad file) is one
+    line and exit status 2; an unexpected exception is one line and status 1, with the
+    traceback when ``FINEMOE_DEBUG=1``."""
+    import os
+
+    try:
+        result = app(args=argv, standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 1
+    except Exception as err:
+        if hasattr(err, "format_message") and hasattr(err, "exit_code"):  # a usage error of click (typer's own or not)
+            _close_progress_bars()
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {err.format_message()}{hint}", err=True)
+            return err.exit_code
+        if os.environ.get("FINEMOE_DEBUG"):
+            raise
+        _close_progress_bars()
+        first_line = (str(err).splitlines() or [""])[0]
+        typer.echo(f"error: {type(err).__name__}: {first_line} (an internal error of finemoe; "
+                   "FINEMOE_DEBUG=1 shows the traceback)", err=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from finemoe.errors import InputError
+
 __all__ = [
     "ConfigError",
     "check",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad configuration value. ``field`` is the dotted path of the culprit."""
 
     def __init__(self, field: str, reason: str):
@@ -165,6 +167,11 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(_join(path, key), f"unknown key for {cls.__name__}{hint}")
         kwargs[key] = _coerce(value, hints[key], _join(path, key))
+    required = [name for name, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in kwargs:
+            raise ConfigError(_join(path, name), f"is required ({cls.__name__} needs {', '.join(required)})")
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -195,6 +202,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError("", f"config file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError("", f"{path} is not a YAML text file (not UTF-8 at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise ConfigError("", f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
     if data is None:
@@ -222,7 +231,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``a.b.c=value`` overrides to nested dict data (in place; also returned).
 
     A list element is addressed by its index: ``model.ffn_layers.0.ffn.kind=moe``.
+    Changing a section's ``kind`` replaces the section (its old fields belong to the
+    old kind), as a preset's ``base:`` does; ``kind`` overrides are applied first, so
+    ``model.ffn.num_experts=4 model.ffn.kind=moe`` means the same in either order.
     """
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "an override must look like key.path=value")
@@ -230,6 +243,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         keys = dotted.strip().split(".")
         if not all(keys):
             raise ConfigError(dotted, "empty key in override path")
+        parsed.append((dotted, keys, raw))
+    parsed.sort(key=lambda entry: entry[1][-1] != "kind")  # stable: kinds first, otherwise as given
+    for dotted, keys, raw in parsed:
         node: Any = data
         for depth, key in enumerate(keys[:-1]):
             where = ".".join(keys[: depth + 1])
@@ -241,11 +257,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 node = node.setdefault(key, {})
                 if not isinstance(node, (dict, list)):
                     raise ConfigError(where, f"is a value ({node!r}), not a section")
-        last = keys[-1]
+        last, value = keys[-1], parse_override_value(raw)
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise ConfigError(dotted, f"no list element {last} (the list has {len(node)})")
-            node[int(last)] = parse_override_value(raw)
+            node[int(last)] = value
         else:
-            node[last] = parse_override_value(raw)
+            if last == "kind" and node.get("kind", value) != value:
+                node.clear()
+            node[last] = value
     return data

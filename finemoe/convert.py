@@ -30,6 +30,7 @@ from finemoe.layers import DenseConfig, DSMoEConfig, FFNConfig, MoEConfig
 from finemoe.model import ModelConfig, Transformer
 
 __all__ = [
+    "check_hf_config",
     "model_config_from_hf",
     "state_dict_from_hf",
     "state_dict_to_hf_llama",
@@ -56,16 +57,73 @@ def _rope_theta(hf_config: Any) -> float:
     return float(params.get("rope_theta", _get(hf_config, "rope_theta", 10000.0)))
 
 
+# Every field of an imported LLaMA / Mixtral config is read below, ignored because it
+# does not change what the model computes, or accepted only at the value finemoe
+# implements. Any other field is refused by name: dropping one silently (Mixtral's
+# ``sliding_window``, say) would give a model that computes something else.
+_READ_FIELDS = {
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "rope_theta", "rope_parameters", "rope_scaling", "hidden_act", "attention_bias", "mlp_bias",
+    "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
+}
+_IGNORED_FIELDS = {  # metadata, token ids, and settings of initialisation, caching, outputs and generation
+    "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "id2label", "label2id",
+    "problem_type", "return_dict", "output_attentions", "output_hidden_states", "output_router_logits",
+    "chunk_size_feed_forward", "is_encoder_decoder", "initializer_range", "use_cache", "pad_token_id",
+    "bos_token_id", "eos_token_id", "pretraining_tp",  # pretraining_tp: unused by transformers' LLaMA
+}
+_NEUTRAL_VALUES = {  # supported only at these values
+    "sliding_window": (None,),
+    "attention_dropout": (0, 0.0),
+    "router_jitter_noise": (0, 0.0),
+}
+_SUPPORTED_TYPES = ("llama", "mixtral")
+
+
+def _config_fields(hf_config: Any) -> dict[str, Any]:
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config)
+    fields = hf_config.to_dict()
+    try:  # the generic fields of any transformers config (generation settings in 4.x, ...)
+        from transformers import PretrainedConfig
+
+        generic = PretrainedConfig().to_dict()
+        fields = {k: v for k, v in fields.items() if k not in generic or k in _READ_FIELDS or k in _NEUTRAL_VALUES}
+    except ImportError:
+        pass
+    return fields
+
+
+def check_hf_config(hf_config: Any) -> None:
+    """Refuse, by name, any field of a HF config that finemoe cannot reproduce."""
+    fields = _config_fields(hf_config)
+    model_type = fields.get("model_type")
+    if model_type not in _SUPPORTED_TYPES:
+        raise ConfigError("model_type", f"cannot convert {model_type!r}; supported: {', '.join(_SUPPORTED_TYPES)}")
+    for name in ("attention_bias", "mlp_bias"):
+        if fields.get(name):
+            raise ConfigError(name, "biases in attention or MLP are not supported")
+    if fields.get("hidden_act", "silu") != "silu":
+        raise ConfigError("hidden_act", f"only SwiGLU (silu) FFNs are supported, got {fields['hidden_act']!r}")
+    for name, value in fields.items():
+        if name in _READ_FIELDS or name in _IGNORED_FIELDS:
+            continue
+        if name in _NEUTRAL_VALUES:
+            if value not in _NEUTRAL_VALUES[name]:
+                allowed = " or ".join(repr(v) for v in _NEUTRAL_VALUES[name][:1])
+                raise ConfigError(name, f"{value!r} is not supported (finemoe implements only {allowed})")
+            continue
+        raise ConfigError(name, f"unknown to finemoe's {model_type} converter (value {value!r}); "
+                                "refused rather than dropped, since it may change what the model computes")
+
+
 def model_config_from_hf(hf_config: Any) -> ModelConfig:
     """A finemoe ``ModelConfig`` equivalent to a HF ``LlamaConfig`` or ``MixtralConfig``
-    (an object or its ``config.json`` as a dict)."""
+    (an object or its ``config.json`` as a dict). Fields finemoe cannot reproduce are
+    refused by name (``check_hf_config``)."""
+    check_hf_config(hf_config)
     model_type = _get(hf_config, "model_type")
-    if model_type not in ("llama", "mixtral"):
-        raise ConfigError("model_type", f"cannot convert {model_type!r}; supported: llama, mixtral")
-    if _get(hf_config, "attention_bias", False) or _get(hf_config, "mlp_bias", False):
-        raise ConfigError("attention_bias", "biases in attention or MLP are not supported")
-    if _get(hf_config, "hidden_act", "silu") != "silu":
-        raise ConfigError("hidden_act", f"only SwiGLU (silu) FFNs are supported, got {_get(hf_config, 'hidden_act')!r}")
     eps = float(_get(hf_config, "rms_norm_eps"))
     d_model = int(_get(hf_config, "hidden_size"))
     n_heads = int(_get(hf_config, "num_attention_heads"))

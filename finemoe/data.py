@@ -17,6 +17,7 @@ windows.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import io
@@ -27,11 +28,14 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 import numpy as np
+
+from finemoe.errors import InputError
 
 __all__ = [
     "DataError",
@@ -51,7 +55,7 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "[SEP]")
 ASSETS = Path(__file__).parent / "assets" / "default"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data: the message names the file (and byte offset) at fault."""
 
 
@@ -106,15 +110,7 @@ def _read_file(path: Path, text_field: str, counters: dict, doc_prefix: str | No
     prefix = doc_prefix or path.name
     try:
         if kind == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError(f"{path}: reading parquet needs `pyarrow` (pip install pyarrow)") from None
-            with _open_binary(path) as f:
-                table = pq.read_table(io.BytesIO(f.read()), columns=[text_field])
-            for i, text in enumerate(table.column(text_field).to_pylist()):
-                if text:
-                    yield Document(f"{prefix}#{i}", text)
+            yield from _read_parquet(path, text_field, prefix)
             return
         if kind in (".jsonl", ".json"):
             offset = 0
@@ -130,18 +126,53 @@ def _read_file(path: Path, text_field: str, counters: dict, doc_prefix: str | No
                         raise DataError(f"{where}: line {i + 1} is not JSON: {err.msg}") from None
                     if not isinstance(record, dict) or text_field not in record:
                         raise DataError(f"{where}: line {i + 1} has no {text_field!r} field")
-                    if record[text_field]:
-                        doc_id = record.get("id", i)
-                        yield Document(f"{prefix}#{doc_id}", str(record[text_field]))
+                    text = record[text_field]
+                    if text is not None and not isinstance(text, str):
+                        raise DataError(f"{where}: line {i + 1}: {text_field!r} is {type(text).__name__}, not a string")
+                    if text:
+                        yield Document(f"{prefix}#{record.get('id', i)}", text)
             return
         with _open_binary(path) as f:
             text = _decode(f.read(), where)
         if text:
             yield Document(prefix, text)
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as err:
+        # a truncated or corrupt compressed stream, or a file that cannot be read
+        error = DataError(f"{where}: cannot be read ({type(err).__name__}: {err})")
+        if not counters.get("skip_invalid"):
+            raise error from None
+        counters.setdefault("skipped", set()).add(str(path))
     except DataError:
         if not counters.get("skip_invalid"):
             raise
         counters.setdefault("skipped", set()).add(str(path))
+
+
+def _read_parquet(path: Path, text_field: str, prefix: str) -> Iterator[Document]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs `pyarrow` (pip install pyarrow)") from None
+    with _open_binary(path) as f:
+        data = io.BytesIO(f.read())
+    try:
+        schema = pq.read_schema(data)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    if text_field not in schema.names:
+        raise DataError(f"{path}: no {text_field!r} column (columns: {', '.join(schema.names)}); "
+                        f"name the text column with --text-field")
+    column_type = schema.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise DataError(f"{path}: column {text_field!r} holds {column_type}, not strings")
+    try:
+        table = pq.read_table(data, columns=[text_field])
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    for i, text in enumerate(table.column(text_field).to_pylist()):
+        if text:
+            yield Document(f"{prefix}#{i}", text)
 
 
 HF_PREFIX = "hf:"
@@ -408,6 +439,7 @@ def build_shards(
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     np_dtype = shard_dtype(vocab, dtype)
 
+    created = [p for p in reversed(out_dir.parents) if not p.exists()]  # removed again on failure
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -464,6 +496,9 @@ def build_shards(
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(created):  # the parent folders this call made, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return manifest
 
@@ -483,16 +518,24 @@ class TokenShards:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
             raise DataError(f"{manifest_path}: not valid JSON ({err.msg})") from None
-        if self.manifest.get("format") != FORMAT:
-            raise DataError(f"{manifest_path}: unknown format {self.manifest.get('format')!r}")
-        self.dtype = np.dtype(self.manifest["dtype"])
-        self.vocab_size = int(self.manifest["vocab_size"])
-        self.eos_id = int(self.manifest["eos_id"])
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise DataError(f"{manifest_path}: unknown format {found!r}")
+        try:
+            self.dtype = np.dtype(self.manifest["dtype"])
+            self.vocab_size = int(self.manifest["vocab_size"])
+            self.eos_id = int(self.manifest["eos_id"])
+            self.splits = {name: info["files"] for name, info in self.manifest["splits"].items()}
+            self.manifest["tokenizer"]["file"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{manifest_path}: damaged manifest ({type(err).__name__}: {err})") from None
         self._arrays: dict[str, list[np.memmap]] = {}
 
     def arrays(self, split: str) -> list[np.ndarray]:
+        if split not in self.splits:
+            raise DataError(f"{self.folder}: no {split!r} split (splits: {', '.join(self.splits)})")
         if split not in self._arrays:
-            files = self.manifest["splits"].get(split, {}).get("files", [])
+            files = self.splits[split]
             arrays = []
             for f in files:
                 path = self.folder / f["name"]
@@ -535,6 +578,13 @@ class TokenShards:
             start = int(generator.integers(0, len(arrays[shard]) - seq_len - 1))
             out[row] = arrays[shard][start : start + seq_len + 1]
         return out
+
+    def check_window(self, split: str, seq_len: int, remedy: str = "") -> None:
+        """Raise ``DataError`` unless ``split`` holds at least one window of ``seq_len + 1``
+        tokens (what one evaluation or training sequence needs)."""
+        if not any(len(a) > seq_len for a in self.arrays(split)):
+            raise DataError(f"{self.folder}: the {split} split has no window of {seq_len + 1} tokens "
+                            f"({self.num_tokens(split):,} tokens in all)" + (f"; {remedy}" if remedy else ""))
 
     def sequential(self, split: str, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[np.ndarray]:
         """Non-overlapping ``(≤ batch_size, seq_len + 1)`` windows of the split, in order

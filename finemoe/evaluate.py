@@ -33,11 +33,19 @@ __all__ = [
     "score_task",
     "TASKS",
     "stderr_of_mean",
+    "sequences_per_pass",
 ]
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 TASKS = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "sciq", "openbookqa", "copa", "lambada")
+
+
+def sequences_per_pass(model, batch_size: int) -> int:
+    """``batch_size``, or 1 for a model whose routing couples the sequences of a batch
+    (expert choice): its scores must not depend on the batch they were computed in."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return 1 if getattr(config, "couples_sequences", False) else batch_size
 
 
 def _logits_fn(model) -> LogitsFn:
@@ -67,6 +75,10 @@ def evaluate_perplexity(
     perplexity ``exp(loss)``, and bits per byte ``Σ nats / (ln 2 · UTF-8 bytes)``."""
     from tqdm import tqdm
 
+    shards.check_window(split, seq_len)
+    if sequences_per_pass(model, batch_size) != batch_size:  # the same windows, one per pass
+        max_batches = None if max_batches is None else max_batches * batch_size
+        batch_size = 1
     logits_fn = _logits_fn(model)
     tokenizer = shards.tokenizer()
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
@@ -79,8 +91,6 @@ def evaluate_perplexity(
         total_tokens += window_t[:, 1:].numel()
         total_bytes += sum(len(text.encode("utf-8")) for text in tokenizer.decode_batch(window[:, 1:].tolist(),
                                                                                        skip_special_tokens=False))
-    if total_tokens == 0:
-        raise ValueError(f"the {split} split has no window of {seq_len + 1} tokens")
     loss = total_nats / total_tokens
     return {
         "loss": loss,
@@ -183,7 +193,7 @@ def _requests(name: str, row: dict) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def score_task(
-    logits_fn: LogitsFn,
+    model_or_logits_fn,
     tokenizer,
     name: str,
     rows: Iterable[dict],
@@ -195,8 +205,11 @@ def score_task(
     progress: bool = False,
 ) -> dict[str, float]:
     """Zero-shot accuracy on one task: ``acc`` and ``acc_norm`` (``acc`` only for
-    winogrande, greedy-match accuracy for lambada), with standard errors."""
+    winogrande, greedy-match accuracy for lambada), with standard errors. A model whose
+    routing couples the sequences of a batch is run one request at a time."""
     rows = list(rows)
+    logits_fn = _logits_fn(model_or_logits_fn)
+    batch_size = sequences_per_pass(model_or_logits_fn, batch_size)
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids

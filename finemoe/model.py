@@ -121,6 +121,12 @@ class ModelConfig:
                 ffns[i] = entry.ffn
         return ffns
 
+    @property
+    def couples_sequences(self) -> bool:
+        """Whether a sequence's logits depend on the other sequences of its batch (some
+        FFN routes among all tokens of the batch; see ``FFNConfig.couples_tokens``)."""
+        return any(f.couples_tokens for f in self.layer_ffns())
+
     # -- accounting ------------------------------------------------------------------------
     def _attention_matmul_params(self) -> int:
         q_and_o = 2 * self.d_model * self.n_heads * self.head_dim

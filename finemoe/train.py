@@ -30,7 +30,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from finemoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from finemoe.checkpoint import (CheckpointError, check_data_compatible, load_checkpoint, load_for_resume,
+                                run_checkpoints, save_checkpoint)
 from finemoe.config import check, to_dict
 
 __all__ = ["TrainConfig", "DataConfig", "Trainer", "TrainingDiverged", "lr_at", "peak_flops"]
@@ -169,7 +170,7 @@ def environment(device: torch.device, world_size: int) -> dict:
 class Trainer:
     """Build from a ``RunConfig`` (model, train, data, seed) and call ``fit()``."""
 
-    def __init__(self, run_config, *, resume: bool = False, progress: bool = True):
+    def __init__(self, run_config, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
         from finemoe.data import TokenShards, embedded_shards
         from finemoe.model import Transformer
 
@@ -181,6 +182,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.out_dir = Path(self.cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        if not resume:
+            self._claim_out_dir(overwrite)
 
         data_path = run_config.data.path or embedded_shards(progress=progress and self.is_main)
         self.data = TokenShards(data_path)
@@ -198,6 +201,10 @@ class Trainer:
             from finemoe.config import ConfigError
 
             raise ConfigError("train.seq_len", f"{self.seq_len} exceeds model.max_seq_len ({model_cfg.max_seq_len})")
+        self.data.check_window("train", self.seq_len, "lower train.seq_len or add data")
+        if self.cfg.eval_batches:  # found now, not at the first evaluation hundreds of steps in
+            self.data.check_window("val", self.seq_len, "build the data with a validation split (--val-fraction or "
+                                   "--val-input), or set train.eval_batches=0 to train without evaluating")
 
         torch.manual_seed(run_config.seed)
         self.model = Transformer(model_cfg)
@@ -282,23 +289,49 @@ class Trainer:
         }
         return save_checkpoint(self.ckpt_dir, self.step, state, self.cfg.keep_checkpoints)
 
+    def _claim_out_dir(self, overwrite: bool) -> None:
+        """A fresh run never writes over another run's history unless asked to."""
+        held = run_checkpoints(self.out_dir) or (self.ckpt_dir / "latest").is_file() or (self.out_dir / "summary.json").is_file()
+        if not held:
+            return
+        if not overwrite:
+            raise CheckpointError(f"{self.out_dir} already holds a run; pass --resume to continue it, or --overwrite "
+                                  "to start over (its checkpoints and metrics are deleted)")
+        if self.is_main:
+            import shutil
+
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            for name in ("metrics.jsonl", "summary.json"):
+                (self.out_dir / name).unlink(missing_ok=True)
+
+    def _check_state(self, state: dict, what: str) -> None:
+        """A checkpoint this run loads must be of its model, and of its tokenizer."""
+        if state["config"].get("model") != to_dict(self.run_config.model):
+            raise CheckpointError(f"{state['path']}: its model config differs from this run's ({what})")
+        tokenizer = None
+        if state.get("tokenizer_json"):
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(state["tokenizer_json"])
+        check_data_compatible(state["path"], self.run_config.model.vocab_size, tokenizer, self.data)
+
     def _load_init(self, path: str) -> None:
         state = load_checkpoint(path)
-        if state["config"].get("model") != to_dict(self.run_config.model):
-            raise CheckpointError(f"{state['path']}: its model config differs from this run's (train.init_from)")
+        self._check_state(state, "train.init_from")
         self.model.load_state_dict(state["model"])
         if self.is_main:
             print(f"initialised from {state['path']}", file=sys.stderr)
 
     def _resume(self) -> None:
-        try:
-            state = load_checkpoint(self.out_dir, map_location="cpu")
-        except CheckpointError:
+        state, skipped = load_for_resume(self.out_dir, map_location="cpu")
+        if self.is_main:
+            for note in skipped:
+                print(f"resume: skipping a damaged checkpoint: {note}", file=sys.stderr)
+        if state is None:
             if self.is_main:
                 print(f"resume: no checkpoint in {self.out_dir}; starting from step 0", file=sys.stderr)
             return
-        if state["config"].get("model") != to_dict(self.run_config.model):
-            raise CheckpointError(f"{state['path']}: its model config differs from this run's; resume with the same config")
+        self._check_state(state, "resume with the same config")
         if self.world_size > 1 and self.cfg.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -372,9 +405,17 @@ class Trainer:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.run_config), sort_keys=False))
             env = environment(self.device, self.world_size) | {"data": self.data.describe()}
             (self.out_dir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
-        tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum * self.world_size
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main),
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        try:
+            return self._loop(bar, logger)
+        finally:  # an error is then printed on a line of its own, not glued to the bar's
+            bar.close()
+            logger.close()
+
+    def _loop(self, bar, logger: "MetricsLogger") -> dict:
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum * self.world_size
         self.model.train()
         window_start, window_tokens = time.perf_counter(), 0
         last_eval: dict[str, float] = {}
@@ -406,8 +447,6 @@ class Trainer:
                     t.div_(self.world_size)
             loss = float(loss_t)
             if not math.isfinite(loss):
-                bar.close()
-                logger.close()
                 last = (self.ckpt_dir / "latest").read_text().strip() if (self.ckpt_dir / "latest").is_file() else None
                 raise TrainingDiverged(
                     f"non-finite loss ({loss}) at step {step}; nothing was saved for this step"
@@ -454,7 +493,6 @@ class Trainer:
         if self.is_main:
             logger.log({"step": self.step} | {f"final_val/{k}": v for k, v in final.items()})
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.close()
         return summary
 
 

@@ -98,8 +98,11 @@ def test_a_run_killed_between_checkpoints_logs_each_step_once(shards, tmp_path, 
 
     assert records(tmp_path / "split") == records(tmp_path / "full")
     assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
-    # A fresh (not resumed) run in the same folder starts a new log.
-    Trainer(_config(shards, tmp_path / "split"), progress=False).fit()
+    # A fresh (not resumed) run never writes over a run's history unless asked to...
+    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
+        Trainer(_config(shards, tmp_path / "split"), progress=False)
+    # ...and then starts a new log.
+    Trainer(_config(shards, tmp_path / "split"), overwrite=True, progress=False).fit()
     assert records(tmp_path / "split") == records(tmp_path / "full")
 
 

@@ -285,11 +285,13 @@ def analyze_checkpoint(checkpoint, *, data_path=None, batches: int = 20, batch_s
     its sequence length, and, for DSMoE models, the eval sets ``sources`` as extra text."""
     from pathlib import Path
 
-    from finemoe.checkpoint import load_model
+    from finemoe.checkpoint import check_data_compatible, load_model
     from finemoe.data import TokenShards, embedded_shards
 
     model, cfg, tokenizer = load_model(checkpoint, device)
     shards = TokenShards(data_path or cfg.data.path or embedded_shards())
+    check_data_compatible(checkpoint, cfg.model.vocab_size, tokenizer, shards)
+    shards.check_window("val", cfg.train.seq_len or cfg.model.max_seq_len)
     extra = {}
     if sources and evals_dir and Path(evals_dir).is_dir() and any(f.kind == "dsmoe" for f in cfg.model.layer_ffns()):
         extra = {s: list(task_texts(evals_dir, s, limit)) for s in sources}

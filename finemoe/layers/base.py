@@ -132,6 +132,13 @@ class FFNConfig:
     def flops_per_token(self, d_model: int) -> float:
         raise NotImplementedError
 
+    @property
+    def couples_tokens(self) -> bool:
+        """Whether a token's output depends on the other tokens of its batch (expert-choice
+        routing: experts pick among all of them). Evaluation then runs one sequence at a
+        time, so that scores do not depend on the batch size or on padding."""
+        return False
+
     def replace(self, **changes: Any) -> "FFNConfig":
         return dataclasses.replace(self, **changes)
 

@@ -121,6 +121,10 @@ class MoEConfig(FFNConfig):
         width = self.shared_expert_intermediate_size or self.expert_intermediate_size
         return self.num_shared_experts * width
 
+    @property
+    def couples_tokens(self) -> bool:
+        return self.routing == "expert_choice"
+
     def capacity(self, num_tokens: int) -> int:
         """Expert choice: tokens taken by each expert."""
         c = math.ceil(self.capacity_factor * num_tokens * self.routed_top_k / self.num_routed_experts)
