@@ -51,6 +51,8 @@ class CartesianConfig(FFNConfig):
     router_z_loss_coef: float = 0.0
     disable_top1: bool = False
     """Routing-robustness test: each token's top-1 expert is disabled in both sub-layers."""
+    experts_impl: Literal["auto", "eager", "grouped_mm"] = "auto"
+    """How the sub-experts run (see ``moe``)."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -70,6 +72,7 @@ class CartesianConfig(FFNConfig):
             router_aux_loss_coef=self.router_aux_loss_coef,
             router_z_loss_coef=self.router_z_loss_coef,
             disable_top1=self.disable_top1,
+            experts_impl=self.experts_impl,
             norm_eps=self.norm_eps,
         )
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from finemoe.layers.base import report
 
-__all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_params"]
+__all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_hidden", "swiglu_params"]
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -47,6 +47,18 @@ def swiglu_params(d_model: int, hidden: int) -> int:
     return 3 * d_model * hidden
 
 
+def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None) -> Tensor:
+    """The hidden units of SwiGLU, ``silu(x W_g) ⊙ (x W_u)``, from the two projections
+    (Shazeer 2020). Every design computes them here, so the activation statistics of
+    ``finemoe analyze`` (reported to ``module``'s recorder) mean the same for all, and a
+    fused kernel would speed them all."""
+    act = F.silu(gate)
+    hidden = act * up
+    if module is not None:
+        report(module, "activations", act=act, gated=hidden)
+    return hidden
+
+
 class SwiGLU(nn.Module):
     """``FFN(x) = (silu(x W_g) ⊙ (x W_u)) W_d`` (Shazeer 2020), no biases."""
 
@@ -57,10 +69,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        act = F.silu(self.gate_proj(x))
-        gated = act * self.up_proj(x)
-        report(self, "activations", act=act, gated=gated)
-        return self.down_proj(gated)
+        return self.down_proj(swiglu_hidden(self.gate_proj(x), self.up_proj(x), self))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

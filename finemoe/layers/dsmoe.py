@@ -25,7 +25,7 @@ Shapes: N tokens, D model width, n blocks ("experts"), F FFN width, b = F/n.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,9 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
-from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
+from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_hidden, swiglu_params
+from finemoe.layers.experts import compute_dtype, run_swiglu_experts
+from finemoe.layers.routing import count_per_expert
 
 
 @register_ffn
@@ -54,6 +56,8 @@ class DSMoEConfig(FFNConfig):
     """λ [choice; the paper uses 1]."""
     eval_sparse: bool = True
     """In eval mode compute only the active blocks of each token."""
+    experts_impl: Literal["auto", "eager", "grouped_mm"] = "auto"
+    """How the active blocks run in sparse inference (see ``finemoe.layers.experts``)."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -116,33 +120,37 @@ class DSMoEFFN(FFN):
         """Every block computed, then weighted (training, and the reference for eval)."""
         cfg = self.config
         S_Nn = G_Nn.detach() + a_Nn - a_Nn.detach() if cfg.straight_through else G_Nn
-        weights_Nn = (S_Nn * self._scale(active_Nn, S_Nn.dtype)).to(u_ND.dtype)
-        act_NF = F.silu(self.mlp.gate_proj(u_ND))
-        hidden_NF = act_NF * self.mlp.up_proj(u_ND)
-        report(self, "activations", act=act_NF, gated=hidden_NF)
-        # Σ_i o_i · w_i = (hidden ⊙ w expanded over each block's columns) W_d: one GEMM.
-        hidden_NF = hidden_NF * weights_Nn.repeat_interleave(cfg.block_width, dim=-1)
-        return self.mlp.down_proj(hidden_NF)
+        weights_Nn = S_Nn * self._scale(active_Nn, S_Nn.dtype)
+        hidden_NF = swiglu_hidden(self.mlp.gate_proj(u_ND), self.mlp.up_proj(u_ND), self)
+        # Σ_i o_i · w_i = (hidden ⊙ w_i on block i's columns) W_d: one GEMM, a broadcast view
+        N, n = weights_Nn.shape
+        weighted_NF = (hidden_NF.view(N, n, cfg.block_width) * weights_Nn.to(hidden_NF.dtype).unsqueeze(-1)).view(N, -1)
+        return self.mlp.down_proj(weighted_NF)
+
+    def block_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The n blocks of the dense FFN as an expert bank, views of its weights:
+        ``(n, D, b)`` gate and up, ``(n, b, D)`` down."""
+        n, b = self.config.num_experts, self.config.block_width
+        D = self.mlp.gate_proj.weight.shape[1]
+        w_gate = self.mlp.gate_proj.weight.view(n, b, D).transpose(1, 2)
+        w_up = self.mlp.up_proj.weight.view(n, b, D).transpose(1, 2)
+        w_down = self.mlp.down_proj.weight.view(D, n, b).permute(1, 2, 0)
+        return w_gate, w_up, w_down
 
     def sparse_forward(self, u_ND: Tensor, G_Nn: Tensor, active_Nn: Tensor) -> Tensor:
-        """Only the active blocks of each token are computed (inference)."""
-        cfg = self.config
-        b = cfg.block_width
-        weights_Nn = (G_Nn * self._scale(active_Nn, G_Nn.dtype)).to(u_ND.dtype)
-        out_ND = torch.zeros_like(u_ND)
-        w_g, w_u, w_d = self.mlp.gate_proj.weight, self.mlp.up_proj.weight, self.mlp.down_proj.weight
-        for i in range(cfg.num_experts):
-            tokens = active_Nn[:, i].nonzero().squeeze(-1)
-            if tokens.numel() == 0:
-                continue
-            u_cD = u_ND[tokens]
-            cols = slice(i * b, (i + 1) * b)
-            act_cb = F.silu(u_cD @ w_g[cols].t())
-            hidden_cb = act_cb * (u_cD @ w_u[cols].t())
-            report(self, "activations", act=act_cb, gated=hidden_cb)  # the units actually computed
-            o_cD = hidden_cb @ w_d[:, cols].t()
-            out_ND.index_add_(0, tokens, o_cD * weights_Nn[tokens, i : i + 1])
-        return out_ND
+        """Only the active (token, block) pairs are computed (inference): they run as a
+        bank of n experts, the blocks, each on the tokens that switched it on."""
+        N, n = active_Nn.shape
+        weights_Nn = G_Nn * self._scale(active_Nn, G_Nn.dtype)
+        # Pairs numbered block·N + token, so nonzero returns them grouped by block. One
+        # host sync sizes the work: acceptable at inference, which is the point of the path.
+        pair_S = active_Nn.t().reshape(-1).nonzero().squeeze(-1)
+        block_S, token_S = pair_S // N, pair_S % N
+        x_SD = u_ND.to(compute_dtype(u_ND))[token_S]
+        y_SD = run_swiglu_experts(x_SD, count_per_expert(block_S, n), *self.block_weights(),
+                                  impl=self.config.experts_impl, module=self)
+        y_SD = y_SD * weights_Nn[token_S, block_S].unsqueeze(-1).to(y_SD.dtype)
+        return u_ND.new_zeros(u_ND.shape).index_add_(0, token_S, y_SD.to(u_ND.dtype))
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
         cfg = self.config

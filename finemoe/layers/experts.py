@@ -1,10 +1,24 @@
-"""A bank of SwiGLU experts, and the token dispatch that feeds it.
+"""A bank of SwiGLU experts, the token dispatch that feeds it, and the one place that
+chooses how experts run.
 
 Dispatch is sort-based: every (token, expert) slot is sorted by expert, the tokens
-are gathered into one contiguous ``(S, D)`` buffer, each expert runs one matrix
-product on its slice, and the weighted results are scattered back with
-``index_add_``. No Python loop runs over tokens; the eager path loops over experts
-(one GEMM each), which a grouped-GEMM kernel can replace without touching callers.
+are gathered into one contiguous ``(S, D)`` buffer, the experts run on their
+contiguous row groups, and the weighted results are scattered back with
+``index_add_``. Nothing leaves the device: group sizes are counted with a scatter-add
+(``bincount`` would size its output on the host), so the dispatch compiles with
+``fullgraph=True``.
+
+How the experts run on their row groups is one choice (``experts_impl``), as in
+torchtitan (``use_grouped_mm``) and Hugging Face (``experts_implementation``):
+
+- ``eager``: one GEMM per expert, after ``counts.tolist()`` sizes the slices. The
+  readable reference; it synchronises with the host once per call and breaks a
+  compiled graph.
+- ``grouped_mm`` (and ``auto``, the default): ``finemoe.kernels.grouped_mm``, one
+  grouped GEMM per projection for all experts (PyTorch's CUTLASS kernel on CUDA in
+  bf16), group offsets on the device, one opaque op to ``torch.compile``. Where that
+  kernel does not apply (float64, float32 on a GPU, an old torch) the op loops over
+  the groups inside itself, so a model still compiles with ``fullgraph=True``.
 
 Shapes: N tokens, S routed slots (N·K for token choice, E·C for expert choice),
 D model width, F expert width, E experts.
@@ -12,13 +26,79 @@ D model width, F expert width, E experts.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.layers.base import report
+from finemoe.kernels import grouped_mm
+from finemoe.layers.common import swiglu_hidden
+from finemoe.layers.routing import count_per_expert
 
-__all__ = ["SwiGLUExperts", "dispatch_token_choice", "dispatch_expert_choice"]
+__all__ = [
+    "EXPERTS_IMPLS",
+    "ExpertsImpl",
+    "SwiGLUExperts",
+    "compute_dtype",
+    "dispatch_expert_choice",
+    "dispatch_token_choice",
+    "run_swiglu_experts",
+]
+
+ExpertsImpl = Literal["auto", "eager", "grouped_mm"]
+EXPERTS_IMPLS = ("auto", "eager", "grouped_mm")
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matrix product of ``x`` runs in: the autocast dtype if autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def run_swiglu_experts(
+    x_SD: Tensor,
+    counts_E: Tensor,
+    w_gate_EDF: Tensor,
+    w_up_EDF: Tensor,
+    w_down_EFD: Tensor,
+    *,
+    impl: str = "auto",
+    module: nn.Module | None = None,
+) -> Tensor:
+    """Expert e computes ``SwiGLU_e(x) = (silu(x W_g,e) ⊙ (x W_u,e)) W_d,e`` on rows
+    ``[offset_e, offset_e + counts_E[e])`` of ``x_SD`` (rows grouped by expert, groups
+    in expert order, possibly empty). Returns ``(S, D)``. The weights may be strided
+    views (DSMoE runs the blocks of a dense FFN this way)."""
+    if impl in ("auto", "grouped_mm"):
+        return _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, module)
+    if impl == "eager":
+        return _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, module)
+    raise ValueError(f"unknown experts implementation {impl!r}; one of {', '.join(EXPERTS_IMPLS)}")
+
+
+def _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, module) -> Tensor:
+    """The reference: one GEMM per expert on its slice."""
+    splits = counts_E.tolist()  # host sync: sizes the slices
+    outputs = []
+    for e, x_cD in enumerate(torch.split(x_SD, splits)):
+        if x_cD.shape[0] == 0:
+            continue
+        hidden_cF = swiglu_hidden(x_cD @ w_gate_EDF[e], x_cD @ w_up_EDF[e], module)
+        outputs.append(hidden_cF @ w_down_EFD[e])
+    if not outputs:
+        return x_SD.new_zeros(x_SD.shape[0], w_down_EFD.shape[-1])
+    return torch.cat(outputs, dim=0)
+
+
+def _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, module) -> Tensor:
+    """Three grouped GEMMs in the compute dtype; group ends are the cumulative counts."""
+    dtype = compute_dtype(x_SD)
+    offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+    x_SD = x_SD.to(dtype)
+    hidden_SF = swiglu_hidden(grouped_mm(x_SD, w_gate_EDF.to(dtype), offs_E),
+                              grouped_mm(x_SD, w_up_EDF.to(dtype), offs_E), module)
+    return grouped_mm(hidden_SF, w_down_EFD.to(dtype), offs_E)
 
 
 class SwiGLUExperts(nn.Module):
@@ -27,9 +107,9 @@ class SwiGLUExperts(nn.Module):
     ``w_gate``/``w_up``: ``(E, D, F)``; ``w_down``: ``(E, F, D)``.
     """
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, impl: str = "auto"):
         super().__init__()
-        self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
+        self.num_experts, self.d_model, self.hidden, self.impl = num_experts, d_model, hidden, impl
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
@@ -38,18 +118,7 @@ class SwiGLUExperts(nn.Module):
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
         """Run expert e on rows ``[offset_e, offset_e + counts_E[e])`` of ``x_SD``
         (rows sorted by expert). Returns ``(S, D)``."""
-        splits = counts_E.tolist()  # one host sync per layer, to size the slices
-        outputs = []
-        for e, x_cD in enumerate(torch.split(x_SD, splits)):
-            if x_cD.shape[0] == 0:
-                continue
-            act_cF = F.silu(x_cD @ self.w_gate[e])
-            h_cF = act_cF * (x_cD @ self.w_up[e])
-            report(self, "activations", act=act_cF, gated=h_cF)
-            outputs.append(h_cF @ self.w_down[e])
-        if not outputs:
-            return x_SD.new_zeros(x_SD.shape)
-        return torch.cat(outputs, dim=0)
+        return run_swiglu_experts(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, impl=self.impl, module=self)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
@@ -58,19 +127,22 @@ class SwiGLUExperts(nn.Module):
         nn.init.normal_(self.w_down, std=out_std)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}"
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, impl={self.impl}"
 
 
 def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tensor, idx_NK: Tensor) -> Tensor:
-    """``y_n = Σ_k weights[n, k] · expert_{idx[n, k]}(x_n)``, dropless."""
+    """``y_n = Σ_k weights[n, k] · expert_{idx[n, k]}(x_n)``, dropless.
+
+    The K results of a token are put back in slot order and summed with one batched
+    product (deterministic: no atomic adds)."""
     N, K = idx_NK.shape
+    x_ND = x_ND.to(compute_dtype(x_ND))                        # gather half the bytes under autocast
     flat_idx_S = idx_NK.reshape(-1)
     order_S = torch.argsort(flat_idx_S, stable=True)          # slots grouped by expert
-    token_S = order_S // K                                     # token of each sorted slot
-    counts_E = torch.bincount(flat_idx_S, minlength=experts.num_experts)
-    y_SD = experts(x_ND[token_S], counts_E)
-    y_SD = y_SD * weights_NK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
-    return x_ND.new_zeros(x_ND.shape).index_add_(0, token_S, y_SD.to(x_ND.dtype))
+    counts_E = count_per_expert(flat_idx_S, experts.num_experts)
+    y_SD = experts(x_ND[order_S // K], counts_E)              # order_S // K: the token of each sorted slot
+    y_NKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(N, K, -1)
+    return torch.bmm(weights_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
 
 
 def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Tensor, idx_EC: Tensor) -> Tensor:

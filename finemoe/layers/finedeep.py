@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
 from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
-from finemoe.layers.common import RMSNorm, at_least_float32, swiglu_params
+from finemoe.layers.common import RMSNorm, at_least_float32, swiglu_hidden, swiglu_params
 from finemoe.layers.dense import DenseConfig
 
 
@@ -121,23 +121,24 @@ class FinedeepFFN(FFN):
         """The update ``Σ_k g_k e_k`` of sub-layer m.
 
         Never builds the ``(N, K, D)`` expert outputs: with e_k = hidden_k W_{d,k},
-        the output-guided score is ``w_k · e_k = hidden_k · (W_{d,k} w_k)`` and the
-        weighted sum is one GEMM, ``(hidden ⊙ g) W_d`` (the naive per-expert form is the
-        test reference).
+        the output-guided score is ``w_k · e_k = hidden_k · (W_{d,k} w_k)``, so all K
+        scores are one thin GEMM of the hidden units with a block-diagonal ``(K·f, K)``
+        read-out (the hidden units stay in the compute dtype; the GEMM accumulates in
+        float32), and the weighted sum is one GEMM, ``(hidden ⊙ g) W_d`` (the naive
+        per-expert form is the test reference).
         """
         cfg = self.config
         K, f = cfg.experts_per_sublayer, cfg.expert_intermediate_size
         N, D = h_ND.shape
         u_ND = self.norms[m](h_ND)
-        act_NF = F.silu(u_ND @ self.w_gate[m])
-        hidden_NF = act_NF * (u_ND @ self.w_up[m])
-        report(self, "activations", act=act_NF, gated=hidden_NF)
-        hidden_NKf = hidden_NF.view(N, K, f)
+        hidden_NF = swiglu_hidden(u_ND @ self.w_gate[m], u_ND @ self.w_up[m], self)
         with torch.autocast(device_type=h_ND.device.type, enabled=False):
             router_KD = at_least_float32(self.router[m])
             if cfg.router_input == "expert_output":
                 readout_Kf = torch.einsum("kfd,kd->kf", at_least_float32(self.w_down[m]), router_KD)  # W_{d,k} w_k
-                scores_NK = torch.einsum("nkf,kf->nk", at_least_float32(hidden_NKf), readout_Kf)
+                eye_KK = torch.eye(K, dtype=readout_Kf.dtype, device=readout_Kf.device)
+                readout_FK = (readout_Kf.unsqueeze(-1) * eye_KK.unsqueeze(1)).reshape(K * f, K)  # block-diagonal
+                scores_NK = at_least_float32(hidden_NF @ readout_FK.to(hidden_NF.dtype))
             else:
                 scores_NK = at_least_float32(u_ND) @ router_KD.t()
             if cfg.gate == "softmax":
@@ -151,7 +152,7 @@ class FinedeepFFN(FFN):
         if record is not None:
             record.setdefault("gate_mean", []).append(gates_NK.detach().mean(0))
         report(self, "gates", gates=gates_NK, sublayer=torch.tensor(m))
-        weighted_NF = (hidden_NKf * gates_NK.to(hidden_NKf.dtype).unsqueeze(-1)).reshape(N, K * f)
+        weighted_NF = (hidden_NF.view(N, K, f) * gates_NK.to(hidden_NF.dtype).unsqueeze(-1)).view(N, K * f)
         return weighted_NF @ self.w_down[m].reshape(K * f, D)
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:

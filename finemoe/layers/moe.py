@@ -67,6 +67,10 @@ class MoEConfig(FFNConfig):
     router_z_loss_coef: float = 0.001
     disable_top1: bool = False
     """Routing-robustness test: every token's top-1 expert is disabled (METHODS.md §3)."""
+    experts_impl: Literal["auto", "eager", "grouped_mm"] = "auto"
+    """How the experts run (``finemoe.layers.experts``): ``eager`` (one GEMM per expert, the
+    reference), ``grouped_mm`` (one grouped GEMM per projection), ``auto`` (the fastest
+    this device, dtype and torch support)."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -167,7 +171,8 @@ class MoEFFN(FFN):
         self.config = config
         self.norm = RMSNorm(d_model, config.norm_eps)
         self.router = nn.Linear(d_model, config.num_routed_experts, bias=False)
-        self.experts = SwiGLUExperts(config.num_routed_experts, d_model, config.routed_expert_width)
+        self.experts = SwiGLUExperts(config.num_routed_experts, d_model, config.routed_expert_width,
+                                     impl=config.experts_impl)
         self.shared = SwiGLU(d_model, config.shared_width) if config.shared_width > 0 else None
         self.shared_gate = nn.Linear(d_model, 2, bias=True) if config.shared_mix == "gate" else None
 

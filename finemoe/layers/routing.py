@@ -14,6 +14,7 @@ from torch import Tensor
 from finemoe.layers.common import at_least_float32
 
 __all__ = [
+    "count_per_expert",
     "router_probs",
     "topk_routing",
     "expert_choice_routing",
@@ -65,10 +66,16 @@ def expert_choice_routing(probs_NE: Tensor, capacity: int, *, skip_top1: bool = 
     return weights_EC.clamp_min(0.0), idx_EC
 
 
+def count_per_expert(idx: Tensor, num_experts: int) -> Tensor:
+    """How many entries of ``idx`` name each expert, ``(E,)`` int64, on the device
+    (``torch.bincount`` reads the maximum on the host to size its output: a sync)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_load(idx: Tensor, num_experts: int) -> Tensor:
     """Fraction of routed slots that went to each expert, ``(E,)`` float32."""
-    counts_E = torch.bincount(idx.reshape(-1), minlength=num_experts).float()
-    return counts_E / max(idx.numel(), 1)
+    return count_per_expert(idx, num_experts).float() / max(idx.numel(), 1)
 
 
 def load_balancing_loss(*, probs_NE: Tensor, idx_NK: Tensor) -> Tensor:

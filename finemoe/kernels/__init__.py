@@ -1,0 +1,8 @@
+"""Fast paths, kept apart from the layers (ScatterMoE's structure): a kernel or library
+call → a launcher → a ``torch.library.custom_op`` with a fake implementation (so
+``torch.compile`` traces it as one opaque op, ``fullgraph=True``) → autograd → used by a
+layer, which keeps its plain PyTorch path as the readable reference."""
+
+from finemoe.kernels.grouped_mm import grouped_mm, native_grouped_mm_supported
+
+__all__ = ["grouped_mm", "native_grouped_mm_supported"]
