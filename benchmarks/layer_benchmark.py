@@ -1,168 +1,299 @@
-"""Forward + backward time of one FFN layer of every kind, at one stated size.
+"""Speed of one FFN layer of every kind, side by side with finemoe's dense FFN of equal
+active FLOPs, in one process (so the ratios hold whatever the machine).
 
-Each kind runs in its own process, so the peak memory reported is that layer's alone.
-Timings are medians over repeats after a warm-up; on CUDA they are taken with events
-under bf16 autocast. Writes a JSON file and a Markdown table (with the hardware)::
+For each size (d = 1024 with 16,384 tokens, and d = 512 with 4,096 tokens), every layer
+has the active FLOPs of a dense SwiGLU of width 4·d. Forward + backward under bf16
+autocast (float32 on the CPU), a random cotangent, CUDA events, median of the repeats
+after warm-up. The ratio is speed per active FLOP against the dense FFN measured in the
+same run: ``(dense ms / layer ms) · (layer FLOPs / dense FLOPs)``. Also measured: DSMoE
+inference (forward, eval, sparse path; the share of active blocks is reported) against
+the dense forward, for a prefill batch and for decoding one token, and two eager
+anchors written the way people write MoE layers: a Hugging Face Mixtral-style loop over
+experts, and a plain ``torch._grouped_mm`` dispatch.
 
-    python benchmarks/layer_benchmark.py --device cpu --out results/layer_benchmark_cpu
-    python benchmarks/layer_benchmark.py --device cuda --out results/layer_benchmark_h100
+    python benchmarks/layer_benchmark.py --out results/layer_speed_h100
+    python benchmarks/layer_benchmark.py --device cpu --quick      # a smoke run
+
+Writes ``OUT.json`` (one row per layer: name, ms, ratio_vs_dense, ...) and ``OUT.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-D_MODEL = 512
-BATCH, SEQ = 8, 512
+import torch
+import torch.nn.functional as F
 
-# One layer of every kind at d_model = 512; the routed and product-key layers at the
-# sizes their papers use where that fits (PEER: N = 1024², h = 8, k = 16).
-KINDS = {
-    "dense": {"kind": "dense", "intermediate_size": 2048},
-    "moe": {"kind": "moe", "num_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_size": 1024},
-    "finedeep": {"kind": "finedeep", "num_sublayers": 4, "experts_per_sublayer": 4, "expert_intermediate_size": 128},
-    "dsmoe": {"kind": "dsmoe", "intermediate_size": 2048, "num_experts": 8},
-    "cartesian": {"kind": "cartesian", "num_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_size": 512},
-    "peer": {"kind": "peer", "num_experts": 1024**2, "num_heads": 8, "top_k": 16, "key_dim": 128},
-    "pkm": {"kind": "pkm", "num_experts": 1024**2, "num_heads": 8, "top_k": 32, "key_dim": 128},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from finemoe.config import from_dict  # noqa: E402
+from finemoe.layers import FFNConfig  # noqa: E402
+from finemoe.train import git_commit  # noqa: E402
 
 
-def hardware(device: str) -> str:
-    import torch
+def layer_configs(d: int) -> dict[str, dict]:
+    """Every layer at the active FLOPs of a dense SwiGLU of width F = 4·d."""
+    F_ = 4 * d
+    return {
+        "dense": {"kind": "dense", "intermediate_size": F_},
+        "moe E=8 k=2": {"kind": "moe", "num_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_size": F_ // 2},
+        "moe E=64 k=8 (fine-grained)": {"kind": "moe", "num_experts": 64, "num_experts_per_tok": 8,
+                                        "expert_intermediate_size": F_ // 8},
+        "moe SMoE-Share (E=8 k=2 F/4 + shared)": {"kind": "moe", "num_experts": 8, "num_experts_per_tok": 2,
+                                                  "expert_intermediate_size": F_ // 4, "num_shared_experts": 1,
+                                                  "shared_expert_intermediate_size": F_ // 2, "shared_mix": "gate"},
+        "cartesian (8 sub-experts, k=2, + shared)": {"kind": "cartesian", "num_experts": 8, "num_experts_per_tok": 2,
+                                                     "expert_intermediate_size": F_ // 8,
+                                                     "shared_expert_intermediate_size": F_ // 4},
+        "finedeep 2x4": {"kind": "finedeep", "num_sublayers": 2, "experts_per_sublayer": 4,
+                         "expert_intermediate_size": F_ // 8},
+        "finedeep 4x4": {"kind": "finedeep", "num_sublayers": 4, "experts_per_sublayer": 4,
+                         "expert_intermediate_size": F_ // 16},
+        "dsmoe n=8 (training path)": {"kind": "dsmoe", "intermediate_size": F_, "num_experts": 8},
+    }
 
+
+EAGER_REFERENCE = ("moe E=8 k=2", "moe E=64 k=8 (fine-grained)", "cartesian (8 sub-experts, k=2, + shared)")
+
+
+# -- the two anchors: MoE layers as commonly written ----------------------------------------------------------
+
+
+class MixtralStyleLoop(torch.nn.Module):
+    """Hugging Face Mixtral's sparse-MoE block as written in transformers 4.x: a loop over
+    experts, ``torch.where`` on the one-hot mask, ``index_add_``."""
+
+    def __init__(self, d: int, num_experts: int, k: int, width: int):
+        super().__init__()
+        self.k = k
+        self.norm = torch.nn.RMSNorm(d)
+        self.gate = torch.nn.Linear(d, num_experts, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(num_experts, width, d) * 0.02)
+        self.w3 = torch.nn.Parameter(torch.randn(num_experts, width, d) * 0.02)
+        self.w2 = torch.nn.Parameter(torch.randn(num_experts, d, width) * 0.02)
+
+    def forward(self, h):
+        B, T, D = h.shape
+        x = self.norm(h).reshape(-1, D)
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(chosen, self.w1.shape[0]).permute(2, 1, 0)
+        for e in range(self.w1.shape[0]):
+            slot, token = torch.where(mask[e])
+            if token.numel() == 0:
+                continue
+            xe = x[token]
+            ye = (F.silu(xe @ self.w1[e].t()) * (xe @ self.w3[e].t())) @ self.w2[e].t()
+            out.index_add_(0, token, (ye * weights[token, slot, None]).to(out.dtype))
+        return out.reshape(B, T, D)
+
+
+class PlainGroupedMM(MixtralStyleLoop):
+    """A plain 10-line ``torch._grouped_mm`` dispatch: argsort, gather, three grouped
+    GEMMs, weighted ``index_add_``."""
+
+    def forward(self, h):
+        B, T, D = h.shape
+        x = self.norm(h).reshape(-1, D)
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        order = chosen.reshape(-1).argsort()
+        token = order // self.k
+        offs = torch.cumsum(torch.bincount(chosen.reshape(-1), minlength=self.w1.shape[0]), 0).to(torch.int32)
+        xs = x[token].to(torch.bfloat16)
+        w1, w3, w2 = (w.to(torch.bfloat16).transpose(-2, -1) for w in (self.w1, self.w3, self.w2))
+        hidden = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
+        ys = torch._grouped_mm(hidden, w2, offs=offs) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype)).reshape(B, T, D)
+
+
+# -- timing --------------------------------------------------------------------------------------------------
+
+
+def _timer(device: str):
     if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+        def run(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def run(fn) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return run
 
 
-def measure(kind: str, device: str, repeats: int) -> dict:
-    import torch
+def time_ms(fn, device: str, warmup: int, repeats: int) -> tuple[float, list[float], float]:
+    """Median and all times (ms) of ``fn``, and its peak memory beyond what was held before (GiB)."""
+    timer = _timer(device)
+    for _ in range(warmup):
+        fn()
+    peak = float("nan")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    times = [timer(fn) for _ in range(repeats)]
+    if device == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return statistics.median(times), times, peak
 
-    from finemoe.config import from_dict
-    from finemoe.layers import FFNConfig
 
-    torch.manual_seed(0)
-    cfg = from_dict(FFNConfig, dict(KINDS[kind]))
-    layer = cfg.build(D_MODEL).to(device).train()
-    h = torch.randn(BATCH, SEQ, D_MODEL, device=device, requires_grad=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-
+def fwd_bwd(layer, h, cotangent, autocast):
     def step():
         with autocast:
             out = layer(h)
-        out.update.float().sum().backward()
-
-    times = []
-    for i in range(repeats + 1):  # the first is a warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            step()
-            elapsed = time.perf_counter() - t0
-        if i > 0:
-            times.append(elapsed)
-        layer.zero_grad(set_to_none=True)
+        update = out.update if hasattr(out, "update") else out
+        update.backward(cotangent.to(update.dtype))
         h.grad = None
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tokens = BATCH * SEQ
-    median = statistics.median(times)
-    return {
-        "kind": kind,
-        "config": KINDS[kind],
-        "params": cfg.num_params(D_MODEL),
-        "active_params": cfg.num_active_params(D_MODEL),
-        "fwd_flops_per_token": cfg.flops_per_token(D_MODEL),
-        "fwd_bwd_seconds_median": median,
-        "fwd_bwd_seconds_all": times,
-        "tokens_per_second": tokens / median,
-        # training ≈ 3 × forward FLOPs
-        "achieved_tflops": 3 * cfg.flops_per_token(D_MODEL) * tokens / median / 1e12,
-        "peak_memory_bytes": peak,
-    }
+        for p in layer.parameters():
+            p.grad = None
+    return step
+
+
+def forward_only(layer, h, autocast):
+    @torch.no_grad()
+    def step():
+        with autocast:
+            layer(h)
+    return step
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+
+
+def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: str | None) -> list[dict]:
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    torch.manual_seed(0)
+    h = torch.randn(tokens // 512 if tokens >= 512 else 1, min(tokens, 512), d, device=device, requires_grad=True)
+    cotangent = torch.randn(h.shape, device=device)
+    configs = {name: from_dict(FFNConfig, dict(spec)) for name, spec in layer_configs(d).items()}
+    dense_flops = configs["dense"].flops_per_token(d)
+    rows: list[dict] = []
+    dense_ms = None
+
+    def add(name, config_spec, flops, fn, *, baseline=None, kind="fwd+bwd", extra=None):
+        nonlocal dense_ms
+        if only and only not in name and name != "dense":
+            return
+        ms, times, peak = time_ms(fn, device, warmup, repeats)
+        ref_ms = ms if baseline == "self" else dense_ms if baseline is None else baseline
+        row = {"name": name, "d_model": d, "tokens": tokens, "pass": kind, "ms": ms, "ms_all": times,
+               "ratio_vs_dense": (ref_ms / ms) * (flops / dense_flops) if ref_ms else 1.0,
+               "active_flops_per_token": flops, "tflops": (3 if kind == "fwd+bwd" else 1) * flops * tokens / ms / 1e9,
+               "peak_gib": peak, "config": config_spec} | (extra or {})
+        rows.append(row)
+        print(f"  {name:48s} {kind:8s} {ms:8.3f} ms  ratio {row['ratio_vs_dense']:.2f}  "
+              f"{row['tflops']:6.1f} TFLOP/s  peak {peak:.2f} GiB", flush=True)
+        return ms
+
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        layer = cfg.build(d).to(device).train()
+        spec = layer_configs(d)[name]
+        ms = add(name, spec, cfg.flops_per_token(d), fwd_bwd(layer, h, cotangent, autocast))
+        if name == "dense":
+            dense_ms = ms
+        if name in EAGER_REFERENCE:
+            eager_cfg = cfg.replace(experts_impl="eager")
+            layer = eager_cfg.build(d).to(device).train()
+            add(f"{name} [experts_impl=eager]", spec | {"experts_impl": "eager"}, cfg.flops_per_token(d),
+                fwd_bwd(layer, h, cotangent, autocast))
+        del layer
+
+    for label, (E, k, width) in {"moe E=8 k=2": (8, 2, 2 * d), "moe E=64 k=8": (64, 8, d // 2)}.items():
+        flops = configs["moe E=8 k=2" if E == 8 else "moe E=64 k=8 (fine-grained)"].flops_per_token(d)
+        torch.manual_seed(0)
+        add(f"anchor: Mixtral-style loop, {label}", {"E": E, "k": k, "width": width}, flops,
+            fwd_bwd(MixtralStyleLoop(d, E, k, width).to(device), h, cotangent, autocast))
+        if device == "cuda":
+            add(f"anchor: plain grouped_mm dispatch, {label}", {"E": E, "k": k, "width": width}, flops,
+                fwd_bwd(PlainGroupedMM(d, E, k, width).to(device), h, cotangent, autocast))
+
+    # DSMoE inference: the sparse path against the dense forward, prefill and decode
+    dense = configs["dense"].build(d).to(device).eval()
+    dsmoe_cfg = configs["dsmoe n=8 (training path)"]
+    torch.manual_seed(0)
+    dsmoe = dsmoe_cfg.build(d).to(device).eval()
+    with torch.no_grad(), autocast:
+        u = dsmoe.norm(h).reshape(-1, d)
+        share = float(dsmoe.gates(u)[2].float().mean())
+    for label, x in (("prefill", h.detach()), ("decode, batch 1", h.detach()[:1, :1])):
+        n = x.shape[0] * x.shape[1]
+        dense_fwd = add(f"dense forward ({label})", layer_configs(d)["dense"], dense_flops, forward_only(dense, x, autocast),
+                        baseline="self", kind="fwd", extra={"tokens": n})
+        add(f"dsmoe sparse inference ({label})", layer_configs(d)["dsmoe n=8 (training path)"] | {"active_share": share},
+            dense_flops, forward_only(dsmoe, x, autocast), baseline=dense_fwd, kind="fwd",
+            extra={"tokens": n, "active_share": share})
+    return rows
+
+
+def hardware(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# One FFN layer of every kind against the dense FFN, {result['hardware']}",
+        "",
+        f"Commit `{result['commit']}`; command `{result['command']}`.",
+        "Forward + backward under bf16 autocast (forward only where marked), median of "
+        f"{result['repeats']} after {result['warmup']} warm-up runs; ratio = speed per active FLOP against finemoe's "
+        "dense FFN measured in the same process (the DSMoE inference rows against the dense forward of the same batch).",
+        "",
+    ]
+    for (d, tokens) in result["sizes"]:
+        lines += [f"## d = {d}, {tokens:,} tokens (dense F = {4 * d})", "",
+                  "| layer | pass | ms | ratio vs dense | TFLOP/s | peak GiB |", "|---|---|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            if r["d_model"] == d and (r["pass"] == "fwd+bwd" or r["tokens"] in (tokens, 1)):
+                share = f" ({r['active_share']:.0%} of blocks on)" if "active_share" in r else ""
+                lines.append(f"| {r['name']}{share} | {r['pass']} | {r['ms']:.3f} | {r['ratio_vs_dense']:.2f} | "
+                             f"{r['tflops']:.1f} | {r['peak_gib']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--only", default=None, help="Only layers whose name contains this (and dense).")
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes, few repeats: a smoke run.")
     parser.add_argument("--out", default=None, help="Path stem for .json and .md results.")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one kind
     args = parser.parse_args()
 
-    if args.one:
-        print(json.dumps(measure(args.one, args.device, args.repeats)))
-        return
-
+    sizes = [(64, 256)] if args.quick else [(1024, 16384), (512, 4096)]
+    warmup, repeats = (1, 2) if args.quick else (args.warmup, args.repeats)
     rows = []
-    for kind in args.kinds.split(","):
-        cmd = [sys.executable, __file__, "--one", kind, "--device", args.device, "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if proc.returncode != 0:
-            print(f"{kind}: failed\n{proc.stderr}", file=sys.stderr)
-            rows.append({"kind": kind, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(f"{kind:10s} {row['fwd_bwd_seconds_median'] * 1e3:9.1f} ms  {row['tokens_per_second']:10,.0f} tok/s  "
-              f"peak {row['peak_memory_bytes'] / 2**30:6.2f} GiB", flush=True)
-
-    import torch
-
-    header = (
-        f"One FFN layer, forward + backward, d_model = {D_MODEL}, batch {BATCH} × {SEQ} tokens, "
-        f"{'bf16 autocast' if args.device == 'cuda' else 'float32'}; median of {args.repeats} after a warm-up.\n\n"
-        f"Hardware: {hardware(args.device)}.\n\n"
-        f"Command: `python benchmarks/layer_benchmark.py --device {args.device}"
-        f"{' --out ' + args.out if args.out else ''}`\n\n"
-    )
-    lines = [
-        "| kind | config | params | active params | fwd FLOPs/token | fwd+bwd (ms) | tokens/s | peak memory (GiB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['kind']} | failed: {r['error']} | | | | | | |")
-            continue
-        conf = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != "kind")
-        lines.append(
-            f"| {r['kind']} | {conf} | {r['params'] / 1e6:,.1f}M | {r['active_params'] / 1e6:,.2f}M | "
-            f"{r['fwd_flops_per_token'] / 1e6:,.2f}M | {r['fwd_bwd_seconds_median'] * 1e3:,.1f} | "
-            f"{r['tokens_per_second']:,.0f} | {r['peak_memory_bytes'] / 2**30:.2f} |"
-        )
-    table = header + "\n".join(lines) + "\n"
+    for d, tokens in sizes:
+        print(f"d = {d}, {tokens} tokens", flush=True)
+        rows += run_size(d, tokens, args.device, warmup, repeats, args.only)
+    result = {"hardware": hardware(args.device), "commit": git_commit(), "command": " ".join(["python"] + sys.argv),
+              "sizes": sizes, "warmup": warmup, "repeats": repeats, "rows": rows}
+    table = markdown(result)
     print(table)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"hardware": hardware(args.device), "rows": rows}, indent=2))
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
         out.with_suffix(".md").write_text(table)
-    del torch
 
 
 if __name__ == "__main__":
