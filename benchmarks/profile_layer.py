@@ -1,0 +1,51 @@
+"""Where one layer's forward + backward spends its GPU time: the top kernels by CUDA
+time (torch.profiler), for layers named as in ``layer_benchmark.py``.
+
+    python benchmarks/profile_layer.py "finedeep 2x4" "moe E=8 k=2" --d 1024 --tokens 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from layer_benchmark import fwd_bwd, layer_configs  # noqa: E402
+
+from finemoe.config import from_dict  # noqa: E402
+from finemoe.layers import FFNConfig  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="+")
+    parser.add_argument("--d", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    h = torch.randn(args.tokens // 512, 512, args.d, device="cuda", requires_grad=True)
+    cotangent = torch.randn(h.shape, device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    for name in args.names:
+        layer = from_dict(FFNConfig, dict(layer_configs(args.d)[name])).build(args.d).cuda().train()
+        step = fwd_bwd(layer, h, cotangent, autocast)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"== {name} (5 steps)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
