@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_available
 from finemoe.layers.base import report
 
 __all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_hidden", "swiglu_params"]
@@ -30,6 +31,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
+            # the same arithmetic, one fused kernel where torch has one (CUDA, torch >= 2.8)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = at_least_float32(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -47,15 +51,25 @@ def swiglu_params(d_model: int, hidden: int) -> int:
     return 3 * d_model * hidden
 
 
-def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None) -> Tensor:
+def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None, *,
+                  block_scale: Tensor | None = None) -> Tensor:
     """The hidden units of SwiGLU, ``silu(x W_g) ⊙ (x W_u)``, from the two projections
-    (Shazeer 2020). Every design computes them here, so the activation statistics of
-    ``finemoe analyze`` (reported to ``module``'s recorder) mean the same for all, and a
-    fused kernel would speed them all."""
+    (Shazeer 2020), times ``block_scale[n, i]`` on block i of the columns if given
+    (``(N, n)``, n dividing the width: DSMoE's gates). Every design computes them here,
+    so the activation statistics of ``finemoe analyze`` (reported to ``module``'s
+    recorder, before any scale) mean the same for all, and one fused kernel
+    (``finemoe.kernels.fused_swiglu``, used on the GPU) speeds them all. This formula is
+    its reference, and the path taken while a recorder is attached."""
+    recording = module is not None and module.__dict__.get("recorder") is not None
+    if not recording and fused_swiglu_available(gate):
+        return fused_swiglu(gate, up, block_scale)
     act = F.silu(gate)
     hidden = act * up
-    if module is not None:
+    if recording:
         report(module, "activations", act=act, gated=hidden)
+    if block_scale is not None:
+        N, n = block_scale.shape
+        hidden = (hidden.view(N, n, -1) * block_scale.to(hidden.dtype).unsqueeze(-1)).view(hidden.shape)
     return hidden
 
 

@@ -121,10 +121,8 @@ class DSMoEFFN(FFN):
         cfg = self.config
         S_Nn = G_Nn.detach() + a_Nn - a_Nn.detach() if cfg.straight_through else G_Nn
         weights_Nn = S_Nn * self._scale(active_Nn, S_Nn.dtype)
-        hidden_NF = swiglu_hidden(self.mlp.gate_proj(u_ND), self.mlp.up_proj(u_ND), self)
-        # Σ_i o_i · w_i = (hidden ⊙ w_i on block i's columns) W_d: one GEMM, a broadcast view
-        N, n = weights_Nn.shape
-        weighted_NF = (hidden_NF.view(N, n, cfg.block_width) * weights_Nn.to(hidden_NF.dtype).unsqueeze(-1)).view(N, -1)
+        # Σ_i o_i · w_i = (hidden ⊙ w_i on block i's columns) W_d: one GEMM
+        weighted_NF = swiglu_hidden(self.mlp.gate_proj(u_ND), self.mlp.up_proj(u_ND), self, block_scale=weights_Nn)
         return self.mlp.down_proj(weighted_NF)
 
     def block_weights(self) -> tuple[Tensor, Tensor, Tensor]:

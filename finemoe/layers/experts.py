@@ -130,19 +130,39 @@ class SwiGLUExperts(nn.Module):
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, impl={self.impl}"
 
 
+class _GatherSlots(torch.autograd.Function):
+    """``x_ND[order_S // K]``: each token's row once per slot, slots in expert order.
+
+    The backward sums each token's K slot gradients deterministically: it puts them back
+    in slot order (a permutation: no atomic adds) and sums over K, where the backward of
+    plain advanced indexing would sort and accumulate."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, order_S: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(order_S)
+        ctx.K = K
+        return x_ND.index_select(0, torch.div(order_S, K, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):
+        (order_S,) = ctx.saved_tensors
+        slots_SD = torch.empty_like(grad_SD).index_copy_(0, order_S, grad_SD)
+        return slots_SD.view(-1, ctx.K, grad_SD.shape[-1]).sum(1), None, None
+
+
 def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tensor, idx_NK: Tensor) -> Tensor:
     """``y_n = Σ_k weights[n, k] · expert_{idx[n, k]}(x_n)``, dropless.
 
-    The K results of a token are put back in slot order and summed with one batched
-    product (deterministic: no atomic adds)."""
+    The K results of a token are put back in slot order (a permutation) and summed
+    with their weights: deterministic, no atomic adds."""
     N, K = idx_NK.shape
     x_ND = x_ND.to(compute_dtype(x_ND))                        # gather half the bytes under autocast
     flat_idx_S = idx_NK.reshape(-1)
     order_S = torch.argsort(flat_idx_S, stable=True)          # slots grouped by expert
     counts_E = count_per_expert(flat_idx_S, experts.num_experts)
-    y_SD = experts(x_ND[order_S // K], counts_E)              # order_S // K: the token of each sorted slot
+    y_SD = experts(_GatherSlots.apply(x_ND, order_S, K), counts_E)
     y_NKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(N, K, -1)
-    return torch.bmm(weights_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
+    return (y_NKD * weights_NK.to(y_NKD.dtype).unsqueeze(-1)).sum(1)
 
 
 def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Tensor, idx_EC: Tensor) -> Tensor:

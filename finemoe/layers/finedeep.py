@@ -159,10 +159,10 @@ class FinedeepFFN(FFN):
         B, T, D = h_BTD.shape
         h_ND = h_BTD.reshape(B * T, D)
         record: dict | None = {} if return_stats else None
-        update_ND = torch.zeros_like(h_ND)
+        x_ND = h_ND
         for m in range(self.config.num_sublayers):
-            delta_ND = self.sublayer(m, h_ND + update_ND, record)  # h_m = h_{m-1} + Σ_k g_k e_k
-            update_ND = update_ND + delta_ND
+            x_ND = x_ND + self.sublayer(m, x_ND, record)  # h_m = h_{m-1} + Σ_k g_k e_k
+        update_ND = x_ND - h_ND
         stats = {"gate_mean": torch.stack(record["gate_mean"])} if record is not None else None  # (M, K)
         return FFNOutput(update=update_ND.reshape(B, T, D), stats=stats)
 
