@@ -100,8 +100,43 @@ def test_fast_paths_bf16_match_the_float32_eager_reference(kind):
     (out_f, gx_f, gp_f), (out_r, gx_r, gp_r) = grads
     assert _rel(out_f, out_r) < 3e-2 and _rel(gx_f, gx_r) < 3e-2
     for name, grad in gp_r.items():
-        if grad is not None and grad.norm() > 0:
+        # matrices; a vector's gradient (a bias, a norm) is a sum over all tokens whose
+        # terms cancel, so bf16 rounding can move it by more than these bounds
+        if grad is not None and grad.ndim >= 2 and grad.norm() > 0:
             assert _rel(gp_f[name], grad) < 3e-2, name
+
+
+@pytest.mark.parametrize("kind", ["moe", "cartesian", "finedeep", "dsmoe"])
+def test_fast_paths_in_float32_on_cuda_equal_the_eager_reference(kind):
+    """Without autocast: the fast path (fused SwiGLU kernel, grouped op) against the eager
+    experts loop and the plain formula, every gradient, to float32 rounding."""
+    import os
+
+    from tests.test_training import SMALL
+
+    torch.manual_seed(0)
+    fast = SMALL[kind].build(48).cuda()
+    reference = copy.deepcopy(fast)
+    for module in reference.modules():
+        if hasattr(module, "impl"):
+            module.impl = "eager"
+    h = torch.randn(4, 64, 48, device="cuda")
+    results = []
+    for layer, kernels in ((fast, "1"), (reference, "0")):
+        os.environ["FINEMOE_KERNELS"] = kernels
+        try:
+            x = h.clone().requires_grad_(True)
+            out = layer(x)
+            (out.update * h).sum().backward()
+        finally:
+            os.environ.pop("FINEMOE_KERNELS")
+        results.append((out.update, x.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (out_f, gx_f, gp_f), (out_r, gx_r, gp_r) = results
+    torch.testing.assert_close(out_f, out_r, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx_f, gx_r, atol=1e-4, rtol=1e-4)
+    for name, grad in gp_r.items():
+        if grad is not None:
+            torch.testing.assert_close(gp_f[name], grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_dsmoe_sparse_inference_bf16_matches_the_masked_float32_path():
