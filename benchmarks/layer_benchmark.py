@@ -175,7 +175,10 @@ def forward_only(layer, h, autocast):
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
-def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: str | None) -> list[dict]:
+def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: str | None,
+             compile: bool = False) -> list[dict]:
+    """Every layer at this size; with ``compile``, each layer (the dense FFN too) under
+    ``torch.compile`` and only the training rows."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     torch.manual_seed(0)
     h = torch.randn(tokens // 512 if tokens >= 512 else 1, min(tokens, 512), d, device=device, requires_grad=True)
@@ -189,6 +192,8 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
         nonlocal dense_ms
         if only and only not in name and name != "dense":
             return
+        if compile:
+            name = f"{name} [compiled]"
         ms, times, peak = time_ms(fn, device, warmup, repeats)
         ref_ms = ms if baseline == "self" else dense_ms if baseline is None else baseline
         row = {"name": name, "d_model": d, "tokens": tokens, "pass": kind, "ms": ms, "ms_all": times,
@@ -204,15 +209,18 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
         torch.manual_seed(0)
         layer = cfg.build(d).to(device).train()
         spec = layer_configs(d)[name]
-        ms = add(name, spec, cfg.flops_per_token(d), fwd_bwd(layer, h, cotangent, autocast))
+        ms = add(name, spec, cfg.flops_per_token(d),
+                 fwd_bwd(torch.compile(layer) if compile else layer, h, cotangent, autocast))
         if name == "dense":
             dense_ms = ms
-        if name in EAGER_REFERENCE:
+        if name in EAGER_REFERENCE and not compile:
             eager_cfg = cfg.replace(experts_impl="eager")
             layer = eager_cfg.build(d).to(device).train()
             add(f"{name} [experts_impl=eager]", spec | {"experts_impl": "eager"}, cfg.flops_per_token(d),
                 fwd_bwd(layer, h, cotangent, autocast))
         del layer
+    if compile:
+        return rows
 
     for label, (E, k, width) in {"moe E=8 k=2": (8, 2, 2 * d), "moe E=64 k=8": (64, 8, d // 2)}.items():
         flops = configs["moe E=8 k=2" if E == 8 else "moe E=64 k=8 (fine-grained)"].flops_per_token(d)
@@ -261,7 +269,7 @@ def markdown(result: dict) -> str:
         lines += [f"## d = {d}, {tokens:,} tokens (dense F = {4 * d})", "",
                   "| layer | pass | ms | ratio vs dense | TFLOP/s | peak GiB |", "|---|---|---:|---:|---:|---:|"]
         for r in result["rows"]:
-            if r["d_model"] == d and (r["pass"] == "fwd+bwd" or r["tokens"] in (tokens, 1)):
+            if r["d_model"] == d and r["tokens"] in (tokens, 1):
                 share = f" ({r['active_share']:.0%} of blocks on)" if "active_share" in r else ""
                 lines.append(f"| {r['name']}{share} | {r['pass']} | {r['ms']:.3f} | {r['ratio_vs_dense']:.2f} | "
                              f"{r['tflops']:.1f} | {r['peak_gib']:.2f} |")
@@ -276,6 +284,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--only", default=None, help="Only layers whose name contains this (and dense).")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes, few repeats: a smoke run.")
+    parser.add_argument("--compile", action="store_true",
+                        help="Also every layer under torch.compile, at the first size (training rows).")
     parser.add_argument("--out", default=None, help="Path stem for .json and .md results.")
     args = parser.parse_args()
 
@@ -285,6 +295,10 @@ def main() -> None:
     for d, tokens in sizes:
         print(f"d = {d}, {tokens} tokens", flush=True)
         rows += run_size(d, tokens, args.device, warmup, repeats, args.only)
+    if args.compile:
+        d, tokens = sizes[0]
+        print(f"d = {d}, {tokens} tokens, compiled", flush=True)
+        rows += run_size(d, tokens, args.device, warmup, repeats, args.only, compile=True)
     result = {"hardware": hardware(args.device), "commit": git_commit(), "command": " ".join(["python"] + sys.argv),
               "sizes": sizes, "warmup": warmup, "repeats": repeats, "rows": rows}
     table = markdown(result)

@@ -12,6 +12,7 @@ import torch
 
 from finemoe import ModelConfig, Transformer
 from finemoe.kernels import grouped_mm, native_grouped_mm_supported
+from finemoe.kernels.grouped_mm import grouped_mm_op
 from finemoe.layers import CartesianConfig, DSMoEConfig, MoEConfig
 from tests.helpers import B, D, T, randomise
 from tests.test_training import SMALL
@@ -60,7 +61,7 @@ def test_grouped_mm_passes_opcheck():
     """Schema, fake (meta) implementation, autograd registration and compile tracing agree."""
     offs = torch.tensor([3, 3, 7, 10], dtype=torch.int32)
     for dtype in (torch.float32, torch.float64):
-        torch.library.opcheck(grouped_mm, (torch.randn(10, 8, dtype=dtype, requires_grad=True),
+        torch.library.opcheck(grouped_mm_op, (torch.randn(10, 8, dtype=dtype, requires_grad=True),
                                            torch.randn(4, 8, 16, dtype=dtype, requires_grad=True), offs))
 
 

@@ -153,3 +153,20 @@ def test_dsmoe_sparse_inference_bf16_matches_the_masked_float32_path():
             sparse = layer.sparse_forward(u, G, active)
     assert 0.2 < float(active.float().mean()) < 0.8
     assert _rel(sparse, ref) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_dsmoe_decoding_on_cuda_equals_the_masked_path(tokens):
+    """The layer's forward for a few tokens at inference takes the decode kernels."""
+    from finemoe.layers import DSMoEConfig
+
+    torch.manual_seed(0)
+    layer = DSMoEConfig(intermediate_size=4096, num_experts=8).build(1024).cuda().eval()
+    h = torch.randn(1, tokens, 1024, device="cuda")
+    with torch.no_grad():
+        u = layer.norm(h).reshape(-1, 1024)
+        assert layer._decoding(u)
+        out = layer(h).update.reshape(-1, 1024)
+        a, G, active = layer.gates(u)
+        ref = layer.masked_forward(u, a, G, active)
+    assert _rel(out, ref) < 1e-4

@@ -43,3 +43,26 @@ def test_fused_swiglu_passes_opcheck():
     gate, up = torch.randn(4, 48, device=DEVICE), torch.randn(4, 48, device=DEVICE)
     torch.library.opcheck(torch.ops.finemoe.swiglu.default, (gate, up, torch.rand(4, 3, device=DEVICE)))
     torch.library.opcheck(torch.ops.finemoe.swiglu.default, (gate.requires_grad_(True), up, None))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dsmoe_decode_kernels_equal_the_masked_path(tokens, rescale):
+    """Only switched-on blocks read; the result equals computing every block and masking."""
+    from finemoe.kernels.dsmoe_decode import dsmoe_decode
+    from finemoe.layers import DSMoEConfig
+
+    torch.manual_seed(tokens)
+    layer = DSMoEConfig(intermediate_size=256, num_experts=4, rescale=rescale).build(64).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+        h = torch.randn(tokens, 64, device=DEVICE)
+        u = layer.norm(h)
+        a, G, active = layer.gates(u)
+        assert 0 < float(active.float().mean()) < 1 or tokens == 1
+        ref = layer.masked_forward(u, a, G, active)
+        out, gates = dsmoe_decode(u, layer.gate.weight, layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight,
+                                  layer.mlp.down_proj.weight, threshold=layer.config.threshold, rescale=rescale)
+    torch.testing.assert_close(gates, G, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["grouped_mm", "native_grouped_mm_supported"]
+__all__ = ["grouped_mm", "grouped_mm_op", "native_grouped_mm_supported"]
 
 _native = getattr(torch, "_grouped_mm", None)
 
@@ -48,8 +48,19 @@ def _group_bounds(offs_E: Tensor) -> list[tuple[int, int]]:
     return list(zip([0] + ends[:-1], ends))
 
 
-@torch.library.custom_op("finemoe::grouped_mm", mutates_args=())
 def grouped_mm(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
+    """``(S, D) × (E, D, F) → (S, F)``: rows ``[offs[e-1], offs[e])`` times ``w[e]``.
+
+    In bf16, where torch's kernel applies, it is called directly: it has its own
+    autograd and compile support, and skips the custom op's dispatch cost in eager mode
+    (its fake implementation takes bf16 only). Otherwise the custom op below."""
+    if x_SD.dtype == torch.bfloat16 and native_grouped_mm_supported(x_SD, w_EDF):
+        return _native(x_SD, w_EDF, offs=offs_E)
+    return grouped_mm_op(x_SD, w_EDF, offs_E)
+
+
+@torch.library.custom_op("finemoe::grouped_mm", mutates_args=())
+def grouped_mm_op(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
     """``(S, D) × (E, D, F) → (S, F)``: rows ``[offs[e-1], offs[e])`` times ``w[e]``."""
     if native_grouped_mm_supported(x_SD, w_EDF):
         return _native(x_SD, w_EDF, offs=offs_E)
@@ -60,7 +71,7 @@ def grouped_mm(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
     return out_SF
 
 
-@grouped_mm.register_fake
+@grouped_mm_op.register_fake
 def _(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
     return x_SD.new_empty(x_SD.shape[0], w_EDF.shape[-1])
 
@@ -91,9 +102,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_SF: Tensor):
     x_SD, w_EDF, offs_E = ctx.saved_tensors
     grad_SF = grad_SF.contiguous()
-    grad_x = grouped_mm(grad_SF, w_EDF.transpose(-2, -1), offs_E) if ctx.needs_input_grad[0] else None
+    grad_x = grouped_mm_op(grad_SF, w_EDF.transpose(-2, -1), offs_E) if ctx.needs_input_grad[0] else None
     grad_w = grouped_mm_weight_grad(x_SD, grad_SF, offs_E) if ctx.needs_input_grad[1] else None
     return grad_x, grad_w, None
 
 
-grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)

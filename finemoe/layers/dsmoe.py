@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from finemoe.config import check
 from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_hidden, swiglu_params
+from finemoe.kernels import fused_swiglu_available
+from finemoe.kernels.dsmoe_decode import dsmoe_decode, dsmoe_decode_applies
 from finemoe.layers.experts import compute_dtype, run_swiglu_experts
 from finemoe.layers.routing import count_per_expert
 
@@ -150,16 +152,28 @@ class DSMoEFFN(FFN):
         y_SD = y_SD * weights_Nn[token_S, block_S].unsqueeze(-1).to(y_SD.dtype)
         return u_ND.new_zeros(u_ND.shape).index_add_(0, token_S, y_SD.to(u_ND.dtype))
 
+    def _decoding(self, u_ND: Tensor) -> bool:
+        """A few tokens at inference on a GPU: the decode kernels, which read only the
+        switched-on blocks' weights (``finemoe.kernels.dsmoe_decode``)."""
+        return (not self.training and self.config.eval_sparse and not torch.is_grad_enabled()
+                and self.__dict__.get("recorder") is None and fused_swiglu_available(u_ND)
+                and dsmoe_decode_applies(u_ND, self.config.block_width))
+
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
-        a_Nn, G_Nn, active_Nn = self.gates(u_ND)
-        report(self, "block_gates", active=active_Nn)
-        if not self.training and cfg.eval_sparse:
-            y_ND = self.sparse_forward(u_ND, G_Nn, active_Nn)
+        if self._decoding(u_ND):
+            y_ND, G_Nn = dsmoe_decode(u_ND, self.gate.weight, self.mlp.gate_proj.weight, self.mlp.up_proj.weight,
+                                      self.mlp.down_proj.weight, threshold=cfg.threshold, rescale=cfg.rescale)
+            active_Nn = G_Nn > 0
         else:
-            y_ND = self.masked_forward(u_ND, a_Nn, G_Nn, active_Nn)
+            a_Nn, G_Nn, active_Nn = self.gates(u_ND)
+            report(self, "block_gates", active=active_Nn)
+            if not self.training and cfg.eval_sparse:
+                y_ND = self.sparse_forward(u_ND, G_Nn, active_Nn)
+            else:
+                y_ND = self.masked_forward(u_ND, a_Nn, G_Nn, active_Nn)
         aux = {}
         if cfg.sparsity_loss_coef > 0:
             per_token = G_Nn.sum(-1).mean()  # Σ_i G(a_i), averaged over tokens
