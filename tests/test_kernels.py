@@ -17,11 +17,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def reference(gate, up, scale):
     hidden = F.silu(gate) * up
     if scale is not None:
-        hidden = (hidden.view(*scale.shape, -1) * scale.unsqueeze(-1)).view(hidden.shape)
+        hidden = (hidden.view(*scale.shape, hidden.shape[-1] // scale.shape[-1]) * scale.unsqueeze(-1)).view(hidden.shape)
     return hidden
 
 
-@pytest.mark.parametrize("rows,width,blocks", [(7, 40, None), (5, 2100, None), (6, 48, 4), (3, 2100, 3)])
+@pytest.mark.parametrize("rows,width,blocks", [(7, 40, None), (5, 2100, None), (6, 48, 4), (3, 2100, 3), (0, 48, 4)])
 def test_fused_swiglu_equals_the_formula(rows, width, blocks):
     """Widths over one 1024-column tile, blocks of 12 and of 700 columns (two tiles each)."""
     torch.manual_seed(0)

@@ -112,6 +112,8 @@ def _swiglu(gate: Tensor, up: Tensor, scale: Tensor | None) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     grid, sizes = _launch(gate, scale)
     hidden = torch.empty_like(gate)
+    if hidden.numel() == 0:
+        return hidden
     s = scale.contiguous() if scale is not None else gate  # a placeholder pointer when there is no scale
     _swiglu_forward_kernel[grid](gate, up, s, hidden, **sizes)
     return hidden
@@ -128,6 +130,8 @@ def _swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor, scale: Tensor | Non
     grid, sizes = _launch(gate, scale)
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
     d_scale = torch.zeros(grid[0], sizes["n"], dtype=torch.float32, device=gate.device)
+    if grad.numel() == 0:
+        return d_gate, d_up, d_scale
     s = scale.contiguous() if scale is not None else gate
     _swiglu_backward_kernel[grid](grad, gate, up, s, d_gate, d_up, d_scale, **sizes)
     return d_gate, d_up, d_scale
@@ -159,7 +163,7 @@ def fused_swiglu(gate: Tensor, up: Tensor, scale: Tensor | None = None) -> Tenso
     """``silu(gate) ⊙ up`` (times ``scale[..., j // b]`` on block j of the columns), in the
     dtype of ``gate``. ``scale``: ``(rows, n)``, n dividing the width."""
     if scale is not None:
-        scale = scale.reshape(gate.numel() // gate.shape[-1], -1)
+        scale = scale.reshape(gate.numel() // gate.shape[-1], scale.shape[-1])
         if gate.shape[-1] % scale.shape[-1]:
             raise ValueError(f"{scale.shape[-1]} blocks do not divide a width of {gate.shape[-1]}")
     return _swiglu(gate, up.to(gate.dtype), scale)

@@ -69,7 +69,7 @@ def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None, *,
         report(module, "activations", act=act, gated=hidden)
     if block_scale is not None:
         N, n = block_scale.shape
-        hidden = (hidden.view(N, n, -1) * block_scale.to(hidden.dtype).unsqueeze(-1)).view(hidden.shape)
+        hidden = (hidden.view(N, n, hidden.shape[-1] // n) * block_scale.to(hidden.dtype).unsqueeze(-1)).view(hidden.shape)
     return hidden
 
 

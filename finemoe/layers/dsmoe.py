@@ -148,8 +148,7 @@ class DSMoEFFN(FFN):
         block_S, token_S = pair_S // N, pair_S % N
         x_SD = u_ND.to(compute_dtype(u_ND))[token_S]
         y_SD = run_swiglu_experts(x_SD, count_per_expert(block_S, n), *self.block_weights(),
-                                  impl=self.config.experts_impl, module=self)
-        y_SD = y_SD * weights_Nn[token_S, block_S].unsqueeze(-1).to(y_SD.dtype)
+                                  scale_S=weights_Nn[token_S, block_S], impl=self.config.experts_impl, module=self)
         return u_ND.new_zeros(u_ND.shape).index_add_(0, token_S, y_SD.to(u_ND.dtype))
 
     def _decoding(self, u_ND: Tensor) -> bool:

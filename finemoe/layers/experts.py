@@ -63,41 +63,46 @@ def run_swiglu_experts(
     w_up_EDF: Tensor,
     w_down_EFD: Tensor,
     *,
+    scale_S: Tensor | None = None,
     impl: str = "auto",
     module: nn.Module | None = None,
 ) -> Tensor:
     """Expert e computes ``SwiGLU_e(x) = (silu(x W_g,e) ⊙ (x W_u,e)) W_d,e`` on rows
     ``[offset_e, offset_e + counts_E[e])`` of ``x_SD`` (rows grouped by expert, groups
-    in expert order, possibly empty). Returns ``(S, D)``. The weights may be strided
-    views (DSMoE runs the blocks of a dense FFN this way)."""
+    in expert order, possibly empty), each row's result times ``scale_S`` if given (a
+    routing weight: applied to the hidden units, where the fused SwiGLU kernel takes it
+    for free, which by linearity is the same). Returns ``(S, D)``. The weights may be
+    strided views (DSMoE runs the blocks of a dense FFN this way)."""
+    scale_S1 = None if scale_S is None else scale_S.reshape(-1, 1)
     if impl in ("auto", "grouped_mm"):
-        return _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, module)
+        return _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module)
     if impl == "eager":
-        return _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, module)
+        return _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module)
     raise ValueError(f"unknown experts implementation {impl!r}; one of {', '.join(EXPERTS_IMPLS)}")
 
 
-def _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, module) -> Tensor:
+def _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module) -> Tensor:
     """The reference: one GEMM per expert on its slice."""
     splits = counts_E.tolist()  # host sync: sizes the slices
+    scales = torch.split(scale_S1, splits) if scale_S1 is not None else [None] * len(splits)
     outputs = []
-    for e, x_cD in enumerate(torch.split(x_SD, splits)):
+    for e, (x_cD, scale_c1) in enumerate(zip(torch.split(x_SD, splits), scales)):
         if x_cD.shape[0] == 0:
             continue
-        hidden_cF = swiglu_hidden(x_cD @ w_gate_EDF[e], x_cD @ w_up_EDF[e], module)
+        hidden_cF = swiglu_hidden(x_cD @ w_gate_EDF[e], x_cD @ w_up_EDF[e], module, block_scale=scale_c1)
         outputs.append(hidden_cF @ w_down_EFD[e])
     if not outputs:
         return x_SD.new_zeros(x_SD.shape[0], w_down_EFD.shape[-1])
     return torch.cat(outputs, dim=0)
 
 
-def _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, module) -> Tensor:
+def _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module) -> Tensor:
     """Three grouped GEMMs in the compute dtype; group ends are the cumulative counts."""
     dtype = compute_dtype(x_SD)
     offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
     x_SD = x_SD.to(dtype)
     hidden_SF = swiglu_hidden(grouped_mm(x_SD, w_gate_EDF.to(dtype), offs_E),
-                              grouped_mm(x_SD, w_up_EDF.to(dtype), offs_E), module)
+                              grouped_mm(x_SD, w_up_EDF.to(dtype), offs_E), module, block_scale=scale_S1)
     return grouped_mm(hidden_SF, w_down_EFD.to(dtype), offs_E)
 
 
@@ -115,10 +120,11 @@ class SwiGLUExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.init_weights(std=0.02, out_std=0.02)  # usable standalone; the model re-initialises
 
-    def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+    def forward(self, x_SD: Tensor, counts_E: Tensor, scale_S: Tensor | None = None) -> Tensor:
         """Run expert e on rows ``[offset_e, offset_e + counts_E[e])`` of ``x_SD``
-        (rows sorted by expert). Returns ``(S, D)``."""
-        return run_swiglu_experts(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, impl=self.impl, module=self)
+        (rows sorted by expert), each result times ``scale_S``. Returns ``(S, D)``."""
+        return run_swiglu_experts(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, scale_S=scale_S, impl=self.impl,
+                                  module=self)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
@@ -160,9 +166,8 @@ def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tens
     flat_idx_S = idx_NK.reshape(-1)
     order_S = torch.argsort(flat_idx_S, stable=True)          # slots grouped by expert
     counts_E = count_per_expert(flat_idx_S, experts.num_experts)
-    y_SD = experts(_GatherSlots.apply(x_ND, order_S, K), counts_E)
-    y_NKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(N, K, -1)
-    return (y_NKD * weights_NK.to(y_NKD.dtype).unsqueeze(-1)).sum(1)
+    y_SD = experts(_GatherSlots.apply(x_ND, order_S, K), counts_E, weights_NK.reshape(-1)[order_S])
+    return torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(N, K, -1).sum(1)
 
 
 def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Tensor, idx_EC: Tensor) -> Tensor:
@@ -171,6 +176,5 @@ def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Ten
     E, C = idx_EC.shape
     token_S = idx_EC.reshape(-1)                               # already grouped by expert
     counts_E = torch.full((E,), C, dtype=torch.long, device=x_ND.device)
-    y_SD = experts(x_ND[token_S], counts_E)
-    y_SD = y_SD * weights_EC.reshape(-1).unsqueeze(-1).to(y_SD.dtype)
+    y_SD = experts(x_ND[token_S], counts_E, weights_EC.reshape(-1))
     return x_ND.new_zeros(x_ND.shape).index_add_(0, token_S, y_SD.to(x_ND.dtype))
