@@ -131,8 +131,7 @@ class FinedeepFFN(FFN):
         K, f = cfg.experts_per_sublayer, cfg.expert_intermediate_size
         N, D = h_ND.shape
         u_ND = self.norms[m](h_ND)
-        gate_NF, up_NF = u_ND @ self.w_gate[m], u_ND @ self.w_up[m]
-        hidden_NF = swiglu_hidden(gate_NF, up_NF, self)
+        hidden_NF = swiglu_hidden(u_ND @ self.w_gate[m], u_ND @ self.w_up[m], self)
         with torch.autocast(device_type=h_ND.device.type, enabled=False):
             router_KD = at_least_float32(self.router[m])
             if cfg.router_input == "expert_output":
@@ -154,9 +153,9 @@ class FinedeepFFN(FFN):
             record.setdefault("gate_mean", []).append(gates_NK.detach().mean(0))
         if self.__dict__.get("recorder") is not None:
             report(self, "gates", gates=gates_NK, sublayer=torch.tensor(m))
-        # hidden ⊙ g recomputed from the projections by the fused SwiGLU kernel (one pass,
-        # and the gates' gradient for free) rather than a broadcast product over hidden
-        weighted_NF = swiglu_hidden(gate_NF, up_NF, block_scale=gates_NK)
+        # (Recomputing hidden ⊙ g inside the fused SwiGLU kernel measured slower, eager and
+        # compiled: benchmarks/NOTES.md.)
+        weighted_NF = (hidden_NF.view(N, K, f) * gates_NK.to(hidden_NF.dtype).unsqueeze(-1)).view(N, K * f)
         return weighted_NF @ self.w_down[m].reshape(K * f, D)
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
