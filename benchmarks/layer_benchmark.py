@@ -189,7 +189,6 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
     dense_ms = None
 
     def add(name, config_spec, flops, fn, *, baseline=None, kind="fwd+bwd", extra=None):
-        nonlocal dense_ms
         if only and only not in name and name != "dense":
             return
         if compile:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.experts import ExpertsImpl
 from finemoe.layers.moe import MoEConfig, MoEFFN
 
 
@@ -51,7 +52,7 @@ class CartesianConfig(FFNConfig):
     router_z_loss_coef: float = 0.0
     disable_top1: bool = False
     """Routing-robustness test: each token's top-1 expert is disabled in both sub-layers."""
-    experts_impl: Literal["auto", "eager", "grouped_mm"] = "auto"
+    experts_impl: ExpertsImpl = "auto"
     """How the sub-experts run (see ``moe``)."""
     norm_eps: float = 1e-5
 

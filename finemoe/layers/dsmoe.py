@@ -25,7 +25,7 @@ Shapes: N tokens, D model width, n blocks ("experts"), F FFN width, b = F/n.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, registe
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_hidden, swiglu_params
 from finemoe.kernels import fused_swiglu_available
 from finemoe.kernels.dsmoe_decode import dsmoe_decode, dsmoe_decode_applies
-from finemoe.layers.experts import compute_dtype, run_swiglu_experts
+from finemoe.layers.experts import ExpertsImpl, compute_dtype, run_swiglu_experts
 from finemoe.layers.routing import count_per_expert
 
 
@@ -58,7 +58,7 @@ class DSMoEConfig(FFNConfig):
     """λ [choice; the paper uses 1]."""
     eval_sparse: bool = True
     """In eval mode compute only the active blocks of each token."""
-    experts_impl: Literal["auto", "eager", "grouped_mm"] = "auto"
+    experts_impl: ExpertsImpl = "auto"
     """How the active blocks run in sparse inference (see ``finemoe.layers.experts``)."""
     norm_eps: float = 1e-5
 

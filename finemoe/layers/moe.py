@@ -32,7 +32,7 @@ from finemoe.config import check
 from finemoe.layers import routing
 from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
-from finemoe.layers.experts import SwiGLUExperts, dispatch_expert_choice, dispatch_token_choice
+from finemoe.layers.experts import ExpertsImpl, SwiGLUExperts, dispatch_expert_choice, dispatch_token_choice
 
 
 @register_ffn
@@ -67,7 +67,7 @@ class MoEConfig(FFNConfig):
     router_z_loss_coef: float = 0.001
     disable_top1: bool = False
     """Routing-robustness test: every token's top-1 expert is disabled (METHODS.md §3)."""
-    experts_impl: Literal["auto", "eager", "grouped_mm"] = "auto"
+    experts_impl: ExpertsImpl = "auto"
     """How the experts run (``finemoe.layers.experts``): ``eager`` (one GEMM per expert, the
     reference), ``grouped_mm`` (one grouped GEMM per projection), ``auto`` (the fastest
     this device, dtype and torch support)."""
