@@ -170,3 +170,33 @@ def test_dsmoe_decoding_on_cuda_equals_the_masked_path(tokens):
         a, G, active = layer.gates(u)
         ref = layer.masked_forward(u, a, G, active)
     assert _rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_finedeep_gate_kernel_matches_the_pytorch_gate(gate):
+    """gate_kernel=true against the same layer without it: float32 to rounding, and bf16
+    autocast against float32 (output and input gradient, matrices' gradients)."""
+    from finemoe.layers import FinedeepConfig
+
+    torch.manual_seed(0)
+    reference = FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=64, gate=gate,
+                               gate_sum="experts").build(256).cuda()
+    fused = FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=64, gate=gate,
+                           gate_sum="experts", gate_kernel=True).build(256).cuda()
+    fused.load_state_dict(reference.state_dict())
+    h = torch.randn(4, 256, 256, device="cuda")
+    for autocast in (False, True):
+        results = []
+        for layer, use_autocast in ((fused, autocast), (reference, False)):
+            x = h.clone().requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                out = layer(x)
+            (out.update.float() * h).sum().backward()
+            results.append((out.update.float(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+            layer.zero_grad()
+        (out_f, gx_f, gp_f), (out_r, gx_r, gp_r) = results
+        bound = 3e-2 if autocast else 1e-4
+        assert _rel(out_f, out_r) < bound and _rel(gx_f, gx_r) < bound
+        for name, grad in gp_r.items():
+            if grad.ndim >= 2:
+                assert _rel(gp_f[name], grad) < bound, (name, autocast)

@@ -66,3 +66,38 @@ def test_dsmoe_decode_kernels_equal_the_masked_path(tokens, rescale):
                                   layer.mlp.down_proj.weight, threshold=layer.config.threshold, rescale=rescale)
     torch.testing.assert_close(gates, G, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def _finedeep_gate_reference(hidden, readout, softmax, normalize, scale):
+    N, (K, f) = hidden.shape[0], readout.shape
+    z = torch.einsum("nkf,kf->nk", hidden.view(N, K, f), readout)
+    if softmax:
+        g = scale * torch.softmax(z, dim=-1)
+    else:
+        g = torch.sigmoid(z)
+        if normalize:
+            g = scale * g / g.sum(-1, keepdim=True)
+    return (hidden.view(N, K, f) * g.unsqueeze(-1)).view(N, K * f), g
+
+
+@pytest.mark.parametrize("softmax,normalize,scale", [(False, True, 1.0), (False, True, 3.0), (False, False, 1.0),
+                                                     (True, True, 1.0), (True, True, 3.0)])
+@pytest.mark.parametrize("K,f", [(3, 20), (4, 300)])
+def test_finedeep_gate_kernel_equals_the_formula(softmax, normalize, scale, K, f):
+    """Outputs, gates and the gradients of the hidden units and the read-out (through
+    both the scaled units and the gates), K not a power of two, f over one tile."""
+    from finemoe.kernels.finedeep_gate import finedeep_gate
+
+    torch.manual_seed(K * f)
+    hidden = torch.randn(5, K * f, device=DEVICE, requires_grad=True)
+    readout = (torch.randn(K, f, device=DEVICE) / f**0.5).requires_grad_(True)
+    probe, probe_g = torch.randn(5, K * f, device=DEVICE), torch.randn(5, K, device=DEVICE)
+    out, gates = finedeep_gate(hidden, readout, softmax=softmax, normalize=normalize, scale=scale)
+    grads = torch.autograd.grad((out * probe).sum() + (gates * probe_g).sum(), [hidden, readout])
+    h2, r2 = hidden.detach().clone().requires_grad_(True), readout.detach().clone().requires_grad_(True)
+    ref, ref_gates = _finedeep_gate_reference(h2, r2, softmax, normalize, scale)
+    ref_grads = torch.autograd.grad((ref * probe).sum() + (ref_gates * probe_g).sum(), [h2, r2])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gates, ref_gates, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

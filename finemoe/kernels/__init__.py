@@ -4,6 +4,6 @@ call → a launcher → a ``torch.library.custom_op`` with a fake implementation
 layer, which keeps its plain PyTorch path as the readable reference."""
 
 from finemoe.kernels.grouped_mm import grouped_mm, native_grouped_mm_supported
-from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_available
+from finemoe.kernels.swiglu import fused_swiglu, triton_kernels_available
 
-__all__ = ["fused_swiglu", "fused_swiglu_available", "grouped_mm", "native_grouped_mm_supported"]
+__all__ = ["fused_swiglu", "triton_kernels_available", "grouped_mm", "native_grouped_mm_supported"]

@@ -31,15 +31,16 @@ try:
 except ImportError:  # the reference formula is used instead
     triton = None
 
-__all__ = ["fused_swiglu", "fused_swiglu_available"]
+__all__ = ["fused_swiglu", "triton_kernels_available"]
 
 _BLOCK = 1024
 
 
-def fused_swiglu_available(x: Tensor) -> bool:
-    """Whether the layers use the Triton kernels for ``x``: Triton is installed, ``x`` is on
-    a GPU in a floating dtype it takes, and ``FINEMOE_KERNELS`` is not ``0`` (which
-    selects the reference formula everywhere)."""
+def triton_kernels_available(x: Tensor) -> bool:
+    """Whether the layers use finemoe's Triton kernels (this one, ``dsmoe_decode``,
+    ``finedeep_gate``) for ``x``: Triton is installed, ``x`` is on a GPU in a floating
+    dtype, and ``FINEMOE_KERNELS`` is not ``0`` (which selects the reference formulas
+    everywhere)."""
     if triton is None or os.environ.get("FINEMOE_KERNELS", "1") == "0":
         return False
     return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_available
+from finemoe.kernels.swiglu import fused_swiglu, triton_kernels_available
 from finemoe.layers.base import report
 
 __all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_hidden", "swiglu_params"]
@@ -61,7 +61,7 @@ def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None, *,
     (``finemoe.kernels.fused_swiglu``, used on the GPU) speeds them all. This formula is
     its reference, and the path taken while a recorder is attached."""
     recording = module is not None and module.__dict__.get("recorder") is not None
-    if not recording and fused_swiglu_available(gate):
+    if not recording and triton_kernels_available(gate):
         return fused_swiglu(gate, up, block_scale)
     act = F.silu(gate)
     hidden = act * up

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from finemoe.config import ConfigError, check
 from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32, swiglu_hidden, swiglu_params
+from finemoe.kernels import triton_kernels_available
+from finemoe.kernels.finedeep_gate import finedeep_gate
 from finemoe.layers.dense import DenseConfig
 
 
@@ -53,6 +55,10 @@ class FinedeepConfig(FFNConfig):
     """What normalised (or softmax) gates sum to: 1, a weighted average of the K experts
     (the spec), or K, so that equal gates give the plain sum of the experts, i.e. the
     dense FFN they were cut from (an average is ~1/K of it: see results/study_finedeep)."""
+    gate_kernel: bool = False
+    """Compute scores, gates and the gated hidden units with one Triton kernel on a GPU
+    (``finemoe.kernels.finedeep_gate``; output-guided routing only). Off until it has
+    been measured against the PyTorch path it replaces."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -131,31 +137,42 @@ class FinedeepFFN(FFN):
         N, D = h_ND.shape
         u_ND = self.norms[m](h_ND)
         hidden_NF = swiglu_hidden(u_ND @ self.w_gate[m], u_ND @ self.w_up[m], self)
-        with torch.autocast(device_type=h_ND.device.type, enabled=False):
-            router_KD = at_least_float32(self.router[m])
-            if cfg.router_input == "expert_output":
-                readout_Kf = torch.einsum("kfd,kd->kf", at_least_float32(self.w_down[m]), router_KD)  # W_{d,k} w_k
-                eye_KK = torch.eye(K, dtype=readout_Kf.dtype, device=readout_Kf.device)
-                readout_FK = (readout_Kf.unsqueeze(-1) * eye_KK.unsqueeze(1)).reshape(K * f, K)  # block-diagonal
-                scores_NK = at_least_float32(hidden_NF @ readout_FK.to(hidden_NF.dtype))
-            else:
-                scores_NK = at_least_float32(u_ND) @ router_KD.t()
-            if cfg.gate == "softmax":
-                gates_NK = torch.softmax(scores_NK, dim=-1)
-            else:
-                gates_NK = torch.sigmoid(scores_NK)
-                if cfg.normalize:
-                    gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
-            if cfg.gate_sum == "experts":
-                gates_NK = gates_NK * K
+        if self._gate_kernel_applies(hidden_NF):
+            weighted_NF, gates_NK = finedeep_gate(hidden_NF, self._readout(m), softmax=cfg.gate == "softmax",
+                                                  normalize=cfg.normalize, scale=K if cfg.gate_sum == "experts" else 1.0)
+        else:
+            with torch.autocast(device_type=h_ND.device.type, enabled=False):
+                if cfg.router_input == "expert_output":
+                    eye_KK = torch.eye(K, dtype=self.router.dtype, device=h_ND.device)
+                    readout_FK = (self._readout(m).unsqueeze(-1) * eye_KK.unsqueeze(1)).reshape(K * f, K)  # block-diagonal
+                    scores_NK = at_least_float32(hidden_NF @ readout_FK.to(hidden_NF.dtype))
+                else:
+                    scores_NK = at_least_float32(u_ND) @ at_least_float32(self.router[m]).t()
+                if cfg.gate == "softmax":
+                    gates_NK = torch.softmax(scores_NK, dim=-1)
+                else:
+                    gates_NK = torch.sigmoid(scores_NK)
+                    if cfg.normalize:
+                        gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
+                if cfg.gate_sum == "experts":
+                    gates_NK = gates_NK * K
+            if self.__dict__.get("recorder") is not None:
+                report(self, "gates", gates=gates_NK, sublayer=torch.tensor(m))
+            weighted_NF = (hidden_NF.view(N, K, f) * gates_NK.to(hidden_NF.dtype).unsqueeze(-1)).view(N, K * f)
         if record is not None:
             record.setdefault("gate_mean", []).append(gates_NK.detach().mean(0))
-        if self.__dict__.get("recorder") is not None:
-            report(self, "gates", gates=gates_NK, sublayer=torch.tensor(m))
-        # (Recomputing hidden ⊙ g inside the fused SwiGLU kernel measured slower, eager and
-        # compiled: benchmarks/NOTES.md.)
-        weighted_NF = (hidden_NF.view(N, K, f) * gates_NK.to(hidden_NF.dtype).unsqueeze(-1)).view(N, K * f)
         return weighted_NF @ self.w_down[m].reshape(K * f, D)
+
+    def _readout(self, m: int) -> Tensor:
+        """``r_k = W_{d,k} w_k`` of sub-layer m, ``(K, f)`` in float32: the output-guided
+        score of expert k is ``hidden_k · r_k``."""
+        with torch.autocast(device_type=self.router.device.type, enabled=False):
+            return torch.einsum("kfd,kd->kf", at_least_float32(self.w_down[m]), at_least_float32(self.router[m]))
+
+    def _gate_kernel_applies(self, hidden_NF: Tensor) -> bool:
+        cfg = self.config
+        return (cfg.gate_kernel and cfg.router_input == "expert_output" and triton_kernels_available(hidden_NF)
+                and self.__dict__.get("recorder") is None)
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
         B, T, D = h_BTD.shape
