@@ -289,16 +289,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Tiny sizes, few repeats: a smoke run.")
     parser.add_argument("--compile", action="store_true",
                         help="Also every layer under torch.compile, at the first size (training rows).")
+    parser.add_argument("--compile-only", action="store_true", help="Only the compiled rows (fits a shorter command).")
     parser.add_argument("--out", default=None, help="Path stem for .json and .md results.")
     args = parser.parse_args()
 
     sizes = [(64, 256)] if args.quick else [(1024, 16384), (512, 4096)]
     warmup, repeats = (1, 2) if args.quick else (args.warmup, args.repeats)
     rows = []
-    for d, tokens in sizes:
+    for d, tokens in [] if args.compile_only else sizes:
         print(f"d = {d}, {tokens} tokens", flush=True)
         rows += run_size(d, tokens, args.device, warmup, repeats, args.only)
-    if args.compile:
+    if args.compile or args.compile_only:
         d, tokens = sizes[0]
         print(f"d = {d}, {tokens} tokens, compiled", flush=True)
         rows += run_size(d, tokens, args.device, warmup, repeats, args.only, compile=True)
