@@ -7,7 +7,7 @@ import torch
 
 from finemoe.layers import DenseConfig, MoEConfig
 from tests import reference as ref
-from tests.helpers import D, compare_with_reference, randomise
+from tests.helpers import B, D, T, compare_with_reference, randomise
 
 
 def test_dense_matches_reference():
@@ -107,3 +107,24 @@ def test_moe_under_bf16_autocast_keeps_router_in_float32(monkeypatch):
         out = layer(torch.randn(2, 3, D))
     assert seen["logits_dtype"] == torch.float32
     assert out.aux_losses["router_z"].dtype == torch.float32
+
+
+def test_disable_top1_as_a_run_time_intervention_equals_the_config_option():
+    """The intervention changes what the layer computes for the duration of the block
+    only, and the same way as the config option; its config is never touched."""
+    from finemoe.layers import intervention
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=6, num_experts_per_tok=2, expert_intermediate_size=16)
+    layer = cfg.build(D)
+    switched = cfg.replace(disable_top1=True).build(D)
+    switched.load_state_dict(layer.state_dict())
+    h = torch.randn(B, T, D)
+    normal = layer(h).update
+    with intervention(layer, "disable_top1") as reached:
+        assert reached == 1 and layer.config is cfg
+        torch.testing.assert_close(layer(h).update, switched(h).update)
+    torch.testing.assert_close(layer(h).update, normal)
+    every_expert = MoEConfig(num_experts=2, num_experts_per_tok=2, expert_intermediate_size=16).build(D)
+    with intervention(every_expert, "disable_top1") as reached:
+        assert reached == 0  # a layer that routes to every expert cannot skip its top-1

@@ -17,7 +17,6 @@ Layers report through ``finemoe.layers.base.report`` to a ``Recorder``; see
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -178,21 +177,14 @@ def _compute_spent(model: nn.Module, layers: dict) -> dict:
 
 @contextmanager
 def disabled_top1(model: nn.Module) -> Iterator[int]:
-    """Every routed MoE layer (``moe``, and CartesianMoE's two sub-layers) routes each
-    token past its top-1 expert; yields how many layers were switched. The layers'
-    configs are swapped for copies with ``disable_top1 = True`` and restored after."""
-    from finemoe.layers import MoEFFN
+    """Every routed layer that supports it (``moe``, CartesianMoE's two sub-layers, any
+    layer listing the intervention) routes each token past its top-1 expert; yields how
+    many layers were switched. A run-time intervention of the layers
+    (``finemoe.layers.intervention``): their configs are not touched."""
+    from finemoe.layers import intervention
 
-    saved = []
-    for module in model.modules():
-        if isinstance(module, MoEFFN):
-            saved.append((module, module.config))
-            module.config = dataclasses.replace(module.config, disable_top1=True)
-    try:
-        yield len(saved)
-    finally:
-        for module, config in saved:
-            module.config = config
+    with intervention(model, "disable_top1") as reached:
+        yield reached
 
 
 def routing_robustness(model, shards, *, seq_len: int, batch_size: int, max_batches: int | None, device,

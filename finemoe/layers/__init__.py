@@ -1,6 +1,6 @@
 """FFN kinds. Importing this package registers every built-in kind."""
 
-from finemoe.layers.base import FFN, FFN_KINDS, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import FFN, FFN_KINDS, FFNConfig, FFNOutput, LayerContext, intervention, register_ffn
 from finemoe.layers.dense import DenseConfig, DenseFFN
 from finemoe.layers.moe import MoEConfig, MoEFFN
 from finemoe.layers.finedeep import FinedeepConfig, FinedeepFFN
@@ -15,6 +15,7 @@ __all__ = [
     "FFNConfig",
     "FFNOutput",
     "LayerContext",
+    "intervention",
     "register_ffn",
     "DenseConfig",
     "DenseFFN",

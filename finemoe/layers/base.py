@@ -17,15 +17,16 @@ module subclassing ``FFN``; nothing else in finemoe changes.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError
 
-__all__ = ["FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "register_ffn", "report"]
+__all__ = ["FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "intervention", "register_ffn", "report"]
 
 
 def report(module: nn.Module, key: str, **values: Tensor) -> None:
@@ -144,9 +145,21 @@ class FFNConfig:
 
 
 class FFN(nn.Module):
-    """Base class of every FFN module: ``forward(h_BTD) -> FFNOutput``."""
+    """Base class of every FFN module: ``forward(h_BTD) -> FFNOutput``.
+
+    A layer may support run-time *interventions*: named changes of its computation
+    that an experiment switches on for a while without touching its config (e.g.
+    ``disable_top1``, CartesianMoE's robustness test). It lists them in
+    ``supported_interventions()`` and asks ``self.intervening(name)`` in its forward;
+    ``intervention(model, name)`` switches one on in every layer that supports it."""
 
     config: FFNConfig
+
+    def supported_interventions(self) -> tuple[str, ...]:
+        return ()
+
+    def intervening(self, name: str) -> bool:
+        return name in self.__dict__.get("_interventions", ())
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:  # pragma: no cover
         raise NotImplementedError
@@ -156,3 +169,18 @@ class FFN(nn.Module):
         """Initialise in place: input projections with ``std``, output projections with
         ``out_std`` (scaled down with depth by the model), norms to one."""
         raise NotImplementedError
+
+
+@contextmanager
+def intervention(model: nn.Module, name: str) -> Iterator[int]:
+    """Switch the run-time intervention ``name`` on in every FFN of ``model`` that
+    supports it, for the duration of the block; yields how many layers it reached
+    (0: the model has no layer that supports it)."""
+    reached = [m for m in model.modules() if isinstance(m, FFN) and name in m.supported_interventions()]
+    for module in reached:
+        module.__dict__.setdefault("_interventions", set()).add(name)
+    try:
+        yield len(reached)
+    finally:
+        for module in reached:
+            module.__dict__["_interventions"].discard(name)

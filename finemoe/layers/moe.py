@@ -66,7 +66,9 @@ class MoEConfig(FFNConfig):
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     disable_top1: bool = False
-    """Routing-robustness test: every token's top-1 expert is disabled (METHODS.md §3)."""
+    """Routing-robustness test: every token's top-1 expert is disabled (METHODS.md §3).
+    Also a run-time intervention (``finemoe.layers.intervention(model, "disable_top1")``),
+    which is how ``finemoe analyze`` measures robustness without changing the config."""
     experts_impl: ExpertsImpl = "auto"
     """How the experts run (``finemoe.layers.experts``): ``eager`` (one GEMM per expert, the
     reference), ``grouped_mm`` (one grouped GEMM per projection), ``auto`` (the fastest
@@ -176,8 +178,14 @@ class MoEFFN(FFN):
         self.shared = SwiGLU(d_model, config.shared_width) if config.shared_width > 0 else None
         self.shared_gate = nn.Linear(d_model, 2, bias=True) if config.shared_mix == "gate" else None
 
+    def supported_interventions(self) -> tuple[str, ...]:
+        cfg = self.config
+        can_skip = cfg.routing == "expert_choice" or cfg.routed_top_k < cfg.num_routed_experts
+        return ("disable_top1",) if can_skip else ()
+
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
         cfg = self.config
+        skip_top1 = cfg.disable_top1 or self.intervening("disable_top1")
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         with torch.autocast(device_type=u_ND.device.type, enabled=False):
@@ -187,7 +195,7 @@ class MoEFFN(FFN):
         aux: dict[str, Tensor] = {}
         if cfg.routing == "token_choice":
             weights_NK, idx_NK = routing.topk_routing(
-                probs_NE, cfg.routed_top_k, renormalize=cfg.norm_topk_prob, skip_top1=cfg.disable_top1
+                probs_NE, cfg.routed_top_k, renormalize=cfg.norm_topk_prob, skip_top1=skip_top1
             )
             y_ND = dispatch_token_choice(self.experts, u_ND, weights_NK, idx_NK)
             if cfg.router_aux_loss_coef > 0:
@@ -197,7 +205,7 @@ class MoEFFN(FFN):
             routed_idx = idx_NK
         else:
             weights_EC, idx_EC = routing.expert_choice_routing(
-                probs_NE, cfg.capacity(B * T), skip_top1=cfg.disable_top1
+                probs_NE, cfg.capacity(B * T), skip_top1=skip_top1
             )
             y_ND = dispatch_expert_choice(self.experts, u_ND, weights_EC, idx_EC)
             routed_idx = torch.arange(cfg.num_routed_experts, device=u_ND.device).repeat_interleave(idx_EC.shape[1])
