@@ -1,7 +1,11 @@
 """Building blocks shared by the model and every FFN kind: RMSNorm and a SwiGLU MLP.
 
-Shape legend used across finemoe: B batch, T sequence, N tokens (B·T flattened),
-D model width, F FFN width, E experts, K experts per token, H heads.
+The shape legend of the whole package (suffixes such as ``x_ND``, ``idx_NK``):
+B batch, T sequence, N tokens (B·T flattened), D model width, F FFN width, E experts,
+K experts per token (in Finedeep, the K experts of a sub-layer, which every token
+uses), S routed slots, C tokens per expert, H heads, k experts retrieved per head and
+Q query/key width (PEER, PKM), M sub-layers, f and b the width of one expert or block,
+n DSMoE's blocks. A module's docstring names the letters it uses.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ in METHODS.md §4.
 A pool of N single-neuron experts (up to 1024² ≈ 1M), ``e_i(x) = σ(u_i · x) v_i``,
 of which each head retrieves its top-k by product keys:
 
-    q(x)    = BatchNorm(x W_q + b)             per head, K = key width (BN on by default)
+    q(x)    = BatchNorm(x W_q + b)             per head, Q = key width (BN on by default)
     key_ab  = [c_a ; c'_b]                     two sub-key tables shared by all heads
     top-k   of q¹·C, top-k of q²·C', top-k of the k² sums   (exact over all N keys)
     g       = softmax over the k retrieved scores            (sigmoid as an option)
@@ -16,7 +16,7 @@ nothing N-sized is built per token. No auxiliary loss.
 Not the "non-competing" variant of a popular community port (ReLU scores, top-1 per
 head, per-head sub-keys): that is not the paper's layer.
 
-Shapes: N tokens, D model width, H heads, K key width, k experts per head,
+Shapes: N tokens, D model width, H heads, Q key width, k experts per head,
 S = √(num_experts) sub-keys per table.
 """
 
@@ -47,7 +47,7 @@ class ProductKeyConfig(FFNConfig):
     top_k: int = 16
     """k retrieved per head."""
     key_dim: int = 128
-    """K: query/key width per head, split in two halves [choice]."""
+    """Q: query/key width per head, split in two halves [choice]."""
     query_batchnorm: bool = True
     gate: Literal["softmax", "sigmoid"] = "softmax"
     norm_eps: float = 1e-5
@@ -80,7 +80,7 @@ class ProductKeyConfig(FFNConfig):
     def retrieval_flops(self, d_model: int) -> int:
         """Query projection, scoring both sub-key tables, and the k² candidate sums."""
         q = self.num_heads * self.key_dim
-        scoring = self.num_heads * self.sub_keys * self.key_dim  # 2 tables × S × K/2 MACs per head
+        scoring = self.num_heads * self.sub_keys * self.key_dim  # 2 tables × S × Q/2 MACs per head
         return 2 * d_model * q + 2 * scoring + self.num_heads * self.top_k**2
 
 
@@ -124,9 +124,9 @@ class ProductKeyRetrieval(nn.Module):
             q_NQ = F.linear(at_least_float32(x_ND), at_least_float32(self.query.weight), at_least_float32(self.query.bias))
             if self.query_norm is not None:
                 q_NQ = self.query_norm(q_NQ)
-            q_NHK = q_NQ.view(-1, cfg.num_heads, cfg.key_dim)
+            q_NHQ = q_NQ.view(-1, cfg.num_heads, cfg.key_dim)
             keys = at_least_float32(self.sub_keys)
-            return product_key_topk(q_NHK, keys[0], keys[1], cfg.top_k)
+            return product_key_topk(q_NHQ, keys[0], keys[1], cfg.top_k)
 
     def route(self, u_ND: Tensor) -> tuple[Tensor, Tensor]:
         """``(idx_NHk, gates_NHk)`` of the normalised input: retrieval, then the gate, and

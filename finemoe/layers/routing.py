@@ -101,21 +101,21 @@ def router_entropy(probs_NE: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
 
 
-def product_key_topk(q_NHK: Tensor, sub_keys_1: Tensor, sub_keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def product_key_topk(q_NHQ: Tensor, sub_keys_1: Tensor, sub_keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Exact top-k over N = S² product keys (Lample et al. 2019, §3.2; PEER eq. 3-4).
 
     The key of expert (a, b) is ``[c_a ; c'_b]``, so ``q · k_ab = q¹ · c_a + q² · c'_b``
     with q split into halves. The k best sums have both parts among the top-k of their
     half, so: top-k of ``q¹ C``, top-k of ``q² C'``, then top-k of the k² sums —
-    O((S + k²) · K) per query instead of O(N · K).
+    O((S + k²) · Q) per query instead of O(N · Q).
 
-    q_NHK: ``(N, H, K)`` queries (K = key width); sub-key tables ``(S, K/2)``.
+    q_NHQ: ``(N, H, Q)`` queries (Q = key width); sub-key tables ``(S, Q/2)``.
     Returns ``(scores_NHk, idx_NHk)`` with ``idx = a · S + b``, best first.
     """
-    half = q_NHK.shape[-1] // 2
+    half = q_NHQ.shape[-1] // 2
     S = sub_keys_1.shape[0]
-    scores1_NHk, idx1_NHk = (q_NHK[..., :half] @ sub_keys_1.t()).topk(k, dim=-1)  # (N, H, S) → top-k
-    scores2_NHk, idx2_NHk = (q_NHK[..., half:] @ sub_keys_2.t()).topk(k, dim=-1)
+    scores1_NHk, idx1_NHk = (q_NHQ[..., :half] @ sub_keys_1.t()).topk(k, dim=-1)  # (N, H, S) → top-k
+    scores2_NHk, idx2_NHk = (q_NHQ[..., half:] @ sub_keys_2.t()).topk(k, dim=-1)
     pair_scores = (scores1_NHk.unsqueeze(-1) + scores2_NHk.unsqueeze(-2)).flatten(-2)  # (N, H, k·k)
     scores_NHk, pair_NHk = pair_scores.topk(k, dim=-1)
     a_NHk = idx1_NHk.gather(-1, torch.div(pair_NHk, k, rounding_mode="floor"))
