@@ -3,8 +3,10 @@ chooses how experts run.
 
 Dispatch is sort-based: every (token, expert) slot is sorted by expert, the tokens
 are gathered into one contiguous ``(S, D)`` buffer, the experts run on their
-contiguous row groups, and the weighted results are scattered back with
-``index_add_``. Nothing leaves the device: group sizes are counted with a scatter-add
+contiguous row groups (each row's routing weight applied to its hidden units), and
+the results are summed back per token: in slot order for token choice (a
+permutation, no atomic adds), with ``index_add_`` for expert choice, where a token
+has any number of slots. Nothing leaves the device: group sizes are counted with a scatter-add
 (``bincount`` would size its output on the host), so the dispatch compiles with
 ``fullgraph=True``.
 
