@@ -12,6 +12,7 @@ through (PEER's per-expert mass is one ``(heads, N)`` tensor per layer, on the d
 from __future__ import annotations
 
 import math
+import string
 from collections import defaultdict
 
 import torch
@@ -33,8 +34,8 @@ def _ffn_record_names(model: nn.Module) -> dict[nn.Module, str]:
         ffn = block.ffn
         for name, module in ffn.named_modules():
             record = f"layer{i}"
-            if name.startswith("sublayers."):  # CartesianMoE: sub-layers A and B
-                record += "/" + "AB"[int(name.split(".")[1])]
+            if name.startswith("sublayers."):  # stacked sub-layers (CartesianMoE's A and B): A, B, C, ...
+                record += "/" + string.ascii_uppercase[int(name.split(".")[1])]
             names[module] = record
     return names
 
@@ -50,7 +51,6 @@ class Recorder:
         self.bins = bins
         self.stats: dict[str, dict[str, Tensor | float]] = defaultdict(dict)
         self._attached: list[nn.Module] = []
-        self._pool_sizes: dict[str, int] = {}  # PEER/PKM layers: N, to size the mass accumulators
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "Recorder":
@@ -58,8 +58,6 @@ class Recorder:
             module.record_name = name
             module.recorder = self
             self._attached.append(module)
-            if type(module).__name__ in ("PEERFFN", "PKMFFN"):
-                self._pool_sizes[name] = module.config.num_experts
         return self
 
     def detach(self) -> None:
@@ -123,9 +121,9 @@ class Recorder:
         self._add(layer, f"finedeep/gate_sum/{m}", g.sum(0).double())
         self._add(layer, f"finedeep/tokens/{m}", float(g.shape[0]))
 
-    def _observe_retrieval(self, layer: str, idx: Tensor, gates: Tensor) -> None:
+    def _observe_retrieval(self, layer: str, idx: Tensor, gates: Tensor, num_experts: int) -> None:
+        """Retrieval from a pool of ``num_experts`` (PEER, PKM, any product-key layer)."""
         N, H, k = idx.shape
-        num_experts = self._pool_sizes[layer]
         store = self.stats[layer]
         if "pk/mass" not in store:
             store["pk/mass"] = torch.zeros(H, num_experts, dtype=torch.float64, device=idx.device)

@@ -133,7 +133,7 @@ class ProductKeyRetrieval(nn.Module):
         the report to an attached analysis recorder (shared by PEER and PKM)."""
         scores_NHk, idx_NHk = self(u_ND)
         gates_NHk = self.gates(scores_NHk)
-        report(self, "retrieval", idx=idx_NHk, gates=gates_NHk)
+        report(self, "retrieval", idx=idx_NHk, gates=gates_NHk, num_experts=self.config.num_experts)
         return idx_NHk, gates_NHk
 
     def gates(self, scores_NHk: Tensor) -> Tensor:
