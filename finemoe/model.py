@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.layers import FFN, DenseConfig, FFNConfig, LayerContext
+from finemoe.layers import FFN, CallContext, DenseConfig, FFNConfig, LayerContext
 from finemoe.layers.common import RMSNorm, at_least_float32
 
 __all__ = ["FFNLayers", "KVCache", "ModelConfig", "ModelOutput", "Transformer", "select_layers"]
@@ -283,9 +283,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn: FFN = ffn_config.build(cfg.d_model, context)
 
-    def forward(self, x_BTD: Tensor, cos_Td: Tensor, sin_Td: Tensor, return_stats: bool, cache: LayerCache | None = None):
+    def forward(self, x_BTD: Tensor, cos_Td: Tensor, sin_Td: Tensor, return_stats: bool, cache: LayerCache | None = None,
+                context: CallContext | None = None):
         h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, cache)
-        out = self.ffn(h_BTD, return_stats=return_stats)
+        out = self.ffn(h_BTD, return_stats=return_stats, context=context)
         return h_BTD + out.update, out
 
 
@@ -337,10 +338,12 @@ class Transformer(nn.Module):
             torch.arange(past, past + T, device=input_ids.device), self.config.head_dim, self.config.rope_theta
         )
         x_BTD = self.embed(input_ids)
+        context = CallContext(token_ids=input_ids)
         aux_losses: dict[str, Tensor] = {}
         layer_stats = [] if return_stats else None
         for i, block in enumerate(self.blocks):
-            x_BTD, ffn_out = block(x_BTD, cos_Td, sin_Td, return_stats, cache.layers[i] if cache is not None else None)
+            x_BTD, ffn_out = block(x_BTD, cos_Td, sin_Td, return_stats, cache.layers[i] if cache is not None else None,
+                                   context)
             for name, value in ffn_out.aux_losses.items():
                 aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
             if layer_stats is not None:

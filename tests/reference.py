@@ -197,3 +197,19 @@ def product_key_ffn(h, p, cfg, *, peer: bool):
                     y = y + g * p["values"][i]
         out.append(y)
     return torch.stack(out).reshape(B, T, D), None
+
+
+def hash_ffn(h, token_ids, p, cfg):
+    """The Hash layer, one token at a time; the hash written out in plain integers."""
+    B, T, D = h.shape
+    u = rmsnorm(h, p["norm.weight"], cfg.norm_eps).reshape(B * T, D)
+    out = []
+    for n, token in enumerate(token_ids.reshape(-1).tolist()):
+        mixed = (token * 2654435761 + cfg.hash_seed * 0x9E3779B9) % 2**32
+        e = mixed * cfg.num_experts // 2**32
+        y = swiglu(u[n], p["experts.w_gate"][e], p["experts.w_up"][e], p["experts.w_down"][e])
+        if cfg.shared_width:
+            y = y + swiglu(u[n], p["shared.gate_proj.weight"].T, p["shared.up_proj.weight"].T,
+                           p["shared.down_proj.weight"].T)
+        out.append(y)
+    return (torch.stack(out).reshape(B, T, D),)

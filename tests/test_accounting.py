@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from finemoe import FFN_KINDS, FFNLayers, ModelConfig, Transformer
-from finemoe.layers import CartesianConfig, DenseConfig, DSMoEConfig, FinedeepConfig, MoEConfig, PEERConfig, PKMConfig
+from finemoe.layers import (CallContext, CartesianConfig, DenseConfig, DSMoEConfig, FinedeepConfig, HashConfig, MoEConfig,
+                            PEERConfig, PKMConfig)
 
 D = 16
 
@@ -28,6 +29,8 @@ KIND_EXAMPLES = {
     "peer": [PEERConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8),
              PEERConfig(num_experts=49, num_heads=3, top_k=2, key_dim=6, query_batchnorm=False)],
     "pkm": [PKMConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8)],
+    "hash": [HashConfig(num_experts=5, expert_intermediate_size=12),
+             HashConfig(num_experts=3, expert_intermediate_size=8, num_shared_experts=1, shared_expert_intermediate_size=10)],
 }
 EXAMPLES = [(kind, i, cfg) for kind, cfgs in KIND_EXAMPLES.items() for i, cfg in enumerate(cfgs)]
 
@@ -54,7 +57,7 @@ def test_active_params_equal_params_a_single_token_touches(kind, i, cfg):
     torch.manual_seed(0)
     layer = cfg.build(D).double()
     h = torch.randn(1, 1, D, dtype=torch.float64)
-    out = layer(h)
+    out = layer(h, context=CallContext(token_ids=torch.tensor([[7]])))
     # With the auxiliary losses: under renormalised top-k an unselected expert's router
     # row has an (analytically) zero gradient from the output alone, yet it is computed.
     (out.update.sum() + sum(out.aux_losses.values(), torch.zeros((), dtype=torch.float64))).backward()

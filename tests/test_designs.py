@@ -8,10 +8,12 @@ import torch
 from finemoe.config import ConfigError
 from finemoe.convert import moe_config_for_split, split_dense_ffn
 from finemoe.layers import (
+    CallContext,
     CartesianConfig,
     DenseConfig,
     DSMoEConfig,
     FinedeepConfig,
+    HashConfig,
     PEERConfig,
     PKMConfig,
 )
@@ -355,3 +357,51 @@ def test_channel_pruning_keeps_the_strongest_channels_and_their_function():
     u = dense_ffn.norm(h)
     expected = (torch.nn.functional.silu(u @ w_g[keep].T) * (u @ w_u[keep].T)) @ w_d[:, keep].T
     torch.testing.assert_close(pruned_ffn(h).update, expected)
+
+
+# -- Hash layer ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [
+    HashConfig(num_experts=5, expert_intermediate_size=12),
+    HashConfig(num_experts=4, expert_intermediate_size=10, num_shared_experts=1, shared_expert_intermediate_size=6,
+               hash_seed=3),
+])
+def test_hash_layer_matches_reference(cfg):
+    """Outputs and every gradient against the naive float64 reference; the experts a
+    token id reaches never change (within a batch, between batches, with the seed fixed)."""
+    from tests.helpers import B, T
+
+    torch.manual_seed(0)
+    layer = randomise(cfg.build(D)).double()
+    ids = torch.randint(0, 50_000, (B, T))
+    context = CallContext(token_ids=ids)
+    h = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(B, T, D, dtype=torch.float64)
+    (layer(h, context=context).update * probe).sum().backward()
+    h_ref = h.detach().clone().requires_grad_(True)
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
+    (update_ref,) = ref.hash_ffn(h_ref, ids, params, cfg)
+    (update_ref * probe).sum().backward()
+    torch.testing.assert_close(layer(h, context=context).update, update_ref, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-10, rtol=1e-9)
+    for name, p in layer.named_parameters():
+        want = params[name].grad if params[name].grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(p.grad, want, atol=1e-10, rtol=1e-9, msg=lambda m: f"gradient of {name}: {m}")
+
+
+def test_hash_assignment_is_fixed_and_balanced():
+    from finemoe.layers.hash import hash_experts
+
+    ids = torch.arange(50_000)
+    experts = hash_experts(ids, 16)
+    counts = torch.bincount(experts, minlength=16).float()
+    assert counts.min() > 0.95 * counts.mean() and counts.max() < 1.05 * counts.mean()
+    assert torch.equal(hash_experts(ids.flip(0), 16), experts.flip(0))
+    assert not torch.equal(hash_experts(ids, 16, seed=1), experts)
+
+
+def test_hash_layer_needs_token_ids():
+    layer = HashConfig(num_experts=2, expert_intermediate_size=8).build(16)
+    with pytest.raises(ValueError, match="routes by token id"):
+        layer(torch.randn(1, 2, 16))

@@ -25,10 +25,13 @@ def test_bf16_autocast_on_cuda_matches_float32_cpu(kind):
     torch.manual_seed(0)
     cpu_layer = SMALL[kind].build(48).eval()  # eval: BatchNorm uses fixed running stats on both sides
     gpu_layer = copy.deepcopy(cpu_layer).cuda()
+    from finemoe.layers import CallContext
+
     h = torch.randn(4, 64, 48)
-    ref = cpu_layer(h).update
+    ids = torch.randint(0, 1000, (4, 64))
+    ref = cpu_layer(h, context=CallContext(token_ids=ids)).update
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = gpu_layer(h.cuda())
+        out = gpu_layer(h.cuda(), context=CallContext(token_ids=ids.cuda()))
     assert out.update.dtype in (torch.bfloat16, torch.float32)
     # Routing decisions may flip for near-ties under bf16, so compare in norm, loosely.
     assert _rel(out.update.cpu(), ref) < 5e-2, kind
@@ -38,7 +41,7 @@ def test_bf16_autocast_on_cuda_matches_float32_cpu(kind):
     gpu_layer.train()
     h_gpu = h.cuda().requires_grad_(True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = gpu_layer(h_gpu)
+        out = gpu_layer(h_gpu, context=CallContext(token_ids=ids.cuda()))
     (out.update.float().sum() + sum(out.aux_losses.values(), torch.zeros((), device="cuda"))).backward()
     assert torch.isfinite(h_gpu.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in gpu_layer.parameters() if p.grad is not None)

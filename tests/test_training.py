@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from finemoe import FFN_KINDS, ModelConfig, Transformer
-from finemoe.layers import CartesianConfig, DenseConfig, DSMoEConfig, FinedeepConfig, MoEConfig, PEERConfig, PKMConfig
+from finemoe.layers import (CartesianConfig, DenseConfig, DSMoEConfig, FinedeepConfig, HashConfig, MoEConfig, PEERConfig,
+                            PKMConfig)
 
 SMALL = {
     "dense": DenseConfig(intermediate_size=96),
@@ -16,6 +17,7 @@ SMALL = {
     "cartesian": CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=24),
     "peer": PEERConfig(num_experts=32**2, num_heads=4, top_k=8, key_dim=16),
     "pkm": PKMConfig(num_experts=32**2, num_heads=4, top_k=8, key_dim=16),
+    "hash": HashConfig(num_experts=4, expert_intermediate_size=48),
 }
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError
 
-__all__ = ["FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "intervention", "register_ffn", "report"]
+__all__ = ["CallContext", "FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "intervention", "register_ffn", "report"]
 
 
 def report(module: nn.Module, key: str, **values: Tensor) -> None:
@@ -63,6 +63,15 @@ class LayerContext:
     n_layers: int = 1
     n_layers_of_kind: int = 1
     """How many layers of the model use this FFN kind."""
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What an FFN may read about the current call besides the hidden states; any layer
+    may use it, none has to. ``token_ids``: ``(B, T)`` ids of the tokens whose hidden
+    states these are (the Hash layer routes by them)."""
+
+    token_ids: Tensor | None = None
 
 
 @dataclass
@@ -161,7 +170,8 @@ class FFN(nn.Module):
     def intervening(self, name: str) -> bool:
         return name in self.__dict__.get("_interventions", ())
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:  # pragma: no cover
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False,
+                context: CallContext | None = None) -> FFNOutput:  # pragma: no cover
         raise NotImplementedError
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 from torch import Tensor, nn
 
 from finemoe.config import check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.experts import ExpertsImpl
 from finemoe.layers.moe import MoEConfig, MoEFFN
 
@@ -101,9 +101,9 @@ class CartesianFFN(FFN):
         sub = config.sublayer()
         self.sublayers = nn.ModuleList([MoEFFN(sub, d_model), MoEFFN(sub, d_model)])  # A, B
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
-        a = self.sublayers[0](h_BTD, return_stats=return_stats)            # MoE_A(RMSNorm_A(h))
-        b = self.sublayers[1](h_BTD + a.update, return_stats=return_stats)  # MoE_B(RMSNorm_B(h'))
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+        a = self.sublayers[0](h_BTD, return_stats=return_stats, context=context)            # MoE_A(RMSNorm_A(h))
+        b = self.sublayers[1](h_BTD + a.update, return_stats=return_stats, context=context)  # MoE_B(RMSNorm_B(h'))
         aux = {name: a.aux_losses[name] + b.aux_losses[name] for name in a.aux_losses}
         stats = None
         if return_stats:

@@ -12,7 +12,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from finemoe.config import check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
 
 
@@ -49,7 +49,7 @@ class DenseFFN(FFN):
         self.norm = RMSNorm(d_model, config.norm_eps)
         self.mlp = SwiGLU(d_model, config.intermediate_size)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         return FFNOutput(update=self.mlp(self.norm(h_BTD)), stats={} if return_stats else None)
 
     def init_weights(self, std: float, out_std: float) -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_hidden, swiglu_params
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.dsmoe_decode import dsmoe_decode, dsmoe_decode_applies
@@ -158,7 +158,7 @@ class DSMoEFFN(FFN):
                 and self.__dict__.get("recorder") is None and triton_kernels_available(u_ND)
                 and dsmoe_decode_applies(u_ND, self.config.block_width))
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32, swiglu_hidden, swiglu_params
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.finedeep_gate import finedeep_gate
@@ -174,7 +174,7 @@ class FinedeepFFN(FFN):
         return (cfg.gate_kernel and cfg.router_input == "expert_output" and triton_kernels_available(hidden_NF)
                 and self.__dict__.get("recorder") is None)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         B, T, D = h_BTD.shape
         h_ND = h_BTD.reshape(B * T, D)
         record: dict | None = {} if return_stats else None

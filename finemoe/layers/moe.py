@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.layers import routing
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
 from finemoe.layers.experts import ExpertsImpl, SwiGLUExperts, dispatch_expert_choice, dispatch_token_choice
 
@@ -183,7 +183,7 @@ class MoEFFN(FFN):
         can_skip = cfg.routing == "expert_choice" or cfg.routed_top_k < cfg.num_routed_experts
         return ("disable_top1",) if can_skip else ()
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         skip_top1 = cfg.disable_top1 or self.intervening("disable_top1")
         B, T, D = h_BTD.shape

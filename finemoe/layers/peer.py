@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import check
-from finemoe.layers.base import FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32
 from finemoe.layers.routing import product_key_topk
 
@@ -171,7 +171,7 @@ class PEERFFN(FFN):
         self.expert_out = nn.Parameter(torch.empty(config.num_experts, d_model))  # v_i
         self.init_weights(std=0.02, out_std=0.02)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)

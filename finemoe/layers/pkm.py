@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.layers.base import FFN, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import CallContext, FFN, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.common import RMSNorm
 from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, usage_stats
 
@@ -50,7 +50,7 @@ class PKMFFN(FFN):
         self.values = nn.Parameter(torch.empty(config.num_experts, d_model))
         self.init_weights(std=0.02, out_std=0.02)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND)
