@@ -213,3 +213,38 @@ def hash_ffn(h, token_ids, p, cfg):
                            p["shared.down_proj.weight"].T)
         out.append(y)
     return (torch.stack(out).reshape(B, T, D),)
+
+
+def topp_ffn(h, p, cfg):
+    """Top-p routing, one token at a time: experts in order of probability while the
+    mass taken so far is below p (capped). Returns (update, load balancing, dynamic)."""
+    B, T, D = h.shape
+    u = rmsnorm(h, p["norm.weight"], cfg.norm_eps).reshape(B * T, D)
+    N, E = u.shape[0], cfg.num_experts
+    out, all_probs, kept_counts = [], [], [0.0] * E
+    for n in range(N):
+        probs = softmax(u[n] @ p["router.weight"].T)
+        all_probs.append(probs)
+        chosen, mass = [], 0.0
+        for e in sorted(range(E), key=lambda e: -float(probs[e].detach()))[: cfg.max_experts_per_tok]:
+            if mass >= cfg.threshold:
+                break
+            chosen.append(e)
+            mass += float(probs[e].detach())
+        weights = [probs[e] for e in chosen]
+        if cfg.renormalize:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        y = sum(w * swiglu(u[n], p["experts.w_gate"][e], p["experts.w_up"][e], p["experts.w_down"][e])
+                for w, e in zip(weights, chosen))
+        if cfg.shared_width:
+            y = y + swiglu(u[n], p["shared.gate_proj.weight"].T, p["shared.up_proj.weight"].T,
+                           p["shared.down_proj.weight"].T)
+        out.append(y)
+        for e in chosen:
+            kept_counts[e] += 1
+    probs = torch.stack(all_probs)
+    f = torch.tensor(kept_counts, dtype=h.dtype) / sum(kept_counts)
+    load_balancing = E * (f * probs.mean(0)).sum()
+    dynamic = -(probs * torch.log(probs)).sum(-1).mean()
+    return torch.stack(out).reshape(B, T, D), load_balancing, dynamic

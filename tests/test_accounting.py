@@ -7,7 +7,7 @@ import torch
 
 from finemoe import FFN_KINDS, FFNLayers, ModelConfig, Transformer
 from finemoe.layers import (CallContext, CartesianConfig, DenseConfig, DSMoEConfig, FinedeepConfig, HashConfig, MoEConfig,
-                            PEERConfig, PKMConfig)
+                            PEERConfig, PKMConfig, TopPConfig)
 
 D = 16
 
@@ -31,6 +31,7 @@ KIND_EXAMPLES = {
     "pkm": [PKMConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8)],
     "hash": [HashConfig(num_experts=5, expert_intermediate_size=12),
              HashConfig(num_experts=3, expert_intermediate_size=8, num_shared_experts=1, shared_expert_intermediate_size=10)],
+    "topp": [TopPConfig(num_experts=4, expert_intermediate_size=12, threshold=1.0, max_experts_per_tok=2)],
 }
 EXAMPLES = [(kind, i, cfg) for kind, cfgs in KIND_EXAMPLES.items() for i, cfg in enumerate(cfgs)]
 

@@ -16,6 +16,7 @@ from finemoe.layers import (
     HashConfig,
     PEERConfig,
     PKMConfig,
+    TopPConfig,
 )
 from finemoe.layers.routing import product_key_topk
 from tests import reference as ref
@@ -405,3 +406,31 @@ def test_hash_layer_needs_token_ids():
     layer = HashConfig(num_experts=2, expert_intermediate_size=8).build(16)
     with pytest.raises(ValueError, match="routes by token id"):
         layer(torch.randn(1, 2, 16))
+
+
+# -- top-p routing -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [
+    TopPConfig(num_experts=6, expert_intermediate_size=12, threshold=0.5, max_experts_per_tok=3),
+    TopPConfig(num_experts=5, expert_intermediate_size=10, threshold=0.9, max_experts_per_tok=5, renormalize=True,
+               num_shared_experts=1, shared_expert_intermediate_size=6),
+])
+def test_top_p_routing_matches_reference(cfg):
+    """Outputs, every gradient and both losses against the naive float64 reference."""
+    layer = randomise(cfg.build(D))
+    out, (lb_ref, dyn_ref) = compare_with_reference(layer, lambda h, p: ref.topp_ffn(h, p, cfg))
+    torch.testing.assert_close(out.aux_losses["load_balancing"], cfg.router_aux_loss_coef * lb_ref)
+    torch.testing.assert_close(out.aux_losses["dynamic"], cfg.dynamic_loss_coef * dyn_ref)
+
+
+def test_top_p_takes_more_experts_when_the_router_is_unsure():
+    from finemoe.layers.topp import top_p_selection
+
+    confident = torch.tensor([[0.7, 0.1, 0.1, 0.05, 0.05]])
+    unsure = torch.tensor([[0.22, 0.21, 0.2, 0.19, 0.18]])
+    assert int(top_p_selection(confident, 0.5, 5)[2].sum()) == 1
+    assert int(top_p_selection(unsure, 0.5, 5)[2].sum()) == 3
+    assert int(top_p_selection(unsure, 0.5, 2)[2].sum()) == 2  # the cap
+    _, idx, kept = top_p_selection(confident, 0.5, 4, skip_top1=True)
+    assert 0 not in idx[kept].tolist()  # with the top-1 disabled, the rest takes its place

@@ -7,7 +7,7 @@ import torch
 
 from finemoe import FFN_KINDS, ModelConfig, Transformer
 from finemoe.layers import (CartesianConfig, DenseConfig, DSMoEConfig, FinedeepConfig, HashConfig, MoEConfig, PEERConfig,
-                            PKMConfig)
+                            PKMConfig, TopPConfig)
 
 SMALL = {
     "dense": DenseConfig(intermediate_size=96),
@@ -18,6 +18,7 @@ SMALL = {
     "peer": PEERConfig(num_experts=32**2, num_heads=4, top_k=8, key_dim=16),
     "pkm": PKMConfig(num_experts=32**2, num_heads=4, top_k=8, key_dim=16),
     "hash": HashConfig(num_experts=4, expert_intermediate_size=48),
+    "topp": TopPConfig(num_experts=4, expert_intermediate_size=24, threshold=0.6, max_experts_per_tok=2),
 }
 
 

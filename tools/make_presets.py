@@ -1,4 +1,4 @@
-"""Write the GPU presets (finemoe/configs/s*.yaml): three sizes, eight variants each.
+"""Write the GPU presets (finemoe/configs/s*.yaml): three sizes, ten variants each.
 
 Every variant of a size inherits the size's dense preset (`base:`) and changes only
 the FFNs, so that the comparisons of METHODS.md §5 hold by construction:
@@ -9,6 +9,10 @@ the FFNs, so that the comparisons of METHODS.md §5 hold by construction:
   (fine-grained: top-4 of 16 of width F/4 + the shared one) and cartesian (top-2 of
   8 sub-experts of width F/4 in each of two sub-layers + a shared sub-expert each)
   sit in every other layer with equal total (4.5·F) and active (1.5·F) widths.
+- hash (4 experts of width F, routed by a hash of the token id, + the shared one) and
+  topp (SMoE-Share's experts, each token taking experts until their mass reaches 0.4,
+  at most 2) are CartesianMoE's other baselines, at the same total and (at most) active
+  widths.
 - peer and pkm replace the middle layer's FFN, as in the PEER paper.
 
     python tools/make_presets.py
@@ -42,6 +46,12 @@ def variants(F: int, sub_keys: int) -> dict:
             "granularity": 2, "num_shared_experts": 1}}]},
         "cartesian": {"ffn_layers": [{"layers": every_other, "ffn": {
             "kind": "cartesian", "num_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_size": F // 4}}]},
+        "hash": {"ffn_layers": [{"layers": every_other, "ffn": {
+            "kind": "hash", "num_experts": 4, "expert_intermediate_size": F, "num_shared_experts": 1,
+            "shared_expert_intermediate_size": F // 2}}]},
+        "topp": {"ffn_layers": [{"layers": every_other, "ffn": {
+            "kind": "topp", "num_experts": 8, "expert_intermediate_size": F // 2, "threshold": 0.4,
+            "max_experts_per_tok": 2, "num_shared_experts": 1}}]},
         "peer": {"ffn_layers": [{"layers": "middle", "ffn": {
             "kind": "peer", "num_experts": sub_keys**2, "num_heads": 8, "top_k": 16, "key_dim": 128}}]},
         "pkm": {"ffn_layers": [{"layers": "middle", "ffn": {

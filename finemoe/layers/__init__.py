@@ -7,6 +7,7 @@ from finemoe.layers.finedeep import FinedeepConfig, FinedeepFFN
 from finemoe.layers.dsmoe import DSMoEConfig, DSMoEFFN
 from finemoe.layers.cartesian import CartesianConfig, CartesianFFN
 from finemoe.layers.hash import HashConfig, HashFFN
+from finemoe.layers.topp import TopPConfig, TopPFFN
 from finemoe.layers.peer import PEERConfig, PEERFFN
 from finemoe.layers.pkm import PKMConfig, PKMFFN
 
@@ -31,6 +32,8 @@ __all__ = [
     "CartesianFFN",
     "HashConfig",
     "HashFFN",
+    "TopPConfig",
+    "TopPFFN",
     "PEERConfig",
     "PEERFFN",
     "PKMConfig",
