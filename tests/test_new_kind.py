@@ -1,0 +1,88 @@
+"""A design added from outside finemoe's source: a throw-away FFN kind registered here,
+with its own statistic, runs through training, `finemoe analyze` and a one-arm study
+without any change to finemoe (issue 13's proof that a design is one module)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from finemoe.layers import FFN_KINDS, CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
+from tests.test_study import TINY, shards  # noqa: F401  (the shards fixture)
+
+
+@dataclass
+class HalfGatedConfig(FFNConfig):
+    """A dense SwiGLU whose output is scaled by a learned per-token gate in (0, 1)."""
+
+    kind: ClassVar[str] = "test-half-gated"
+    intermediate_size: int = 32
+
+    def build(self, d_model: int, context: LayerContext | None = None) -> "HalfGatedFFN":
+        return HalfGatedFFN(self, d_model)
+
+    def num_params(self, d_model: int) -> int:
+        return 2 * d_model + swiglu_params(d_model, self.intermediate_size)
+
+    def num_active_params(self, d_model: int) -> int:
+        return self.num_params(d_model)
+
+    def flops_per_token(self, d_model: int) -> int:
+        return 2 * (d_model + swiglu_params(d_model, self.intermediate_size))
+
+
+class HalfGatedFFN(FFN):
+    def __init__(self, config: HalfGatedConfig, d_model: int):
+        super().__init__()
+        self.config = config
+        self.norm = RMSNorm(d_model)
+        self.gate = nn.Linear(d_model, 1, bias=False)
+        self.mlp = SwiGLU(d_model, config.intermediate_size)
+
+    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+        u = self.norm(h_BTD)
+        g = torch.sigmoid(self.gate(u))
+        stats = {"gate_mean": g.detach().mean()} if return_stats else None  # its own statistic
+        return FFNOutput(update=g * self.mlp(u), stats=stats)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.norm.reset_parameters()
+        nn.init.normal_(self.gate.weight, std=std)
+        self.mlp.init_weights(std, out_std)
+
+
+@pytest.fixture
+def registered():
+    """The kind exists for this test only (the registry tests list finemoe's own kinds)."""
+    register_ffn(HalfGatedConfig)
+    yield
+    FFN_KINDS.pop(HalfGatedConfig.kind)
+
+
+def test_a_kind_defined_outside_finemoe_trains_is_analysed_and_studied(tmp_path, shards, registered):  # noqa: F811
+    from finemoe.analysis import analyze_checkpoint
+    from finemoe.study import run_study
+
+    preset = tmp_path / "half.yaml"
+    preset.write_text("base: tiny\nmodel:\n  ffn: {kind: test-half-gated, intermediate_size: 24}\n")
+    study = tmp_path / "one.yaml"
+    study.write_text(f"""
+name: one
+claim: "a design added from outside trains"
+common: [data.path={shards}, train.steps=4, train.log_every=2, {", ".join(TINY)}]
+arms:
+  - {{name: half, preset: {preset}, analyses: [nsar]}}
+""")
+    table = run_study(str(study), tmp_path / "runs", progress=False)
+    (row,) = table["rows"]
+    assert row["run"] == "half" and row["val_perplexity"] > 1
+    records = [json.loads(line) for line in (tmp_path / "runs" / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert any("layer0/gate_mean" in r for r in records)  # the trainer logged the layer's own statistic
+    result = analyze_checkpoint(tmp_path / "runs" / "half", batches=1, batch_size=2, sources=(), progress=False)
+    assert 0 < result["model"]["nsar_act"]["0.1"] <= 1  # its SwiGLU reported activations like every kind's
