@@ -28,11 +28,13 @@ D model width, F expert width, E experts.
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from finemoe.config import check
 from finemoe.kernels import grouped_mm
 from finemoe.layers.common import swiglu_hidden
 from finemoe.layers.routing import count_per_expert
@@ -41,14 +43,30 @@ __all__ = [
     "EXPERTS_IMPLS",
     "ExpertsImpl",
     "SwiGLUExperts",
+    "check_shared_experts",
     "compute_dtype",
     "dispatch_expert_choice",
     "dispatch_token_choice",
     "run_swiglu_experts",
+    "shared_experts_width",
 ]
 
 ExpertsImpl = Literal["auto", "eager", "grouped_mm"]
-EXPERTS_IMPLS = ("auto", "eager", "grouped_mm")
+EXPERTS_IMPLS = typing.get_args(ExpertsImpl)
+
+
+def shared_experts_width(config) -> int:
+    """Total width of a routed layer's shared experts (``num_shared_experts`` of width
+    ``shared_expert_intermediate_size``, default the routed expert width): always active,
+    they run as one SwiGLU MLP of that width."""
+    return config.num_shared_experts * (config.shared_expert_intermediate_size or config.expert_intermediate_size)
+
+
+def check_shared_experts(config) -> None:
+    """Validate the shared-expert fields that ``moe``, ``hash`` and ``topp`` have in common."""
+    check(config.num_shared_experts >= 0, "num_shared_experts", f"must be >= 0, got {config.num_shared_experts}")
+    if config.shared_expert_intermediate_size is not None:
+        check(config.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size", "must be positive")
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -24,12 +24,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from finemoe.config import check
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
-from finemoe.layers.experts import ExpertsImpl, SwiGLUExperts, dispatch_token_choice
+from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_token_choice,
+                                     shared_experts_width)
 from finemoe.layers.routing import expert_load
 
 _KNUTH = 2654435761  # 2^32 / golden ratio, odd
@@ -60,15 +61,13 @@ class HashConfig(FFNConfig):
     def __post_init__(self) -> None:
         check(self.num_experts > 0, "num_experts", f"must be positive, got {self.num_experts}")
         check(self.expert_intermediate_size > 0, "expert_intermediate_size", "must be positive")
-        check(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
-        if self.shared_expert_intermediate_size is not None:
-            check(self.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size", "must be positive")
+        check_shared_experts(self)
         check(self.hash_seed >= 0, "hash_seed", "must be >= 0")
         check(self.norm_eps > 0, "norm_eps", "must be positive")
 
     @property
     def shared_width(self) -> int:
-        return self.num_shared_experts * (self.shared_expert_intermediate_size or self.expert_intermediate_size)
+        return shared_experts_width(self)
 
     def build(self, d_model: int, context: LayerContext | None = None) -> "HashFFN":
         return HashFFN(self, d_model)

@@ -32,7 +32,8 @@ from finemoe.config import check
 from finemoe.layers import routing
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
-from finemoe.layers.experts import ExpertsImpl, SwiGLUExperts, dispatch_expert_choice, dispatch_token_choice
+from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, shared_experts_width,
+                                     dispatch_expert_choice, dispatch_token_choice)
 
 
 @register_ffn
@@ -94,9 +95,7 @@ class MoEConfig(FFNConfig):
                 "disable_top1",
                 f"needs more routed experts ({self.num_routed_experts}) than experts per token ({self.routed_top_k})",
             )
-        check(self.num_shared_experts >= 0, "num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
-        if self.shared_expert_intermediate_size is not None:
-            check(self.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size", "must be positive")
+        check_shared_experts(self)
         check(
             self.shared_mix == "add" or self.num_shared_experts > 0,
             "shared_mix",
@@ -124,8 +123,7 @@ class MoEConfig(FFNConfig):
     @property
     def shared_width(self) -> int:
         """Total width of the shared experts (they are always active, so they merge into one MLP)."""
-        width = self.shared_expert_intermediate_size or self.expert_intermediate_size
-        return self.num_shared_experts * width
+        return shared_experts_width(self)
 
     @property
     def couples_tokens(self) -> bool:

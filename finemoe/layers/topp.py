@@ -35,7 +35,8 @@ from finemoe.config import check
 from finemoe.layers import routing
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
-from finemoe.layers.experts import ExpertsImpl, SwiGLUExperts, dispatch_token_choice
+from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_token_choice,
+                                     shared_experts_width)
 
 
 def top_p_selection(probs_NE: Tensor, threshold: float, max_experts: int, *, skip_top1: bool = False
@@ -75,16 +76,14 @@ class TopPConfig(FFNConfig):
         check(self.max_experts_per_tok <= self.num_experts, "max_experts_per_tok",
               f"{self.max_experts_per_tok} is larger than num_experts ({self.num_experts})")
         check(0 < self.threshold <= 1, "threshold", f"must be in (0, 1], got {self.threshold}")
-        check(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
-        if self.shared_expert_intermediate_size is not None:
-            check(self.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size", "must be positive")
-        check(self.router_aux_loss_coef >= 0 and self.dynamic_loss_coef >= 0, "router_aux_loss_coef",
-              "loss coefficients must be >= 0")
+        check_shared_experts(self)
+        check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
+        check(self.dynamic_loss_coef >= 0, "dynamic_loss_coef", "must be >= 0")
         check(self.norm_eps > 0, "norm_eps", "must be positive")
 
     @property
     def shared_width(self) -> int:
-        return self.num_shared_experts * (self.shared_expert_intermediate_size or self.expert_intermediate_size)
+        return shared_experts_width(self)
 
     def build(self, d_model: int, context: LayerContext | None = None) -> "TopPFFN":
         return TopPFFN(self, d_model)
