@@ -1,7 +1,7 @@
 """Where one layer's forward + backward spends its GPU time: the top kernels by CUDA
 time (torch.profiler), for layers named as in ``layer_benchmark.py``.
 
-    python benchmarks/profile_layer.py "finedeep 2x4" "moe E=8 k=2" --d 1024 --tokens 16384
+    python benchmarks/profile_layer.py "finedeep 2x4" "moe E=8 k=2" --d 1024 --tokens 16384 [--compile]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--compile", action="store_true", help="Profile each layer under torch.compile.")
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -35,6 +36,8 @@ def main() -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     for name in args.names:
         layer = from_dict(FFNConfig, dict(layer_configs(args.d)[name])).build(args.d).cuda().train()
+        if args.compile:
+            layer = torch.compile(layer)
         step = fwd_bwd(layer, h, cotangent, autocast)
         for _ in range(3):
             step()
@@ -43,7 +46,7 @@ def main() -> None:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        print(f"== {name} (5 steps)")
+        print(f"== {name}{' [compiled]' if args.compile else ''} (5 steps)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
