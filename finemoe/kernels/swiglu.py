@@ -31,7 +31,7 @@ try:
 except ImportError:  # the reference formula is used instead
     triton = None
 
-__all__ = ["fused_swiglu", "triton_kernels_available"]
+__all__ = ["fused_swiglu", "fused_swiglu_packed", "triton_kernels_available"]
 
 _BLOCK = 1024
 
@@ -51,8 +51,8 @@ if triton is not None:
     # _BLOCK columns without a scale) is covered by NUM_TILES tiles, a compile-time count.
 
     @triton.jit
-    def _swiglu_forward_kernel(g_ptr, u_ptr, s_ptr, h_ptr, C, b, n, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                               NUM_TILES: tl.constexpr):
+    def _swiglu_forward_kernel(g_ptr, u_ptr, s_ptr, h_ptr, C, b, n, IN_STRIDE, U_OFFSET, HAS_SCALE: tl.constexpr,
+                               BLOCK: tl.constexpr, NUM_TILES: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         if HAS_SCALE:
@@ -61,15 +61,15 @@ if triton is not None:
             within = tile * BLOCK + tl.arange(0, BLOCK)
             cols = blk * b + within
             mask = (within < b) & (cols < C)
-            g = tl.load(g_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + U_OFFSET + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
             h = g * tl.sigmoid(g) * u
             if HAS_SCALE:
                 h = h * scale
             tl.store(h_ptr + row * C + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, s_ptr, dg_ptr, du_ptr, ds_ptr, C, b, n,
+    def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, s_ptr, dg_ptr, du_ptr, ds_ptr, C, b, n, IN_STRIDE, U_OFFSET,
                                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, NUM_TILES: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
@@ -82,36 +82,38 @@ if triton is not None:
             cols = blk * b + within
             mask = (within < b) & (cols < C)
             dh = tl.load(dh_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + U_OFFSET + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(g)
             silu = g * sig
-            tl.store(du_ptr + row * C + cols, (dh * silu * scale).to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(du_ptr + U_OFFSET + row * IN_STRIDE + cols, (dh * silu * scale).to(du_ptr.dtype.element_ty), mask=mask)
             dg = dh * u * scale * sig * (1.0 + g * (1.0 - sig))
-            tl.store(dg_ptr + row * C + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+            tl.store(dg_ptr + row * IN_STRIDE + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
             if HAS_SCALE:
                 ds += dh * silu * u
         if HAS_SCALE:
             tl.store(ds_ptr + row * n + blk, tl.sum(ds, axis=0))
 
 
-def _launch(gate: Tensor, scale: Tensor | None) -> tuple[tuple[int, int], dict]:
-    """The grid and sizes: a program per (row, block) with a scale, else per (row, tile)."""
-    C = gate.shape[-1]
-    R = gate.numel() // C
+def _launch(C: int, R: int, scale: Tensor | None, packed: bool = False) -> tuple[tuple[int, int], dict]:
+    """The grid and sizes for R rows of C hidden units: a program per (row, block) with a
+    scale, else per (row, tile). ``packed``: gate and up are the two halves of one
+    ``(R, 2C)`` tensor (and so are their gradients)."""
+    in_stride, u_offset = (2 * C, C) if packed else (C, 0)
     if scale is None:
         block = min(_BLOCK, triton.next_power_of_2(C))
-        return (R, triton.cdiv(C, block)), dict(C=C, b=block, n=1, HAS_SCALE=False, BLOCK=block, NUM_TILES=1)
+        return (R, triton.cdiv(C, block)), dict(C=C, b=block, n=1, IN_STRIDE=in_stride, U_OFFSET=u_offset, HAS_SCALE=False, BLOCK=block,
+                                                  NUM_TILES=1)
     n = scale.shape[-1]
     b = C // n
     block = min(_BLOCK, triton.next_power_of_2(b))
-    return (R, n), dict(C=C, b=b, n=n, HAS_SCALE=True, BLOCK=block, NUM_TILES=triton.cdiv(b, block))
+    return (R, n), dict(C=C, b=b, n=n, IN_STRIDE=in_stride, U_OFFSET=u_offset, HAS_SCALE=True, BLOCK=block, NUM_TILES=triton.cdiv(b, block))
 
 
 @torch.library.custom_op("finemoe::swiglu", mutates_args=())
 def _swiglu(gate: Tensor, up: Tensor, scale: Tensor | None) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
-    grid, sizes = _launch(gate, scale)
+    grid, sizes = _launch(gate.shape[-1], gate.numel() // gate.shape[-1], scale)
     hidden = torch.empty_like(gate)
     if hidden.numel() == 0:
         return hidden
@@ -128,7 +130,7 @@ def _(gate: Tensor, up: Tensor, scale: Tensor | None) -> Tensor:
 @torch.library.custom_op("finemoe::swiglu_backward", mutates_args=())
 def _swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
-    grid, sizes = _launch(gate, scale)
+    grid, sizes = _launch(gate.shape[-1], gate.numel() // gate.shape[-1], scale)
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
     d_scale = torch.zeros(grid[0], sizes["n"], dtype=torch.float32, device=gate.device)
     if grad.numel() == 0:
@@ -160,6 +162,59 @@ def _backward(ctx, grad: Tensor):
 _swiglu.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("finemoe::swiglu_packed", mutates_args=())
+def _swiglu_packed(gate_up: Tensor, scale: Tensor | None) -> Tensor:
+    gate_up = gate_up.contiguous()
+    C = gate_up.shape[-1] // 2
+    grid, sizes = _launch(C, gate_up.numel() // (2 * C), scale, packed=True)
+    hidden = gate_up.new_empty(*gate_up.shape[:-1], C)
+    if hidden.numel() == 0:
+        return hidden
+    s = scale.contiguous() if scale is not None else gate_up
+    _swiglu_forward_kernel[grid](gate_up, gate_up, s, hidden, **sizes)
+    return hidden
+
+
+@_swiglu_packed.register_fake
+def _(gate_up: Tensor, scale: Tensor | None) -> Tensor:
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+@torch.library.custom_op("finemoe::swiglu_packed_backward", mutates_args=())
+def _swiglu_packed_backward(grad: Tensor, gate_up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    grad, gate_up = grad.contiguous(), gate_up.contiguous()
+    C = gate_up.shape[-1] // 2
+    grid, sizes = _launch(C, gate_up.numel() // (2 * C), scale, packed=True)
+    d_gate_up = torch.empty_like(gate_up)
+    d_scale = torch.zeros(grid[0], sizes["n"], dtype=torch.float32, device=gate_up.device)
+    if grad.numel() == 0:
+        return d_gate_up, d_scale
+    s = scale.contiguous() if scale is not None else gate_up
+    _swiglu_backward_kernel[grid](grad, gate_up, gate_up, s, d_gate_up, d_gate_up, d_scale, **sizes)
+    return d_gate_up, d_scale
+
+
+@_swiglu_packed_backward.register_fake
+def _(grad: Tensor, gate_up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    n = 1 if scale is None else scale.shape[-1]
+    return torch.empty_like(gate_up), gate_up.new_empty(gate_up.numel() // gate_up.shape[-1], n, dtype=torch.float32)
+
+
+def _setup_packed_context(ctx, inputs, output) -> None:
+    gate_up, scale = inputs
+    ctx.save_for_backward(gate_up, scale)
+    ctx.has_scale = scale is not None
+
+
+def _packed_backward(ctx, grad: Tensor):
+    gate_up, scale = ctx.saved_tensors
+    d_gate_up, d_scale = _swiglu_packed_backward(grad, gate_up, scale if ctx.has_scale else None)
+    return d_gate_up, d_scale.view(scale.shape).to(scale.dtype) if ctx.has_scale else None
+
+
+_swiglu_packed.register_autograd(_packed_backward, setup_context=_setup_packed_context)
+
+
 def fused_swiglu(gate: Tensor, up: Tensor, scale: Tensor | None = None) -> Tensor:
     """``silu(gate) ⊙ up`` (times ``scale[..., j // b]`` on block j of the columns), in the
     dtype of ``gate``. ``scale``: ``(rows, n)``, n dividing the width."""
@@ -168,3 +223,16 @@ def fused_swiglu(gate: Tensor, up: Tensor, scale: Tensor | None = None) -> Tenso
         if gate.shape[-1] % scale.shape[-1]:
             raise ValueError(f"{scale.shape[-1]} blocks do not divide a width of {gate.shape[-1]}")
     return _swiglu(gate, up.to(gate.dtype), scale)
+
+
+def fused_swiglu_packed(gate_up: Tensor, scale: Tensor | None = None) -> Tensor:
+    """``fused_swiglu(gate, up, scale)`` where ``gate_up`` is ``[gate | up]`` along the
+    last axis (one GEMM computed both): no copy of either half, and the gradient comes
+    back as one tensor of the same layout."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"a packed gate/up tensor has an even width, got {gate_up.shape[-1]}")
+    if scale is not None:
+        scale = scale.reshape(gate_up.numel() // gate_up.shape[-1], scale.shape[-1])
+        if (gate_up.shape[-1] // 2) % scale.shape[-1]:
+            raise ValueError(f"{scale.shape[-1]} blocks do not divide a width of {gate_up.shape[-1] // 2}")
+    return _swiglu_packed(gate_up, scale)

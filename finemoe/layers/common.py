@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.kernels.swiglu import fused_swiglu, triton_kernels_available
+from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, triton_kernels_available
 from finemoe.layers.base import report
 
-__all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_hidden", "swiglu_params"]
+__all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_hidden", "swiglu_hidden_packed", "swiglu_params"]
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -75,6 +75,18 @@ def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None, *,
         N, n = block_scale.shape
         hidden = (hidden.view(N, n, hidden.shape[-1] // n) * block_scale.to(hidden.dtype).unsqueeze(-1)).view(hidden.shape)
     return hidden
+
+
+def swiglu_hidden_packed(gate_up: Tensor, module: nn.Module | None = None, *,
+                         block_scale: Tensor | None = None) -> Tensor:
+    """``swiglu_hidden(gate, up)`` for ``gate_up = [gate | up]`` (last axis), the output
+    of one GEMM against the two weights side by side: one wider product instead of two
+    (measured faster for narrow experts), read in place by the fused kernel."""
+    recording = module is not None and module.__dict__.get("recorder") is not None
+    if not recording and triton_kernels_available(gate_up):
+        return fused_swiglu_packed(gate_up, block_scale)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_hidden(gate, up, module, block_scale=block_scale)
 
 
 class SwiGLU(nn.Module):

@@ -4,11 +4,11 @@ chooses how experts run.
 Dispatch is sort-based: every (token, expert) slot is sorted by expert, the tokens
 are gathered into one contiguous ``(S, D)`` buffer, the experts run on their
 contiguous row groups (each row's routing weight applied to its hidden units), and
-the results are summed back per token: in slot order for token choice (a
-permutation, no atomic adds), with ``index_add_`` for expert choice, where a token
-has any number of slots. Nothing leaves the device: group sizes are counted with a scatter-add
-(``bincount`` would size its output on the host), so the dispatch compiles with
-``fullgraph=True``.
+the results are summed back per token: from their rows for token choice
+(``finemoe.kernels.sum_slots``: a permutation, no atomic adds), with ``index_add_`` for
+expert choice, where a token has any number of slots. Nothing leaves the device: group
+sizes are counted with a scatter-add (``bincount`` would size its output on the host),
+so the dispatch compiles with ``fullgraph=True``.
 
 How the experts run on their row groups is one choice (``experts_impl``), as in
 torchtitan (``use_grouped_mm``) and Hugging Face (``experts_implementation``):
@@ -16,9 +16,10 @@ torchtitan (``use_grouped_mm``) and Hugging Face (``experts_implementation``):
 - ``eager``: one GEMM per expert, after ``counts.tolist()`` sizes the slices. The
   readable reference; it synchronises with the host once per call and breaks a
   compiled graph.
-- ``grouped_mm`` (and ``auto``, the default): ``finemoe.kernels.grouped_mm``, one
-  grouped GEMM per projection for all experts (PyTorch's CUTLASS kernel on CUDA in
-  bf16), group offsets on the device, one opaque op to ``torch.compile``. Where that
+- ``grouped_mm`` (and ``auto``, the default): ``finemoe.kernels.grouped_mm``, two
+  grouped GEMMs for all experts (gate and up projections side by side, then down;
+  PyTorch's CUTLASS kernel on CUDA in bf16), group offsets on the device, one opaque op
+  to ``torch.compile``. Where that
   kernel does not apply (float64, float32 on a GPU, an old torch) the op loops over
   the groups inside itself, so a model still compiles with ``fullgraph=True``.
 
@@ -36,7 +37,8 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.kernels import grouped_mm
-from finemoe.layers.common import swiglu_hidden
+from finemoe.kernels.slots import sum_slots
+from finemoe.layers.common import swiglu_hidden, swiglu_hidden_packed
 from finemoe.layers.routing import count_per_expert
 
 __all__ = [
@@ -117,12 +119,13 @@ def _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module
 
 
 def _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module) -> Tensor:
-    """Three grouped GEMMs in the compute dtype; group ends are the cumulative counts."""
+    """Two grouped GEMMs in the compute dtype, the gate and up projections as one of
+    twice the width (weights side by side: copied once, as the cast to the compute
+    dtype copies them anyway); group ends are the cumulative counts."""
     dtype = compute_dtype(x_SD)
     offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-    x_SD = x_SD.to(dtype)
-    hidden_SF = swiglu_hidden(grouped_mm(x_SD, w_gate_EDF.to(dtype), offs_E),
-                              grouped_mm(x_SD, w_up_EDF.to(dtype), offs_E), module, block_scale=scale_S1)
+    w_gate_up_ED2F = torch.cat([w_gate_EDF.to(dtype), w_up_EDF.to(dtype)], dim=-1)
+    hidden_SF = swiglu_hidden_packed(grouped_mm(x_SD.to(dtype), w_gate_up_ED2F, offs_E), module, block_scale=scale_S1)
     return grouped_mm(hidden_SF, w_down_EFD.to(dtype), offs_E)
 
 
@@ -159,35 +162,36 @@ class SwiGLUExperts(nn.Module):
 class _GatherSlots(torch.autograd.Function):
     """``x_ND[order_S // K]``: each token's row once per slot, slots in expert order.
 
-    The backward sums each token's K slot gradients deterministically: it puts them back
-    in slot order (a permutation: no atomic adds) and sums over K, where the backward of
-    plain advanced indexing would sort and accumulate."""
+    The backward sums each token's K slot gradients with ``sum_slots`` (the rows are a
+    permutation of the slots: one pass, fixed order, no atomic adds), where the backward
+    of plain advanced indexing would sort and accumulate."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, order_S: Tensor, K: int) -> Tensor:
-        ctx.save_for_backward(order_S)
+    def forward(ctx, x_ND: Tensor, order_S: Tensor, position_S: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(order_S, position_S)
         ctx.K = K
         return x_ND.index_select(0, torch.div(order_S, K, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, grad_SD: Tensor):
-        (order_S,) = ctx.saved_tensors
-        slots_SD = torch.empty_like(grad_SD).index_copy_(0, order_S, grad_SD)
-        return slots_SD.view(-1, ctx.K, grad_SD.shape[-1]).sum(1), None, None
+        order_S, position_S = ctx.saved_tensors
+        return sum_slots(grad_SD, position_S, order_S, ctx.K), None, None, None
 
 
 def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tensor, idx_NK: Tensor) -> Tensor:
     """``y_n = Σ_k weights[n, k] · expert_{idx[n, k]}(x_n)``, dropless.
 
-    The K results of a token are put back in slot order (a permutation) and summed
-    with their weights: deterministic, no atomic adds."""
+    Slot ``n·K + k`` is row ``position[n·K + k]`` of the sorted buffer (row p holds slot
+    ``order[p]``). The weights are applied inside the experts; each token's K results
+    are summed from their rows by ``sum_slots``: deterministic, no atomic adds."""
     N, K = idx_NK.shape
     x_ND = x_ND.to(compute_dtype(x_ND))                        # gather half the bytes under autocast
     flat_idx_S = idx_NK.reshape(-1)
     order_S = torch.argsort(flat_idx_S, stable=True)          # slots grouped by expert
+    position_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(order_S.numel(), device=order_S.device))
     counts_E = count_per_expert(flat_idx_S, experts.num_experts)
-    y_SD = experts(_GatherSlots.apply(x_ND, order_S, K), counts_E, weights_NK.reshape(-1)[order_S])
-    return torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(N, K, -1).sum(1)
+    y_SD = experts(_GatherSlots.apply(x_ND, order_S, position_S, K), counts_E, weights_NK.reshape(-1)[order_S])
+    return sum_slots(y_SD, position_S, order_S, K)
 
 
 def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Tensor, idx_EC: Tensor) -> Tensor:

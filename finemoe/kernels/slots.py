@@ -1,0 +1,96 @@
+"""Summing each token's routed slots back into its row, in one pass.
+
+Token-choice dispatch gives token n the K slots ``n·K + k``; sorted by expert, slot j
+sits at row ``position[j]`` of the experts' output ``y_SD``. The layer's output is
+
+    out[n] = Σ_k y[position[n·K + k]]
+
+and the backward of gathering the tokens into the sorted rows is the same sum. Written
+in PyTorch (the reference below) it is a gather of all S rows into slot order followed
+by a reduction over K: the ``(S, D)`` buffer is written and read once more, and
+Inductor's reduction over the strided K axis ran at a third of the bandwidth (profile
+of E = 64, k = 8: 0.32 ms per call). The Triton kernel reads each row once and writes
+each output row once, summing the K rows in float32 in the fixed order k = 0 … K−1:
+deterministic, no atomic adds.
+
+Kernel → launcher → ``torch.library.custom_op`` with a fake implementation → autograd
+(the backward of the sum is the gather ``grad[order // K]``). Tested on the CPU under
+``TRITON_INTERPRET=1``.
+
+Shapes: N tokens, K slots per token, S = N·K rows, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from finemoe.kernels.swiglu import triton_kernels_available
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+__all__ = ["sum_slots", "sum_slots_reference"]
+
+_BLOCK_D = 1024
+
+
+def sum_slots_reference(y_SD: Tensor, position_S: Tensor, K: int) -> Tensor:
+    """``out[n] = Σ_k y[position[n·K + k]]``: gather into slot order, sum over K."""
+    return y_SD.index_select(0, position_S).view(-1, K, y_SD.shape[-1]).sum(1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sum_slots_kernel(y_ptr, position_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(position_ptr + n * K + k).to(tl.int64)
+            acc += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("finemoe::sum_slots", mutates_args=())
+def _sum_slots(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tensor:
+    y_SD = y_SD.contiguous()
+    N, D = y_SD.shape[0] // K, y_SD.shape[1]
+    out_ND = y_SD.new_empty(N, D)
+    if out_ND.numel():
+        block = min(_BLOCK_D, triton.next_power_of_2(D))
+        _sum_slots_kernel[(N, triton.cdiv(D, block))](y_SD, position_S.contiguous(), out_ND, D, K=K, BLOCK_D=block)
+    return out_ND
+
+
+@_sum_slots.register_fake
+def _(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tensor:
+    return y_SD.new_empty(y_SD.shape[0] // K, y_SD.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, _, order_S, K = inputs
+    ctx.save_for_backward(order_S)
+    ctx.K = K
+
+
+def _backward(ctx, grad_ND: Tensor):
+    (order_S,) = ctx.saved_tensors
+    return grad_ND.index_select(0, torch.div(order_S, ctx.K, rounding_mode="floor")), None, None, None
+
+
+_sum_slots.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sum_slots(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tensor:
+    """``out[n] = Σ_k y[position[n·K + k]]``, ``(N, D)``; ``order`` is the inverse
+    permutation of ``position`` (row p holds slot ``order[p]``), used by the backward.
+    The Triton kernel on the GPU, the reference formula elsewhere."""
+    if triton_kernels_available(y_SD):
+        return _sum_slots(y_SD, position_S, order_S, K)
+    return sum_slots_reference(y_SD, position_S, K)
