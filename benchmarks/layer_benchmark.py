@@ -269,13 +269,15 @@ def markdown(result: dict) -> str:
         "",
     ]
     for (d, tokens) in result["sizes"]:
+        rows = [r for r in result["rows"] if r["d_model"] == d and r["tokens"] in (tokens, 1)]
+        if not rows:
+            continue
         lines += [f"## d = {d}, {tokens:,} tokens (dense F = {4 * d})", "",
                   "| layer | pass | ms | ratio vs dense | TFLOP/s | peak GiB |", "|---|---|---:|---:|---:|---:|"]
-        for r in result["rows"]:
-            if r["d_model"] == d and r["tokens"] in (tokens, 1):
-                share = f" ({r['active_share']:.0%} of blocks on)" if "active_share" in r else ""
-                lines.append(f"| {r['name']}{share} | {r['pass']} | {r['ms']:.3f} | {r['ratio_vs_dense']:.2f} | "
-                             f"{r['tflops']:.1f} | {r['peak_gib']:.2f} |")
+        for r in rows:
+            share = f" ({r['active_share']:.0%} of blocks on)" if "active_share" in r else ""
+            lines.append(f"| {r['name']}{share} | {r['pass']} | {r['ms']:.3f} | {r['ratio_vs_dense']:.2f} | "
+                         f"{r['tflops']:.1f} | {r['peak_gib']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
