@@ -8,7 +8,7 @@ timings on the device is ~10%, so versions are only compared within one run):
   over K by PyTorch / Inductor);
 - ``both old``.
 
-    python benchmarks/experiments/dispatch_ab.py [--layers "moe E=8 k=2,..."]
+    python benchmarks/experiments/dispatch_ab.py [--eager] [--layers "dense;moe E=8 k=2"]
 """
 
 from __future__ import annotations
@@ -52,15 +52,16 @@ VARIANTS = {"current": (CURRENT_RUN, CURRENT_SUM), "two GEMMs": (two_gemms, CURR
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", default="dense,moe E=8 k=2,moe E=64 k=8 (fine-grained),"
-                                            "moe SMoE-Share (E=8 k=2 F/4 + shared),cartesian (8 sub-experts, k=2, + shared)")
+    parser.add_argument("--layers", default="dense;moe E=8 k=2;moe E=64 k=8 (fine-grained);"
+                                            "moe SMoE-Share (E=8 k=2 F/4 + shared);cartesian (8 sub-experts, k=2, + shared)",
+                        help="Layer names as in layer_benchmark.py, separated by ';'.")
     parser.add_argument("--eager", action="store_true")
     args = parser.parse_args()
     d, tokens = 1024, 16384
     h = torch.randn(tokens // 512, 512, d, device="cuda", requires_grad=True)
     cotangent = torch.randn(h.shape, device="cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    names = args.layers.split(",")
+    names = args.layers.split(";")
     print(f"| layer ({'eager' if args.eager else 'compiled'}, ms) | " + " | ".join(VARIANTS) + " |")
     print("|---|" + "---:|" * len(VARIANTS))
     for name in names:
