@@ -120,6 +120,42 @@ class PlainGroupedMM(MixtralStyleLoop):
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype)).reshape(B, T, D)
 
 
+class PaperPEERPort(torch.nn.Module):
+    """PEER written as the paper's pseudo-code: einsum scores against the two sub-key
+    tables, three top-k, ``nn.Embedding`` gathers of the retrieved rows, einsum products
+    (the eager port of issue 12's table)."""
+
+    def __init__(self, d: int, num_experts: int, heads: int, k: int, key_dim: int):
+        super().__init__()
+        self.heads, self.k, self.key_dim, self.sub = heads, k, key_dim, int(num_experts ** 0.5)
+        self.norm = torch.nn.RMSNorm(d)
+        self.query = torch.nn.Linear(d, heads * key_dim)
+        self.bn = torch.nn.BatchNorm1d(heads * key_dim)
+        self.sub_keys = torch.nn.Parameter(torch.randn(2, self.sub, key_dim // 2) * (key_dim // 2) ** -0.5)
+        self.down = torch.nn.Embedding(num_experts, d)
+        self.up = torch.nn.Embedding(num_experts, d)
+
+    def forward(self, h):
+        B, T, D = h.shape
+        x = self.norm(h).reshape(-1, D)
+        q = self.bn(self.query(x)).view(x.shape[0], self.heads, 2, self.key_dim // 2)
+        s1, i1 = torch.einsum("nhq,sq->nhs", q[:, :, 0], self.sub_keys[0]).topk(self.k, dim=-1)
+        s2, i2 = torch.einsum("nhq,sq->nhs", q[:, :, 1], self.sub_keys[1]).topk(self.k, dim=-1)
+        candidates = (s1[..., :, None] + s2[..., None, :]).flatten(-2)
+        scores, pos = candidates.topk(self.k, dim=-1)
+        idx = i1.gather(-1, pos // self.k) * self.sub + i2.gather(-1, pos % self.k)
+        hidden = F.gelu(torch.einsum("nd,nhkd->nhk", x, self.down(idx))) * scores.softmax(-1)
+        return torch.einsum("nhk,nhkd->nd", hidden, self.up(idx)).reshape(B, T, D)
+
+
+def product_key_configs(d: int) -> dict[str, dict]:
+    """PEER and PKM at issue 12's size: 1024² experts, 8 heads, key width 256."""
+    peer = {"kind": "peer", "num_experts": 1024**2, "num_heads": 8, "top_k": 16, "key_dim": 256}
+    pkm = peer | {"kind": "pkm", "top_k": 32}
+    return {"peer N=1024² h=8 k=16": peer, "peer N=1024² h=8 k=16 [experts_impl=triton]": peer | {"experts_impl": "triton"},
+            "pkm N=1024² h=8 k=32": pkm, "pkm N=1024² h=8 k=32 [experts_impl=triton]": pkm | {"experts_impl": "triton"}}
+
+
 # -- timing --------------------------------------------------------------------------------------------------
 
 
@@ -233,6 +269,17 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
         if device == "cuda":
             add(f"anchor: plain grouped_mm dispatch, {label}", {"E": E, "k": k, "width": width}, flops,
                 fwd_bwd(PlainGroupedMM(d, E, k, width).to(device), h, cotangent, autocast))
+
+    if d == 1024 and device == "cuda":  # PEER and PKM at issue 12's size (tables of 4 GiB each)
+        for name, spec in product_key_configs(d).items():
+            cfg = from_dict(FFNConfig, dict(spec))
+            torch.manual_seed(0)
+            layer = cfg.build(d).to(device).train()
+            add(name, spec, cfg.flops_per_token(d), fwd_bwd(layer, h, cotangent, autocast))
+            del layer
+        port_cfg = from_dict(FFNConfig, dict(product_key_configs(d)["peer N=1024² h=8 k=16"]))
+        add("anchor: peer as the paper's pseudo-code", {"kind": "peer port"}, port_cfg.flops_per_token(d),
+            fwd_bwd(PaperPEERPort(d, 1024**2, 8, 16, 256).to(device), h, cotangent, autocast))
 
     # DSMoE inference: the sparse path against the dense forward, prefill and decode
     dense = configs["dense"].build(d).to(device).eval()

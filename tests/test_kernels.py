@@ -156,3 +156,82 @@ def test_sum_slots_passes_opcheck():
     position = torch.empty_like(order).scatter_(0, order, torch.arange(12, device=DEVICE))
     y = torch.randn(12, 24, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.finemoe.sum_slots.default, (y, position, order, 3))
+
+
+def _peer_reference(x, idx, gates, expert_in, expert_out, activation):
+    """The formula, one token and one retrieved expert at a time."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            w = gates[n, j]
+            if activation != "none":
+                pre = expert_in[idx[n, j]] @ x[n]
+                w = w * (F.gelu(pre) if activation == "gelu" else F.relu(pre))
+            out[n] = out[n] + w * expert_out[idx[n, j]]
+    return out
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "none"])
+@pytest.mark.parametrize("tokens,retrieved,width", [(5, 6, 40), (3, 4, 130), (0, 4, 8)])
+def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, width):
+    """Outputs and the gradients of x, the gates and both tables; an expert retrieved
+    twice by one token and by several tokens (atomic adds); experts never retrieved get
+    exactly zero gradient."""
+    from finemoe.kernels.peer_experts import peer_experts
+
+    torch.manual_seed(len(activation) + tokens)
+    pool = 50
+    idx = torch.randint(0, pool - 10, (tokens, retrieved), device=DEVICE)  # the last 10 never retrieved
+    if tokens:
+        idx[0, 1] = idx[0, 0]
+    x = torch.randn(tokens, width, device=DEVICE, requires_grad=True)
+    gates = torch.rand(tokens, retrieved, device=DEVICE, requires_grad=True)
+    expert_in = (torch.randn(pool, width, device=DEVICE) * 0.3).requires_grad_(activation != "none")
+    expert_out = torch.randn(pool, width, device=DEVICE, requires_grad=True)
+    leaves = [x, gates, expert_in, expert_out] if activation != "none" else [gates, expert_out]
+    probe = torch.randn(tokens, width, device=DEVICE)
+    out = peer_experts(x, idx, gates, expert_in if activation != "none" else None, expert_out, activation)
+    grads = torch.autograd.grad((out * probe).sum(), leaves)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    args = dict(zip(["x", "gates", "expert_in", "expert_out"] if activation != "none" else ["gates", "expert_out"],
+                    ref_leaves))
+    ref = _peer_reference(args.get("x", x.detach()), idx, args["gates"], args.get("expert_in"), args["expert_out"],
+                          activation)
+    ref_grads = torch.autograd.grad((ref * probe).sum(), ref_leaves) if tokens else [torch.zeros_like(t) for t in leaves]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(grads[-1][pool - 10:], torch.zeros(10, width, device=DEVICE))
+
+
+def test_peer_experts_passes_opcheck():
+    idx = torch.randint(0, 20, (3, 4), device=DEVICE)
+    args = (torch.randn(3, 16, device=DEVICE, requires_grad=True), idx, torch.rand(3, 4, device=DEVICE),
+            torch.randn(20, 16, device=DEVICE), torch.randn(20, 16, device=DEVICE, requires_grad=True))
+    torch.library.opcheck(torch.ops.finemoe.peer_experts.default, (*args, "gelu"))
+    torch.library.opcheck(torch.ops.finemoe.peer_experts.default, (*args, "none"))
+
+
+@pytest.mark.parametrize("kind", ["peer", "pkm"])
+def test_product_key_layers_with_the_fused_experts_equal_the_eager_layer(kind):
+    """The whole layer, float32: output and the gradient of every parameter (query,
+    BatchNorm, sub-keys, tables) and of the input."""
+    from finemoe.layers import PEERConfig, PKMConfig
+
+    config_type = PEERConfig if kind == "peer" else PKMConfig
+    torch.manual_seed(3)
+    eager = config_type(num_experts=64, num_heads=2, top_k=3, key_dim=8).build(24).to(DEVICE)
+    fused = config_type(num_experts=64, num_heads=2, top_k=3, key_dim=8, experts_impl="triton").build(24).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    h = torch.randn(2, 5, 24, device=DEVICE)
+    probe = torch.randn(2, 5, 24, device=DEVICE)
+    grads = []
+    for layer in (eager, fused):
+        x = h.clone().requires_grad_(True)
+        out = layer(x).update
+        params = [p for p in layer.parameters()]
+        grads.append((out, torch.autograd.grad((out * probe).sum(), [x, *params])))
+    (out_e, grads_e), (out_f, grads_f) = grads
+    torch.testing.assert_close(out_f, out_e, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(["input", *dict(eager.named_parameters())], grads_f, grads_e):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import check
+from finemoe.kernels.peer_experts import peer_experts, peer_experts_available
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32
 from finemoe.layers.routing import product_key_topk
@@ -51,6 +52,11 @@ class ProductKeyConfig(FFNConfig):
     query_batchnorm: bool = True
     gate: Literal["softmax", "sigmoid"] = "softmax"
     norm_eps: float = 1e-5
+    experts_impl: Literal["eager", "triton"] = "eager"
+    """How the retrieved experts run: ``eager`` gathers their rows with PyTorch (the
+    reference); ``triton`` is the fused kernel of ``finemoe.kernels.peer_experts`` (one
+    pass per token, no ``(N, H, k, D)`` gather; row gradients by atomic adds). The eager
+    path is also taken while an analysis recorder is attached."""
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "num_heads", "top_k", "key_dim"):
@@ -67,6 +73,8 @@ class ProductKeyConfig(FFNConfig):
         )
         check(self.key_dim % 2 == 0, "key_dim", f"must be even (two halves), got {self.key_dim}")
         check(self.norm_eps > 0, "norm_eps", "must be positive")
+        check(self.experts_impl in ("eager", "triton"), "experts_impl",
+              f"must be 'eager' or 'triton', got {self.experts_impl!r}")
 
     @property
     def sub_keys(self) -> int:
@@ -152,6 +160,13 @@ class ProductKeyRetrieval(nn.Module):
         nn.init.normal_(self.sub_keys, std=half**-0.5)
 
 
+def runs_fused_experts(module: nn.Module) -> bool:
+    """Whether a PEER/PKM layer runs its experts with the Triton kernel: asked for, Triton
+    installed, and no analysis recorder attached (it reads the eager path's activations)."""
+    return (module.config.experts_impl == "triton" and peer_experts_available()
+            and module.__dict__.get("recorder") is None)
+
+
 def usage_stats(idx_NHk: Tensor, gates_NHk: Tensor, num_experts: int) -> dict[str, Tensor]:
     """Per-batch expert usage: ``gate_mass`` z_i = Σ_x g_i(x) over heads and tokens,
     shape (num_experts,), accumulated on the device; the analysis sums it over a held-out
@@ -176,6 +191,11 @@ class PEERFFN(FFN):
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND)
+        if runs_fused_experts(self):
+            y_ND = peer_experts(u_ND, idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1), self.expert_in,
+                                self.expert_out, cfg.activation)
+            stats = usage_stats(idx_NHk, gates_NHk, cfg.num_experts) if return_stats else None
+            return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D), stats=stats)
         # σ(u_i · x) for the retrieved experts only: gather (N, H, k, D), never (N, num_experts).
         u_NHkD = F.embedding(idx_NHk, self.expert_in)
         act_NHk = torch.einsum("nhkd,nd->nhk", u_NHkD.to(u_ND.dtype), u_ND)

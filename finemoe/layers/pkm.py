@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from finemoe.layers.base import CallContext, FFN, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.common import RMSNorm
-from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, usage_stats
+from finemoe.kernels.peer_experts import peer_experts
+from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, runs_fused_experts, usage_stats
 
 
 @register_ffn
@@ -54,10 +55,14 @@ class PKMFFN(FFN):
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND)
-        y_ND = F.embedding_bag(
-            idx_NHk.reshape(B * T, -1), self.values,
-            per_sample_weights=gates_NHk.reshape(B * T, -1).to(self.values.dtype), mode="sum",
-        )
+        if runs_fused_experts(self):
+            y_ND = peer_experts(u_ND, idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1), None, self.values,
+                                "none")
+        else:
+            y_ND = F.embedding_bag(
+                idx_NHk.reshape(B * T, -1), self.values,
+                per_sample_weights=gates_NHk.reshape(B * T, -1).to(self.values.dtype), mode="sum",
+            )
         stats = usage_stats(idx_NHk, gates_NHk, self.config.num_experts) if return_stats else None
         return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D), stats=stats)
 

@@ -1,0 +1,220 @@
+"""PEER's retrieved experts (and PKM's values) for each token in one pass, forward and
+backward, without building the ``(N, H, k, D)`` gather.
+
+For token n with J = H·k retrieved experts ``idx[n, j]``, gates ``g[n, j]``:
+
+    PEER:  pre_j = u_{idx_j} · x_n,   y_n = Σ_j g_j σ(pre_j) v_{idx_j}        (σ: GELU or ReLU)
+    PKM:   y_n = Σ_j g_j v_{idx_j}                                              (values only)
+
+The eager layer gathers the ``u`` rows into an ``(N, H, k, D)`` tensor (8.6 GB in float32
+at the issue's size, and its backward sorts and accumulates as many rows). Here one
+program per token reads its J rows of ``u`` once (the J dot products stay in registers),
+then its J rows of ``v`` once, and writes ``y_n``; it also writes ``pre`` (``(N, J)``,
+float32) for the backward. Backward, one program per token:
+
+    dw_j   = dy_n · v_{idx_j}              (reads the v rows)
+    dg_j   = dw_j σ(pre_j)                 dpre_j = dw_j g_j σ'(pre_j)
+    dx_n   = Σ_j dpre_j u_{idx_j}          (reads the u rows)
+    du_{idx_j} += dpre_j x_n,  dv_{idx_j} += g_j σ(pre_j) dy_n     (atomic adds)
+
+Row gradients are accumulated with float32 atomic adds: an expert retrieved by several
+tokens receives their contributions in no fixed order, so ``du``/``dv`` (and only they)
+can differ in the last bits between two runs; everything else is deterministic. Experts
+never retrieved get exactly zero. Arithmetic in float32 whatever the tables' dtype.
+
+Kernel → launcher → ``torch.library.custom_op`` (fake implementation) → autograd; the
+eager layer (``finemoe.layers.peer``) is the reference; tests run these kernels on the
+CPU under ``TRITON_INTERPRET=1``.
+
+Shapes: N tokens, D model width, J = H·k retrieved experts per token (padded to JP, a
+power of two), P experts in the pool.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+__all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available"]
+
+ACTIVATIONS = ("gelu", "relu", "none")  # "none": PKM (w = g)
+_BLOCK_D = 64
+
+
+def peer_experts_available() -> bool:
+    """Triton is installed (on a CPU the kernels run only under ``TRITON_INTERPRET=1``)."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _act(pre, ACT: tl.constexpr):
+        if ACT == 0:  # exact GELU, x·Φ(x)
+            return 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+        else:
+            return tl.maximum(pre, 0.0)
+
+    @triton.jit
+    def _act_grad(pre, ACT: tl.constexpr):
+        if ACT == 0:  # Φ(x) + x·φ(x)
+            cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+            return cdf + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)
+        else:
+            return (pre > 0.0).to(tl.float32)
+
+    @triton.jit
+    def _retrieved(idx_ptr, gate_ptr, n, J: tl.constexpr, JP: tl.constexpr):
+        """Token n's J retrieved rows (padded to JP, masked) and their gates."""
+        js = tl.arange(0, JP)
+        jmask = js < J
+        rows = tl.load(idx_ptr + n * J + js, mask=jmask, other=0).to(tl.int64)
+        gates = tl.load(gate_ptr + n * J + js, mask=jmask, other=0.0).to(tl.float32)
+        return js, jmask, rows, gates
+
+    @triton.jit
+    def _peer_forward_kernel(x_ptr, idx_ptr, gate_ptr, u_ptr, v_ptr, y_ptr, pre_ptr, D,
+                             J: tl.constexpr, JP: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr,
+                             BLOCK_D: tl.constexpr, NUM_D: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        js, jmask, rows, w = _retrieved(idx_ptr, gate_ptr, n, J, JP)
+        if HAS_U:
+            pre = tl.zeros((JP,), dtype=tl.float32)
+            for dc in tl.static_range(NUM_D):
+                cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+                dmask = cols < D
+                x = tl.load(x_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
+                u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=jmask[:, None] & dmask[None, :],
+                            other=0.0).to(tl.float32)
+                pre += tl.sum(u * x[None, :], axis=1)
+            tl.store(pre_ptr + n * J + js, pre, mask=jmask)
+            w = w * _act(pre, ACT)
+        for dc in tl.static_range(NUM_D):
+            cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+            dmask = cols < D
+            v = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=jmask[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32)
+            tl.store(y_ptr + n * D + cols, tl.sum(w[:, None] * v, axis=0).to(y_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _peer_backward_kernel(dy_ptr, x_ptr, idx_ptr, gate_ptr, pre_ptr, u_ptr, v_ptr,
+                              dx_ptr, dgate_ptr, du_ptr, dv_ptr, D,
+                              J: tl.constexpr, JP: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr,
+                              BLOCK_D: tl.constexpr, NUM_D: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        js, jmask, rows, g = _retrieved(idx_ptr, gate_ptr, n, J, JP)
+        # dw_j = dy · v_j, and dv_j += w_j dy (w known before the pass when there is no u)
+        dw = tl.zeros((JP,), dtype=tl.float32)
+        if HAS_U:
+            pre = tl.load(pre_ptr + n * J + js, mask=jmask, other=0.0)
+            act = _act(pre, ACT)
+            w = g * act
+        else:
+            w = g
+        for dc in tl.static_range(NUM_D):
+            cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+            dmask = cols < D
+            tile = jmask[:, None] & dmask[None, :]
+            dy = tl.load(dy_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+            dw += tl.sum(v * dy[None, :], axis=1)
+            tl.atomic_add(dv_ptr + rows[:, None] * D + cols[None, :], w[:, None] * dy[None, :], mask=tile)
+        if HAS_U:
+            tl.store(dgate_ptr + n * J + js, dw * act, mask=jmask)
+            dpre = dw * g * _act_grad(pre, ACT)
+            for dc in tl.static_range(NUM_D):
+                cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+                dmask = cols < D
+                tile = jmask[:, None] & dmask[None, :]
+                x = tl.load(x_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
+                u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+                tl.store(dx_ptr + n * D + cols, tl.sum(dpre[:, None] * u, axis=0).to(dx_ptr.dtype.element_ty),
+                         mask=dmask)
+                tl.atomic_add(du_ptr + rows[:, None] * D + cols[None, :], dpre[:, None] * x[None, :], mask=tile)
+        else:
+            tl.store(dgate_ptr + n * J + js, dw, mask=jmask)
+
+
+def _sizes(D: int, J: int, activation: str) -> dict:
+    block_d = min(_BLOCK_D, triton.next_power_of_2(D))
+    return dict(J=J, JP=triton.next_power_of_2(J), HAS_U=activation != "none", ACT=0 if activation == "gelu" else 1,
+                BLOCK_D=block_d, NUM_D=triton.cdiv(D, block_d))
+
+
+@torch.library.custom_op("finemoe::peer_experts", mutates_args=())
+def _peer_experts(x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, expert_in: Tensor, expert_out: Tensor,
+                  activation: str) -> tuple[Tensor, Tensor]:
+    x_ND, idx_NJ, gates_NJ = x_ND.contiguous(), idx_NJ.contiguous(), gates_NJ.contiguous()
+    (N, D), J = x_ND.shape, idx_NJ.shape[1]
+    y_ND = x_ND.new_empty(N, D)
+    pre_NJ = torch.zeros(N, J if activation != "none" else 0, dtype=torch.float32, device=x_ND.device)
+    if N:
+        _peer_forward_kernel[(N,)](x_ND, idx_NJ, gates_NJ, expert_in.contiguous(), expert_out.contiguous(), y_ND,
+                                   pre_NJ, D, **_sizes(D, J, activation))
+    return y_ND, pre_NJ
+
+
+@_peer_experts.register_fake
+def _(x_ND, idx_NJ, gates_NJ, expert_in, expert_out, activation):
+    J = idx_NJ.shape[1] if activation != "none" else 0
+    return x_ND.new_empty(x_ND.shape), x_ND.new_empty(x_ND.shape[0], J, dtype=torch.float32)
+
+
+@torch.library.custom_op("finemoe::peer_experts_backward", mutates_args=())
+def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, pre_NJ: Tensor,
+                           expert_in: Tensor, expert_out: Tensor, activation: str
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dy_ND, x_ND = dy_ND.contiguous(), x_ND.contiguous()
+    (N, D), J = x_ND.shape, idx_NJ.shape[1]
+    dx_ND = torch.zeros_like(x_ND)
+    dgates_NJ = torch.empty(N, J, dtype=torch.float32, device=x_ND.device)
+    in_shape = expert_in.shape if activation != "none" else (0,)  # PKM: no u table
+    d_in = torch.zeros(in_shape, dtype=torch.float32, device=x_ND.device)
+    d_out = torch.zeros(expert_out.shape, dtype=torch.float32, device=x_ND.device)
+    if N:
+        _peer_backward_kernel[(N,)](dy_ND, x_ND, idx_NJ.contiguous(), gates_NJ.contiguous(), pre_NJ,
+                                    expert_in.contiguous(), expert_out.contiguous(), dx_ND, dgates_NJ, d_in, d_out, D,
+                                    **_sizes(D, J, activation))
+    return dx_ND, dgates_NJ.to(gates_NJ.dtype), d_in.to(expert_in.dtype), d_out.to(expert_out.dtype)
+
+
+@_peer_experts_backward.register_fake
+def _(dy_ND, x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out, activation):
+    d_in = torch.empty_like(expert_in) if activation != "none" else expert_in.new_empty(0)
+    return torch.empty_like(x_ND), torch.empty_like(gates_NJ), d_in, torch.empty_like(expert_out)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_ND, idx_NJ, gates_NJ, expert_in, expert_out, activation = inputs
+    ctx.save_for_backward(x_ND, idx_NJ, gates_NJ, output[1], expert_in, expert_out)
+    ctx.activation = activation
+
+
+def _backward(ctx, dy_ND: Tensor, _dpre):
+    x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out = ctx.saved_tensors
+    dx, dgates, d_in, d_out = _peer_experts_backward(dy_ND, x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out,
+                                                     ctx.activation)
+    has_u = ctx.activation != "none"
+    return dx if has_u else None, None, dgates, d_in if has_u else None, d_out, None
+
+
+_peer_experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+def peer_experts(x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, expert_in: Tensor | None, expert_out: Tensor,
+                 activation: str) -> Tensor:
+    """``y_n = Σ_j g_j σ(u_{idx_j} · x_n) v_{idx_j}`` (PEER), or ``Σ_j g_j v_{idx_j}`` with
+    ``activation="none"`` and no ``expert_in`` (PKM). ``(N, D)`` in the dtype of ``x``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
+    if (expert_in is None) != (activation == "none"):
+        raise ValueError("expert_in is given exactly when there is an activation (PEER, not PKM)")
+    y_ND, _ = _peer_experts(x_ND, idx_NJ, gates_NJ, expert_out if expert_in is None else expert_in, expert_out,
+                            activation)
+    return y_ND
