@@ -158,7 +158,7 @@ def _sub(p, prefix):
 
 
 def cartesian_ffn(h, p, cfg):
-    sub = cfg.sublayer()
+    sub = cfg.sublayer
     a, lb_a, _ = moe_ffn(h, _sub(p, "sublayers.0."), sub)
     b, lb_b, _ = moe_ffn(h + a, _sub(p, "sublayers.1."), sub)
     return a + b, lb_a + lb_b

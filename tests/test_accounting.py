@@ -23,8 +23,8 @@ KIND_EXAMPLES = {
     "finedeep": [FinedeepConfig(num_sublayers=2, experts_per_sublayer=3, expert_intermediate_size=8),
                  FinedeepConfig(num_sublayers=1, experts_per_sublayer=4, expert_intermediate_size=6, router_input="sublayer_input")],
     "dsmoe": [DSMoEConfig(intermediate_size=24, num_experts=4)],
-    "cartesian": [CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=12),
-                  CartesianConfig(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=12, shared_mix="add",
+    "cartesian": [CartesianConfig.with_sublayer(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=12),
+                  CartesianConfig.with_sublayer(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=12, shared_mix="add",
                                   num_shared_experts=0, norm_topk_prob=False)],
     "peer": [PEERConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8),
              PEERConfig(num_experts=49, num_heads=3, top_k=2, key_dim=6, query_batchnorm=False)],
@@ -148,7 +148,7 @@ def test_product_key_accounting_by_hand():
 
 
 def test_cartesian_accounting_by_hand():
-    cfg = CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=12)
+    cfg = CartesianConfig.with_sublayer(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=12)
     # per sub-layer: norm, router, 4 experts, 1 shared sub-expert, mixing gate W_c (D×2) + b_c
     per = 16 + 16 * 4 + 4 * 3 * 16 * 12 + 3 * 16 * 12 + 2 * 16 + 2
     assert cfg.num_params(D) == 2 * per

@@ -200,11 +200,11 @@ def test_moe_split_with_every_expert_and_uniform_router_is_the_dense_ffn():
 # -- CartesianMoE --------------------------------------------------------------------------------------
 
 CARTESIAN_CASES = {
-    "gate_mix": CartesianConfig(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12),
-    "add_mix_top3": CartesianConfig(num_experts=6, num_experts_per_tok=3, expert_intermediate_size=12, shared_mix="add"),
-    "no_shared": CartesianConfig(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12,
+    "gate_mix": CartesianConfig.with_sublayer(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12),
+    "add_mix_top3": CartesianConfig.with_sublayer(num_experts=6, num_experts_per_tok=3, expert_intermediate_size=12, shared_mix="add"),
+    "no_shared": CartesianConfig.with_sublayer(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12,
                                  num_shared_experts=0, shared_mix="add"),
-    "disable_top1": CartesianConfig(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12, disable_top1=True),
+    "disable_top1": CartesianConfig.with_sublayer(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12, disable_top1=True),
 }
 
 
@@ -213,14 +213,14 @@ def test_cartesian_matches_reference(case):
     cfg = CARTESIAN_CASES[case]
     layer = randomise(cfg.build(D))
     out, (lb_ref,) = compare_with_reference(layer, lambda h, p: ref.cartesian_ffn(h, p, cfg))
-    torch.testing.assert_close(out.aux_losses["load_balancing"], cfg.router_aux_loss_coef * lb_ref)
+    torch.testing.assert_close(out.aux_losses["load_balancing"], cfg.sublayer.router_aux_loss_coef * lb_ref)
 
 
 @pytest.mark.parametrize("disable_top1", [True, False])
 def test_cartesian_robustness_switch_never_uses_top1_experts(disable_top1):
     """Per token: spoil the top-1 expert of sub-layer A and of sub-layer B; with the switch
     on, the output is unchanged; with it off, it changes."""
-    cfg = CartesianConfig(num_experts=6, num_experts_per_tok=2, expert_intermediate_size=12, disable_top1=disable_top1)
+    cfg = CartesianConfig.with_sublayer(num_experts=6, num_experts_per_tok=2, expert_intermediate_size=12, disable_top1=disable_top1)
     torch.manual_seed(0)
     layer = randomise(cfg.build(D)).double()
     for _ in range(5):
@@ -242,13 +242,36 @@ def test_cartesian_robustness_switch_never_uses_top1_experts(disable_top1):
 
 
 def test_cartesian_is_two_sequential_moe_sublayers():
-    cfg = CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=8)
+    cfg = CartesianConfig.with_sublayer(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=8)
     layer = cfg.build(D)
     h = torch.randn(2, 3, D)
     A, Bl = layer.sublayers
     h1 = h + A(h).update
     torch.testing.assert_close(h + layer(h).update, h1 + Bl(h1).update)
     assert cfg.num_composite_experts == 16
+
+
+def test_cartesian_sublayers_take_any_moe_option_and_old_flat_configs_still_load():
+    """The sub-layer is a full MoE config: an option CartesianConfig never copied
+    (expert-choice routing, scaling) reaches both sub-layers; a config written flat (the
+    shorthand, and every config saved before) gives the same layer as the nested form."""
+    from finemoe.config import ConfigError, from_dict, to_dict
+    from finemoe.layers import FFNConfig, MoEConfig
+
+    cfg = from_dict(FFNConfig, {"kind": "cartesian", "sublayer": {"num_experts": 4, "expert_intermediate_size": 8,
+                                                                  "routing": "expert_choice",
+                                                                  "routed_scaling_factor": 2.0}})
+    layer = cfg.build(D)
+    assert [s.config.routing for s in layer.sublayers] == ["expert_choice"] * 2
+    assert [s.config.routed_scaling_factor for s in layer.sublayers] == [2.0] * 2
+    assert cfg.sublayer.shared_mix == "gate" and cfg.sublayer.num_shared_experts == 1  # the paper's, not moe's
+    flat = from_dict(FFNConfig, {"kind": "cartesian", "num_experts": 4, "expert_intermediate_size": 8})
+    assert flat == CartesianConfig.with_sublayer(num_experts=4, expert_intermediate_size=8)
+    assert from_dict(FFNConfig, to_dict(flat)) == flat
+    assert flat.replace(experts_impl="eager").sublayer.experts_impl == "eager"
+    assert isinstance(flat.sublayer, MoEConfig)
+    with pytest.raises(ConfigError, match="sublayer"):
+        from_dict(FFNConfig, {"kind": "cartesian", "sublayer": {"kind": "topp"}})
 
 
 # -- PEER and PKM ------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ ROUTED = {
     "segmented + shared (gate)": MoEConfig(num_experts=3, num_experts_per_tok=1, expert_intermediate_size=12,
                                            granularity=2, num_shared_experts=1, shared_mix="gate"),
     "top-1 disabled": MoEConfig(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=12, disable_top1=True),
-    "cartesian": CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=12),
+    "cartesian": CartesianConfig.with_sublayer(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=12),
 }
 
 

@@ -81,7 +81,7 @@ def test_fast_paths_bf16_match_the_float32_eager_reference(kind):
 
     configs = {
         "moe": MoEConfig(num_experts=8, num_experts_per_tok=2, expert_intermediate_size=256, num_shared_experts=1),
-        "cartesian": CartesianConfig(num_experts=8, num_experts_per_tok=2, expert_intermediate_size=128),
+        "cartesian": CartesianConfig.with_sublayer(num_experts=8, num_experts_per_tok=2, expert_intermediate_size=128),
         "finedeep": FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=64),
         "dsmoe": DSMoEConfig(intermediate_size=512, num_experts=8),
     }

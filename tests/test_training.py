@@ -14,7 +14,7 @@ SMALL = {
     "moe": MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=48),
     "finedeep": FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=12),
     "dsmoe": DSMoEConfig(intermediate_size=96, num_experts=4),
-    "cartesian": CartesianConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=24),
+    "cartesian": CartesianConfig.with_sublayer(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=24),
     "peer": PEERConfig(num_experts=32**2, num_heads=4, top_k=8, key_dim=16),
     "pkm": PKMConfig(num_experts=32**2, num_heads=4, top_k=8, key_dim=16),
     "hash": HashConfig(num_experts=4, expert_intermediate_size=48),

@@ -116,7 +116,7 @@ class FFNConfig:
             given = data.pop("kind", cls.kind)
             if given != cls.kind:
                 raise ConfigError(f"{path}.kind" if path else "kind", f"expected {cls.kind!r}, got {given!r}")
-            return cls, data
+            return cls, cls.upgrade(data, path)
         if "kind" not in data:
             raise ConfigError(path, f"an FFN config needs a `kind`, one of: {', '.join(sorted(FFN_KINDS))}")
         data = dict(data)
@@ -126,7 +126,13 @@ class FFNConfig:
                 f"{path}.kind" if path else "kind",
                 f"unknown FFN kind {kind!r}; known kinds: {', '.join(sorted(FFN_KINDS))}",
             )
-        return FFN_KINDS[kind], data
+        return FFN_KINDS[kind], FFN_KINDS[kind].upgrade(data, path)
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
+        """A kind's chance to rewrite its raw config (shorthands, fields of older
+        versions) before it is checked and built; by default unchanged."""
+        return data
 
     # -- to be implemented by every kind ------------------------------------------
     def build(self, d_model: int, context: LayerContext | None = None) -> "FFN":

@@ -15,91 +15,92 @@ sub-expert mixed by a learned two-way softmax ``c = softmax(z W_c + b_c)``:
 ``c_0 · r + c_1 · shared(z)`` [choice: ``shared_mix = "gate" | "add"``, default "gate"].
 Switch load balancing per sub-layer [choice: α = 0.01; the paper's value is not public].
 
-Each sub-layer is a ``moe`` layer (``finemoe.layers.moe``), so routing, dispatch, the
-gated shared expert and the robustness switch are the same code as the baseline.
+Each sub-layer is a ``moe`` layer (``finemoe.layers.moe``) built from the config's
+``sublayer`` section, a full ``MoEConfig``: routing, dispatch, the gated shared expert,
+the robustness switch and every other MoE option are the same code as the baseline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from finemoe.config import check
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
-from finemoe.layers.experts import ExpertsImpl
 from finemoe.layers.moe import MoEConfig, MoEFFN
+
+
+PAPER_SUBLAYER = dict(num_experts=16, num_experts_per_tok=2, expert_intermediate_size=256, num_shared_experts=1,
+                      shared_mix="gate", router_aux_loss_coef=0.01, router_z_loss_coef=0.0)
+"""The sub-layer defaults where they differ from ``moe``'s: the paper's top-2 of N
+half-width sub-experts with a gated shared sub-expert, no z-loss."""
+
+_MOE_FIELDS = frozenset(f.name for f in dataclasses.fields(MoEConfig) if f.init)
 
 
 @register_ffn
 @dataclass
 class CartesianConfig(FFNConfig):
+    """Two sequential ``moe`` sub-layers of one configuration.
+
+    In YAML and overrides the sub-layer's fields may also be written flat
+    (``model.ffn.num_experts=8``), as shorthand for ``sublayer.num_experts``; a flat
+    field wins over the same field under ``sublayer``. Unset fields take
+    ``PAPER_SUBLAYER``'s values, then ``moe``'s defaults."""
+
     kind: ClassVar[str] = "cartesian"
-    num_experts: int = 16
-    """N sub-experts per sub-layer (N² composite experts)."""
-    num_experts_per_tok: int = 2
-    """k per sub-layer."""
-    expert_intermediate_size: int = 256
-    """Sub-expert width: half the width of the corresponding full expert."""
-    num_shared_experts: int = 1
-    """Shared sub-experts per sub-layer (the paper: 1)."""
-    shared_expert_intermediate_size: int | None = None
-    """Default: the sub-expert width."""
-    shared_mix: Literal["add", "gate"] = "gate"
-    norm_topk_prob: bool = True
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.0
-    disable_top1: bool = False
-    """Routing-robustness test: each token's top-1 expert is disabled in both sub-layers."""
-    experts_impl: ExpertsImpl = "auto"
-    """How the sub-experts run (see ``moe``)."""
-    norm_eps: float = 1e-5
+    sublayer: MoEConfig = dataclasses.field(default_factory=lambda: MoEConfig(**PAPER_SUBLAYER))
+    """Sub-layers A and B (identical configs, separate weights): every ``moe`` option
+    applies (routing, shared experts, segmentation, scaling, ``experts_impl``,
+    ``disable_top1``...); ``num_experts`` is N, the sub-experts per sub-layer (N²
+    composite experts), and ``expert_intermediate_size`` half a full expert's width."""
 
-    def __post_init__(self) -> None:
-        self.sublayer()  # validates every shared field, with this config's field names
+    @classmethod
+    def with_sublayer(cls, **fields: Any) -> "CartesianConfig":
+        """``CartesianConfig(sublayer=MoEConfig(**(PAPER_SUBLAYER | fields)))``."""
+        return cls(sublayer=MoEConfig(**(PAPER_SUBLAYER | fields)))
 
-    def sublayer(self) -> MoEConfig:
-        """The config of sub-layer A (and B, which is identical)."""
-        check(self.num_experts > 0, "num_experts", "must be positive")
-        return MoEConfig(
-            num_experts=self.num_experts,
-            num_experts_per_tok=self.num_experts_per_tok,
-            expert_intermediate_size=self.expert_intermediate_size,
-            num_shared_experts=self.num_shared_experts,
-            shared_expert_intermediate_size=self.shared_expert_intermediate_size,
-            shared_mix=self.shared_mix,
-            norm_topk_prob=self.norm_topk_prob,
-            router_aux_loss_coef=self.router_aux_loss_coef,
-            router_z_loss_coef=self.router_z_loss_coef,
-            disable_top1=self.disable_top1,
-            experts_impl=self.experts_impl,
-            norm_eps=self.norm_eps,
-        )
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
+        """Flat sub-layer fields (the shorthand, and configs saved before the sub-layer
+        was its own section) move under ``sublayer``, over the paper's defaults."""
+        data = dict(data)
+        flat = {key: data.pop(key) for key in list(data) if key in _MOE_FIELDS}
+        given = data.get("sublayer", {})
+        if isinstance(given, dict):
+            data["sublayer"] = PAPER_SUBLAYER | given | flat
+        return data
+
+    def replace(self, **changes: Any) -> "CartesianConfig":
+        """Sub-layer fields may be given flat here too (``replace(experts_impl="eager")``)."""
+        flat = {key: changes.pop(key) for key in list(changes) if key in _MOE_FIELDS}
+        new = dataclasses.replace(self, **changes)
+        return dataclasses.replace(new, sublayer=new.sublayer.replace(**flat)) if flat else new
 
     @property
     def num_composite_experts(self) -> int:
-        return self.num_experts**2
+        return self.sublayer.num_experts**2
 
     def build(self, d_model: int, context: LayerContext | None = None) -> "CartesianFFN":
         return CartesianFFN(self, d_model)
 
     def num_params(self, d_model: int) -> int:
-        return 2 * self.sublayer().num_params(d_model)
+        return 2 * self.sublayer.num_params(d_model)
 
     def num_active_params(self, d_model: int) -> float:
-        return 2 * self.sublayer().num_active_params(d_model)
+        return 2 * self.sublayer.num_active_params(d_model)
 
     def flops_per_token(self, d_model: int) -> float:
-        return 2 * self.sublayer().flops_per_token(d_model)
+        return 2 * self.sublayer.flops_per_token(d_model)
 
 
 class CartesianFFN(FFN):
     def __init__(self, config: CartesianConfig, d_model: int):
         super().__init__()
         self.config = config
-        sub = config.sublayer()
-        self.sublayers = nn.ModuleList([MoEFFN(sub, d_model), MoEFFN(sub, d_model)])  # A, B
+        self.sublayers = nn.ModuleList([MoEFFN(config.sublayer, d_model), MoEFFN(config.sublayer, d_model)])  # A, B
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         a = self.sublayers[0](h_BTD, return_stats=return_stats, context=context)            # MoE_A(RMSNorm_A(h))
