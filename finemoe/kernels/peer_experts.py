@@ -153,7 +153,7 @@ def _peer_experts(x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, expert_in: Ten
     x_ND, idx_NJ, gates_NJ = x_ND.contiguous(), idx_NJ.contiguous(), gates_NJ.contiguous()
     (N, D), J = x_ND.shape, idx_NJ.shape[1]
     y_ND = x_ND.new_empty(N, D)
-    pre_NJ = torch.zeros(N, J if activation != "none" else 0, dtype=torch.float32, device=x_ND.device)
+    pre_NJ = torch.empty(N, J if activation != "none" else 0, dtype=torch.float32, device=x_ND.device)  # every entry written
     if N:
         _peer_forward_kernel[(N,)](x_ND, idx_NJ, gates_NJ, expert_in.contiguous(), expert_out.contiguous(), y_ND,
                                    pre_NJ, D, **_sizes(D, J, activation))
@@ -172,7 +172,7 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dy_ND, x_ND = dy_ND.contiguous(), x_ND.contiguous()
     (N, D), J = x_ND.shape, idx_NJ.shape[1]
-    dx_ND = torch.zeros_like(x_ND)
+    dx_ND = torch.empty_like(x_ND)  # every entry written (PEER); unused (PKM)
     dgates_NJ = torch.empty(N, J, dtype=torch.float32, device=x_ND.device)
     in_shape = expert_in.shape if activation != "none" else (0,)  # PKM: no u table
     d_in = torch.zeros(in_shape, dtype=torch.float32, device=x_ND.device)

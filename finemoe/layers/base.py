@@ -40,6 +40,12 @@ def report(module: nn.Module, key: str, **values: Tensor) -> None:
     if recorder is not None:
         recorder.observe(module.__dict__["record_name"], key, **values)
 
+
+def is_recorded(module: nn.Module | None) -> bool:
+    """Whether an analysis recorder is attached to ``module``: fast paths that do not
+    compute what the recorder reads (activations, router probabilities) step aside."""
+    return module is not None and module.__dict__.get("recorder") is not None
+
 # kind name -> config class
 FFN_KINDS: dict[str, type["FFNConfig"]] = {}
 

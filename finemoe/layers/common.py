@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, triton_kernels_available
-from finemoe.layers.base import report
+from finemoe.layers.base import is_recorded, report
 
 __all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_hidden", "swiglu_hidden_packed", "swiglu_params"]
 
@@ -64,7 +64,7 @@ def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None, *,
     recorder, before any scale) mean the same for all, and one fused kernel
     (``finemoe.kernels.fused_swiglu``, used on the GPU) speeds them all. This formula is
     its reference, and the path taken while a recorder is attached."""
-    recording = module is not None and module.__dict__.get("recorder") is not None
+    recording = is_recorded(module)
     if not recording and triton_kernels_available(gate):
         return fused_swiglu(gate, up, block_scale)
     act = F.silu(gate)
@@ -82,7 +82,7 @@ def swiglu_hidden_packed(gate_up: Tensor, module: nn.Module | None = None, *,
     """``swiglu_hidden(gate, up)`` for ``gate_up = [gate | up]`` (last axis), the output
     of one GEMM against the two weights side by side: one wider product instead of two
     (measured faster for narrow experts), read in place by the fused kernel."""
-    recording = module is not None and module.__dict__.get("recorder") is not None
+    recording = is_recorded(module)
     if not recording and triton_kernels_available(gate_up):
         return fused_swiglu_packed(gate_up, block_scale)
     gate, up = gate_up.chunk(2, dim=-1)

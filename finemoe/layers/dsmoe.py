@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import check
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_hidden, swiglu_params
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.dsmoe_decode import dsmoe_decode, dsmoe_decode_applies
@@ -155,7 +155,7 @@ class DSMoEFFN(FFN):
         """A few tokens at inference on a GPU: the decode kernels, which read only the
         switched-on blocks' weights (``finemoe.kernels.dsmoe_decode``)."""
         return (not self.training and self.config.eval_sparse and not torch.is_grad_enabled()
-                and self.__dict__.get("recorder") is None and triton_kernels_available(u_ND)
+                and not is_recorded(self) and triton_kernels_available(u_ND)
                 and dsmoe_decode_applies(u_ND, self.config.block_width))
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32, swiglu_hidden, swiglu_params
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.finedeep_gate import finedeep_gate
@@ -156,7 +156,7 @@ class FinedeepFFN(FFN):
                         gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
                 if cfg.gate_sum == "experts":
                     gates_NK = gates_NK * K
-            if self.__dict__.get("recorder") is not None:
+            if is_recorded(self):
                 report(self, "gates", gates=gates_NK, sublayer=torch.tensor(m))
             weighted_NF = (hidden_NF.view(N, K, f) * gates_NK.to(hidden_NF.dtype).unsqueeze(-1)).view(N, K * f)
         if record is not None:
@@ -172,7 +172,7 @@ class FinedeepFFN(FFN):
     def _gate_kernel_applies(self, hidden_NF: Tensor) -> bool:
         cfg = self.config
         return (cfg.gate_kernel and cfg.router_input == "expert_output" and triton_kernels_available(hidden_NF)
-                and self.__dict__.get("recorder") is None)
+                and not is_recorded(self))
 
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         B, T, D = h_BTD.shape

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from finemoe.config import check
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_token_choice,
                                      shared_experts_width)
@@ -102,7 +102,7 @@ class HashFFN(FFN):
         y_ND = dispatch_token_choice(self.experts, u_ND, torch.ones(idx_N1.shape, device=u_ND.device), idx_N1)
         if self.shared is not None:
             y_ND = y_ND + self.shared(u_ND)
-        if self.__dict__.get("recorder") is not None:  # a deterministic router: all mass on the hashed expert
+        if is_recorded(self):  # a deterministic router: all mass on the hashed expert
             report(self, "routing", probs=F.one_hot(idx_N1[:, 0], cfg.num_experts).float(), slots=idx_N1,
                    chosen_tokens=None)
         stats = {"expert_load": expert_load(idx_N1, cfg.num_experts)} if return_stats else None

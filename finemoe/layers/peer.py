@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.kernels.peer_experts import peer_experts, peer_experts_available
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32
 from finemoe.layers.routing import product_key_topk
 
@@ -164,7 +164,7 @@ def runs_fused_experts(module: nn.Module) -> bool:
     """Whether a PEER/PKM layer runs its experts with the Triton kernel: asked for, Triton
     installed, and no analysis recorder attached (it reads the eager path's activations)."""
     return (module.config.experts_impl == "triton" and peer_experts_available()
-            and module.__dict__.get("recorder") is None)
+            and not is_recorded(module))
 
 
 def usage_stats(idx_NHk: Tensor, gates_NHk: Tensor, num_experts: int) -> dict[str, Tensor]:
@@ -194,20 +194,23 @@ class PEERFFN(FFN):
         if runs_fused_experts(self):
             y_ND = peer_experts(u_ND, idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1), self.expert_in,
                                 self.expert_out, cfg.activation)
-            stats = usage_stats(idx_NHk, gates_NHk, cfg.num_experts) if return_stats else None
-            return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D), stats=stats)
+        else:
+            y_ND = self.eager_experts(u_ND, idx_NHk, gates_NHk)
+        stats = usage_stats(idx_NHk, gates_NHk, cfg.num_experts) if return_stats else None
+        return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D), stats=stats)
+
+    def eager_experts(self, u_ND: Tensor, idx_NHk: Tensor, gates_NHk: Tensor) -> Tensor:
+        """``Σ_heads Σ_i g_i σ(u_i · x) v_i`` with PyTorch gathers: the reference."""
+        N = u_ND.shape[0]
         # σ(u_i · x) for the retrieved experts only: gather (N, H, k, D), never (N, num_experts).
         u_NHkD = F.embedding(idx_NHk, self.expert_in)
         act_NHk = torch.einsum("nhkd,nd->nhk", u_NHkD.to(u_ND.dtype), u_ND)
-        act_NHk = F.gelu(act_NHk) if cfg.activation == "gelu" else F.relu(act_NHk)
+        act_NHk = F.gelu(act_NHk) if self.config.activation == "gelu" else F.relu(act_NHk)
         report(self, "activations", act=act_NHk, gated=gates_NHk * act_NHk)  # σ(u_i·x), and g_i σ(u_i·x) on v_i
         # Σ g_i σ(·) v_i as a weighted bag: no (N, H, k, D) copy of v is materialised.
-        weights_NS = (gates_NHk * act_NHk).reshape(B * T, -1)
-        y_ND = F.embedding_bag(
-            idx_NHk.reshape(B * T, -1), self.expert_out, per_sample_weights=weights_NS.to(self.expert_out.dtype), mode="sum"
-        )
-        stats = usage_stats(idx_NHk, gates_NHk, cfg.num_experts) if return_stats else None
-        return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D), stats=stats)
+        weights_NS = (gates_NHk * act_NHk).reshape(N, -1)
+        return F.embedding_bag(idx_NHk.reshape(N, -1), self.expert_out,
+                               per_sample_weights=weights_NS.to(self.expert_out.dtype), mode="sum")
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

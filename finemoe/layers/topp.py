@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.layers import routing
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_token_choice,
                                      shared_experts_width)
@@ -141,7 +141,7 @@ class TopPFFN(FFN):
             aux["load_balancing"] = cfg.router_aux_loss_coef * cfg.num_experts * torch.sum(f_E * probs_NE.mean(0))
         if cfg.dynamic_loss_coef > 0:
             aux["dynamic"] = cfg.dynamic_loss_coef * routing.router_entropy(probs_NE)
-        if self.__dict__.get("recorder") is not None:
+        if is_recorded(self):
             report(self, "routing", probs=probs_NE, slots=idx_NK[kept_NK], chosen_tokens=None)
         stats = None
         if return_stats:
