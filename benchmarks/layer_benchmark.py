@@ -152,8 +152,9 @@ def product_key_configs(d: int) -> dict[str, dict]:
     """PEER and PKM at issue 12's size: 1024² experts, 8 heads, key width 256."""
     peer = {"kind": "peer", "num_experts": 1024**2, "num_heads": 8, "top_k": 16, "key_dim": 256}
     pkm = peer | {"kind": "pkm", "top_k": 32}
-    return {"peer N=1024² h=8 k=16": peer, "peer N=1024² h=8 k=16 [experts_impl=triton]": peer | {"experts_impl": "triton"},
-            "pkm N=1024² h=8 k=32": pkm, "pkm N=1024² h=8 k=32 [experts_impl=triton]": pkm | {"experts_impl": "triton"}}
+    eager, fused = {"retrieval_impl": "eager", "experts_impl": "eager"}, {"retrieval_impl": "triton", "experts_impl": "triton"}
+    return {"peer N=1024² h=8 k=16 [eager]": peer | eager, "peer N=1024² h=8 k=16 [triton]": peer | fused,
+            "pkm N=1024² h=8 k=32 [eager]": pkm | eager, "pkm N=1024² h=8 k=32 [triton]": pkm | fused}
 
 
 # -- timing --------------------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
             layer = cfg.build(d).to(device).train()
             add(name, spec, cfg.flops_per_token(d), fwd_bwd(layer, h, cotangent, autocast))
             del layer
-        port_cfg = from_dict(FFNConfig, dict(product_key_configs(d)["peer N=1024² h=8 k=16"]))
+        port_cfg = from_dict(FFNConfig, dict(product_key_configs(d)["peer N=1024² h=8 k=16 [eager]"]))
         add("anchor: peer as the paper's pseudo-code", {"kind": "peer port"}, port_cfg.flops_per_token(d),
             fwd_bwd(PaperPEERPort(d, 1024**2, 8, 16, 256).to(device), h, cotangent, autocast))
 

@@ -206,18 +206,20 @@ def test_finedeep_gate_kernel_matches_the_pytorch_gate(gate):
 
 
 @pytest.mark.parametrize("kind", ["peer", "pkm"])
-def test_fused_product_key_experts_on_cuda_equal_the_eager_layer(kind):
-    """Float32 on the GPU, a pool of 256² experts and 2,048 tokens (most experts retrieved
-    by several tokens: the atomic row gradients are exercised): output and the gradient
-    of the input and of every parameter, query, BatchNorm, sub-keys and tables; experts
-    never retrieved get exactly zero gradient."""
+def test_fused_product_key_kernels_on_cuda_equal_the_eager_layer(kind):
+    """Both kernels (retrieval and experts), float32 on the GPU, a pool of 256² experts and 2,048 tokens (most experts retrieved
+    by several tokens: the per-row gradient pass sums several pairs): output and the
+    gradient of the input and of every parameter, query, BatchNorm, sub-keys and tables;
+    experts never retrieved get exactly zero gradient; a second backward gives bitwise
+    the same table gradients (no atomic adds)."""
     from finemoe.layers import PEERConfig, PKMConfig
 
     config_type = PEERConfig if kind == "peer" else PKMConfig
     torch.manual_seed(0)
-    eager = config_type(num_experts=256**2, num_heads=4, top_k=8, key_dim=64).build(256).cuda()
-    fused = copy.deepcopy(eager)
-    fused.config = eager.config.replace(experts_impl="triton")
+    eager = config_type(num_experts=256**2, num_heads=4, top_k=8, key_dim=64, retrieval_impl="eager",
+                        experts_impl="eager").build(256).cuda()
+    fused = eager.config.replace(retrieval_impl="triton", experts_impl="triton").build(256).cuda()
+    fused.load_state_dict(eager.state_dict())
     h = torch.randn(4, 512, 256, device="cuda")
     results = []
     for layer in (eager, fused):
@@ -234,3 +236,9 @@ def test_fused_product_key_experts_on_cuda_equal_the_eager_layer(kind):
     untouched = table.abs().sum(-1) == 0
     assert 0 < int(untouched.sum()) < table.shape[0]
     assert torch.equal(gp_e["expert_out" if kind == "peer" else "values"][untouched], table[untouched])
+    fused.zero_grad(set_to_none=True)
+    x = h.clone().requires_grad_(True)
+    (fused(x).update * h).sum().backward()
+    for name, param in fused.named_parameters():
+        if name in ("expert_in", "expert_out", "values"):
+            assert torch.equal(param.grad, gp_f[name]), name

@@ -175,8 +175,8 @@ def _peer_reference(x, idx, gates, expert_in, expert_out, activation):
 @pytest.mark.parametrize("tokens,retrieved,width", [(5, 6, 40), (3, 4, 130), (0, 4, 8)])
 def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, width):
     """Outputs and the gradients of x, the gates and both tables; an expert retrieved
-    twice by one token and by several tokens (atomic adds); experts never retrieved get
-    exactly zero gradient."""
+    twice by one token and by several tokens (summed in the per-row pass); experts never
+    retrieved get exactly zero gradient."""
     from finemoe.kernels.peer_experts import peer_experts
 
     torch.manual_seed(len(activation) + tokens)
@@ -214,14 +214,15 @@ def test_peer_experts_passes_opcheck():
 
 @pytest.mark.parametrize("kind", ["peer", "pkm"])
 def test_product_key_layers_with_the_fused_experts_equal_the_eager_layer(kind):
-    """The whole layer, float32: output and the gradient of every parameter (query,
-    BatchNorm, sub-keys, tables) and of the input."""
+    """The whole layer with both kernels (retrieval and experts), float32: output and the
+    gradient of every parameter (query, BatchNorm, sub-keys, tables) and of the input."""
     from finemoe.layers import PEERConfig, PKMConfig
 
     config_type = PEERConfig if kind == "peer" else PKMConfig
     torch.manual_seed(3)
-    eager = config_type(num_experts=64, num_heads=2, top_k=3, key_dim=8).build(24).to(DEVICE)
-    fused = config_type(num_experts=64, num_heads=2, top_k=3, key_dim=8, experts_impl="triton").build(24).to(DEVICE)
+    shape = dict(num_experts=64, num_heads=2, top_k=3, key_dim=8)
+    eager = config_type(**shape, retrieval_impl="eager", experts_impl="eager").build(24).to(DEVICE)
+    fused = config_type(**shape, retrieval_impl="triton", experts_impl="triton").build(24).to(DEVICE)
     fused.load_state_dict(eager.state_dict())
     h = torch.randn(2, 5, 24, device=DEVICE)
     probe = torch.randn(2, 5, 24, device=DEVICE)
@@ -235,3 +236,43 @@ def test_product_key_layers_with_the_fused_experts_equal_the_eager_layer(kind):
     torch.testing.assert_close(out_f, out_e, atol=1e-5, rtol=1e-5)
     for name, got, want in zip(["input", *dict(eager.named_parameters())], grads_f, grads_e):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _brute_force_top_k(q_MQ, keys_1, keys_2, k):
+    """Every one of the S² keys scored, float64: the exact answer."""
+    S, half = keys_1.shape
+    scores = (q_MQ[:, :half].double() @ keys_1.double().t())[:, :, None] + \
+             (q_MQ[:, half:].double() @ keys_2.double().t())[:, None, :]
+    return scores.reshape(len(q_MQ), S * S).topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("rows,width,sub_keys,k", [(37, 16, 20, 4), (16, 64, 32, 8), (5, 8, 7, 7), (0, 8, 4, 2)])
+def test_fused_product_key_retrieval_equals_brute_force_and_the_eager_path(rows, width, sub_keys, k):
+    """The fused kernel's k experts are the exact best of all S² keys, best first (padded
+    sub-key tables, k not a power of two, an empty batch); its gradients of the queries
+    and both sub-key tables equal the eager path's."""
+    from finemoe.kernels.product_keys import fused_product_key_topk
+    from finemoe.layers.routing import product_key_topk
+
+    torch.manual_seed(rows + sub_keys)
+    q = torch.randn(rows, 2, width, device=DEVICE, requires_grad=True)
+    keys_1 = torch.randn(sub_keys, width // 2, device=DEVICE, requires_grad=True)
+    keys_2 = torch.randn(sub_keys, width // 2, device=DEVICE, requires_grad=True)
+    scores, idx = fused_product_key_topk(q, keys_1, keys_2, k)
+    want_scores, want_idx = _brute_force_top_k(q.detach().reshape(-1, width), keys_1.detach(), keys_2.detach(), k)
+    assert torch.equal(idx.reshape(-1, k), want_idx)
+    torch.testing.assert_close(scores.reshape(-1, k).double(), want_scores, atol=1e-5, rtol=1e-5)
+    ref_scores, ref_idx = product_key_topk(q, keys_1, keys_2, k)
+    assert torch.equal(idx, ref_idx)
+    probe = torch.randn(scores.shape, device=DEVICE)
+    got = torch.autograd.grad((scores * probe).sum(), [q, keys_1, keys_2], allow_unused=True)
+    want = torch.autograd.grad((ref_scores * probe).sum(), [q, keys_1, keys_2], allow_unused=True)
+    for name, g, w in zip(["q", "keys_1", "keys_2"], got, want):
+        torch.testing.assert_close(g if g is not None else torch.zeros_like(w), w if w is not None else torch.zeros_like(g),
+                                   atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_product_key_retrieval_passes_opcheck():
+    args = (torch.randn(20, 16, device=DEVICE, requires_grad=True), torch.randn(9, 8, device=DEVICE, requires_grad=True),
+            torch.randn(9, 8, device=DEVICE, requires_grad=True), 4)
+    torch.library.opcheck(torch.ops.finemoe.product_key_topk.default, args)

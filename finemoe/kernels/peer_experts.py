@@ -10,17 +10,19 @@ The eager layer gathers the ``u`` rows into an ``(N, H, k, D)`` tensor (8.6 GB i
 at the issue's size, and its backward sorts and accumulates as many rows). Here one
 program per token reads its J rows of ``u`` once (the J dot products stay in registers),
 then its J rows of ``v`` once, and writes ``y_n``; it also writes ``pre`` (``(N, J)``,
-float32) for the backward. Backward, one program per token:
+float32) for the backward. Backward, in two passes:
 
-    dw_j   = dy_n · v_{idx_j}              (reads the v rows)
-    dg_j   = dw_j σ(pre_j)                 dpre_j = dw_j g_j σ'(pre_j)
-    dx_n   = Σ_j dpre_j u_{idx_j}          (reads the u rows)
-    du_{idx_j} += dpre_j x_n,  dv_{idx_j} += g_j σ(pre_j) dy_n     (atomic adds)
+    per token n:    dw_j   = dy_n · v_{idx_j}              (reads the v rows)
+                    dg_j   = dw_j σ(pre_j)                 dpre_j = dw_j g_j σ'(pre_j)
+                    dx_n   = Σ_j dpre_j u_{idx_j}          (reads the u rows)
+    per pool row i: du_i   = Σ_{(n,j): idx_nj = i} dpre_nj x_n
+                    dv_i   = Σ_{(n,j): idx_nj = i} g_nj σ(pre_nj) dy_n
 
-Row gradients are accumulated with float32 atomic adds: an expert retrieved by several
-tokens receives their contributions in no fixed order, so ``du``/``dv`` (and only they)
-can differ in the last bits between two runs; everything else is deterministic. Experts
-never retrieved get exactly zero. Arithmetic in float32 whatever the tables' dtype.
+The second pass walks the (token, slot) pairs sorted by row (a stable sort, so each
+row's sum has a fixed order): every row gradient is written once, rows never retrieved
+get exactly zero without a separate fill, and the result is deterministic (no atomic
+adds). x and dy are read from L2-sized activations; the tables' gradients are written
+once, in the tables' dtype, from float32 sums.
 
 Kernel → launcher → ``torch.library.custom_op`` (fake implementation) → autograd; the
 eager layer (``finemoe.layers.peer``) is the reference; tests run these kernels on the
@@ -44,7 +46,8 @@ except ImportError:
 __all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available"]
 
 ACTIVATIONS = ("gelu", "relu", "none")  # "none": PKM (w = g)
-_BLOCK_D = 64
+_BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 tile)
+_ROW_BLOCK_D = 1024  # columns per program of the per-row gradient pass
 
 
 def peer_experts_available() -> bool:
@@ -103,42 +106,61 @@ if triton is not None:
             tl.store(y_ptr + n * D + cols, tl.sum(w[:, None] * v, axis=0).to(y_ptr.dtype.element_ty), mask=dmask)
 
     @triton.jit
-    def _peer_backward_kernel(dy_ptr, x_ptr, idx_ptr, gate_ptr, pre_ptr, u_ptr, v_ptr,
-                              dx_ptr, dgate_ptr, du_ptr, dv_ptr, D,
+    def _peer_backward_kernel(dy_ptr, idx_ptr, gate_ptr, pre_ptr, u_ptr, v_ptr, dx_ptr, dgate_ptr, dpre_ptr, D,
                               J: tl.constexpr, JP: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr,
                               BLOCK_D: tl.constexpr, NUM_D: tl.constexpr):
+        """Pass 1, one program per token: dgate, dpre and dx (no row gradients)."""
         n = tl.program_id(0).to(tl.int64)
         js, jmask, rows, g = _retrieved(idx_ptr, gate_ptr, n, J, JP)
-        # dw_j = dy · v_j, and dv_j += w_j dy (w known before the pass when there is no u)
-        dw = tl.zeros((JP,), dtype=tl.float32)
-        if HAS_U:
-            pre = tl.load(pre_ptr + n * J + js, mask=jmask, other=0.0)
-            act = _act(pre, ACT)
-            w = g * act
-        else:
-            w = g
+        dw = tl.zeros((JP,), dtype=tl.float32)  # dw_j = dy · v_j
         for dc in tl.static_range(NUM_D):
             cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
             dmask = cols < D
-            tile = jmask[:, None] & dmask[None, :]
             dy = tl.load(dy_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=jmask[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32)
             dw += tl.sum(v * dy[None, :], axis=1)
-            tl.atomic_add(dv_ptr + rows[:, None] * D + cols[None, :], w[:, None] * dy[None, :], mask=tile)
         if HAS_U:
-            tl.store(dgate_ptr + n * J + js, dw * act, mask=jmask)
+            pre = tl.load(pre_ptr + n * J + js, mask=jmask, other=0.0)
+            tl.store(dgate_ptr + n * J + js, dw * _act(pre, ACT), mask=jmask)
             dpre = dw * g * _act_grad(pre, ACT)
+            tl.store(dpre_ptr + n * J + js, dpre, mask=jmask)
             for dc in tl.static_range(NUM_D):
                 cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
                 dmask = cols < D
-                tile = jmask[:, None] & dmask[None, :]
-                x = tl.load(x_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
-                u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+                u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=jmask[:, None] & dmask[None, :],
+                            other=0.0).to(tl.float32)
                 tl.store(dx_ptr + n * D + cols, tl.sum(dpre[:, None] * u, axis=0).to(dx_ptr.dtype.element_ty),
                          mask=dmask)
-                tl.atomic_add(du_ptr + rows[:, None] * D + cols[None, :], dpre[:, None] * x[None, :], mask=tile)
         else:
             tl.store(dgate_ptr + n * J + js, dw, mask=jmask)
+
+    @triton.jit
+    def _row_gradients_kernel(order_ptr, offsets_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, du_ptr, dv_ptr, D,
+                              J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pass 2, one program per (pool row, column block): the row's gradients summed
+        over the (token, slot) pairs that retrieved it, in sorted order."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = cols < D
+        du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        o = tl.load(offsets_ptr + row)
+        end = tl.load(offsets_ptr + row + 1)
+        while o < end:  # a while loop: runtime bounds (also under TRITON_INTERPRET=1)
+            pair = tl.load(order_ptr + o)  # n·J + j in the flattened (N, J)
+            n = pair // J
+            w = tl.load(gate_ptr + pair).to(tl.float32)
+            dy = tl.load(dy_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
+            if HAS_U:
+                w = w * _act(tl.load(pre_ptr + pair), ACT)
+                x = tl.load(x_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
+                du += tl.load(dpre_ptr + pair) * x
+            dv += w * dy
+            o += 1
+        tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
+        if HAS_U:
+            tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
 
 
 def _sizes(D: int, J: int, activation: str) -> dict:
@@ -171,17 +193,28 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
                            expert_in: Tensor, expert_out: Tensor, activation: str
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dy_ND, x_ND = dy_ND.contiguous(), x_ND.contiguous()
+    idx_NJ, gates_NJ = idx_NJ.contiguous(), gates_NJ.contiguous()
     (N, D), J = x_ND.shape, idx_NJ.shape[1]
+    P = expert_out.shape[0]
+    has_u = activation != "none"
+    sizes = _sizes(D, J, activation)
     dx_ND = torch.empty_like(x_ND)  # every entry written (PEER); unused (PKM)
     dgates_NJ = torch.empty(N, J, dtype=torch.float32, device=x_ND.device)
-    in_shape = expert_in.shape if activation != "none" else (0,)  # PKM: no u table
-    d_in = torch.zeros(in_shape, dtype=torch.float32, device=x_ND.device)
-    d_out = torch.zeros(expert_out.shape, dtype=torch.float32, device=x_ND.device)
+    dpre_NJ = torch.empty_like(pre_NJ)
+    d_in = torch.empty(expert_in.shape if has_u else (0,), dtype=expert_in.dtype, device=x_ND.device)
+    d_out = torch.empty_like(expert_out)  # every row written, zero where never retrieved
     if N:
-        _peer_backward_kernel[(N,)](dy_ND, x_ND, idx_NJ.contiguous(), gates_NJ.contiguous(), pre_NJ,
-                                    expert_in.contiguous(), expert_out.contiguous(), dx_ND, dgates_NJ, d_in, d_out, D,
-                                    **_sizes(D, J, activation))
-    return dx_ND, dgates_NJ.to(gates_NJ.dtype), d_in.to(expert_in.dtype), d_out.to(expert_out.dtype)
+        _peer_backward_kernel[(N,)](dy_ND, idx_NJ, gates_NJ, pre_NJ, expert_in.contiguous(), expert_out.contiguous(),
+                                    dx_ND, dgates_NJ, dpre_NJ, D, **sizes)
+    # The (token, slot) pairs grouped by the row they retrieved: a stable sort fixes each
+    # row's order of summation; searchsorted gives the groups' bounds without a host sync.
+    rows_sorted, order = idx_NJ.reshape(-1).sort(stable=True)
+    offsets = torch.searchsorted(rows_sorted, torch.arange(P + 1, device=x_ND.device, dtype=rows_sorted.dtype))
+    block_d = min(_ROW_BLOCK_D, triton.next_power_of_2(D))
+    _row_gradients_kernel[(P, triton.cdiv(D, block_d))](
+        order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, D,
+        J=J, HAS_U=sizes["HAS_U"], ACT=sizes["ACT"], BLOCK_D=block_d)
+    return dx_ND, dgates_NJ.to(gates_NJ.dtype), d_in, d_out
 
 
 @_peer_experts_backward.register_fake

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.kernels.peer_experts import peer_experts, peer_experts_available
+from finemoe.kernels.product_keys import fused_product_key_topk, fused_product_key_topk_supported
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32
 from finemoe.layers.routing import product_key_topk
@@ -52,11 +53,18 @@ class ProductKeyConfig(FFNConfig):
     query_batchnorm: bool = True
     gate: Literal["softmax", "sigmoid"] = "softmax"
     norm_eps: float = 1e-5
-    experts_impl: Literal["eager", "triton"] = "eager"
+    retrieval_impl: Literal["auto", "eager", "triton"] = "auto"
+    """How retrieval runs: ``eager`` is ``routing.product_key_topk`` (the reference);
+    ``triton`` is ``finemoe.kernels.product_keys`` (scores and the three top-k in one
+    kernel, no ``(N, H, S)`` score tensors; tables of up to 1024 sub-keys); ``auto``
+    (default) takes Triton on a CUDA device when it applies, else eager. Same results
+    (ties aside)."""
+    experts_impl: Literal["auto", "eager", "triton"] = "auto"
     """How the retrieved experts run: ``eager`` gathers their rows with PyTorch (the
-    reference); ``triton`` is the fused kernel of ``finemoe.kernels.peer_experts`` (one
-    pass per token, no ``(N, H, k, D)`` gather; row gradients by atomic adds). The eager
-    path is also taken while an analysis recorder is attached."""
+    reference); ``triton`` is ``finemoe.kernels.peer_experts`` (one pass per token, no
+    ``(N, H, k, D)`` gather; row gradients summed per row, deterministic); ``auto``
+    (default) takes Triton on a CUDA device. The eager path is also taken while an
+    analysis recorder is attached."""
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "num_heads", "top_k", "key_dim"):
@@ -73,8 +81,9 @@ class ProductKeyConfig(FFNConfig):
         )
         check(self.key_dim % 2 == 0, "key_dim", f"must be even (two halves), got {self.key_dim}")
         check(self.norm_eps > 0, "norm_eps", "must be positive")
-        check(self.experts_impl in ("eager", "triton"), "experts_impl",
-              f"must be 'eager' or 'triton', got {self.experts_impl!r}")
+        for name in ("retrieval_impl", "experts_impl"):
+            check(getattr(self, name) in ("auto", "eager", "triton"), name,
+                  f"must be 'auto', 'eager' or 'triton', got {getattr(self, name)!r}")
 
     @property
     def sub_keys(self) -> int:
@@ -134,6 +143,8 @@ class ProductKeyRetrieval(nn.Module):
                 q_NQ = self.query_norm(q_NQ)
             q_NHQ = q_NQ.view(-1, cfg.num_heads, cfg.key_dim)
             keys = at_least_float32(self.sub_keys)
+            if uses_triton(cfg.retrieval_impl, q_NHQ) and fused_product_key_topk_supported(cfg.sub_keys, cfg.top_k):
+                return fused_product_key_topk(q_NHQ, keys[0], keys[1], cfg.top_k)
             return product_key_topk(q_NHQ, keys[0], keys[1], cfg.top_k)
 
     def route(self, u_ND: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,11 +171,16 @@ class ProductKeyRetrieval(nn.Module):
         nn.init.normal_(self.sub_keys, std=half**-0.5)
 
 
-def runs_fused_experts(module: nn.Module) -> bool:
-    """Whether a PEER/PKM layer runs its experts with the Triton kernel: asked for, Triton
-    installed, and no analysis recorder attached (it reads the eager path's activations)."""
-    return (module.config.experts_impl == "triton" and peer_experts_available()
-            and not is_recorded(module))
+def uses_triton(impl: str, x: Tensor) -> bool:
+    """``triton`` asked for, or ``auto`` on a CUDA device; Triton installed either way."""
+    return peer_experts_available() and (impl == "triton" or (impl == "auto" and x.is_cuda))
+
+
+def runs_fused_experts(module: nn.Module, x: Tensor) -> bool:
+    """Whether a PEER/PKM layer runs its experts with the Triton kernel: chosen (see
+    ``uses_triton``) and no analysis recorder attached (it reads the eager path's
+    activations)."""
+    return uses_triton(module.config.experts_impl, x) and not is_recorded(module)
 
 
 def usage_stats(idx_NHk: Tensor, gates_NHk: Tensor, num_experts: int) -> dict[str, Tensor]:
@@ -191,7 +207,7 @@ class PEERFFN(FFN):
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND)
-        if runs_fused_experts(self):
+        if runs_fused_experts(self, u_ND):
             y_ND = peer_experts(u_ND, idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1), self.expert_in,
                                 self.expert_out, cfg.activation)
         else:

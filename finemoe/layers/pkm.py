@@ -55,7 +55,7 @@ class PKMFFN(FFN):
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND)
-        if runs_fused_experts(self):
+        if runs_fused_experts(self, u_ND):
             y_ND = peer_experts(u_ND, idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1), None, self.values,
                                 "none")
         else:
