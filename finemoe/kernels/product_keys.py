@@ -63,7 +63,7 @@ if triton is not None:
         kcols = tl.arange(0, KP)
         values = tl.full((scores.shape[0], KP), float("-inf"), tl.float32)
         where = tl.zeros((scores.shape[0], KP), dtype=tl.int32)
-        for t in tl.static_range(K):
+        for t in range(K):  # a loop, not unrolled: k rounds over an (R, S) tile compile slowly unrolled
             best = tl.max(scores, axis=1)
             # the lowest column holding the maximum (ties to the lower index)
             at = tl.min(tl.where(scores == best[:, None], cols[None, :], scores.shape[1]), axis=1)
