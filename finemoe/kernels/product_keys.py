@@ -47,6 +47,7 @@ __all__ = ["fused_product_key_topk", "fused_product_key_topk_supported"]
 _ROWS = 16  # query rows per program (tl.dot's smallest M)
 _MAX_SUB_KEYS = 1024  # an (R, S) float32 tile in registers; S = 1024 is N = 1024² experts
 _BLOCK_Q = 32  # key-width chunk of the score product
+_NUM_WARPS = 8
 
 
 def fused_product_key_topk_supported(sub_keys: int, k: int) -> bool:
@@ -123,7 +124,7 @@ def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tenso
         _product_key_topk_kernel[(triton.cdiv(M, _ROWS),)](
             q_MQ, keys_1, keys_2, scores, idx, M, Q, S, HALF=half, K=k, KP=kp,
             SP=max(16, triton.next_power_of_2(S)), BLOCK_Q=min(_BLOCK_Q, triton.next_power_of_2(half)), ROWS=_ROWS,
-            num_warps=8)
+            num_warps=_NUM_WARPS)
     return scores, idx
 
 
