@@ -1,6 +1,5 @@
-"""Product-key retrieval (Lample et al. 2019 §3.2; PEER eq. 3-4) in one kernel: the two
-sub-key score products, the two top-k and the top-k of the k² sums, without writing the
-``(N, H, S)`` score tensors.
+"""Product-key retrieval (Lample et al. 2019 §3.2; PEER eq. 3-4): the two top-k over the
+sub-key scores and the top-k of the k² sums in one kernel.
 
 For a query q = [q¹ ; q²] (rows are (token, head) pairs) and sub-key tables C, C' of S
 rows each, the key of expert (a, b) is [c_a ; c'_b], so
@@ -10,12 +9,15 @@ rows each, the key of expert (a, b) is [c_a ; c'_b], so
 and the k best sums have both parts among the top-k of their half. The eager reference
 (``finemoe.layers.routing.product_key_topk``) writes the two ``(N·H, S)`` score matrices
 (512 MB each in float32 at 16,384 tokens, 8 heads, S = 1024) and runs a radix top-k over
-them: 10 ms of its 21 ms forward + backward at that size on an H100. Here one program
-takes R rows: it computes the ``(R, S)`` scores of one half in registers (``tl.dot`` in
-IEEE float32: router math stays float32), pulls out the k best by k rounds of
-max-and-mask (ties go to the lower index), does the same for the other half, then the
-top-k of the k² pair sums the same way. Nothing larger than ``(R, S)`` exists, and only
-the ``(N·H, k)`` scores and indices are written.
+them: 10 ms of its 21 ms forward + backward at that size on an H100, of which the
+score products are 2 × 0.9 ms. Here the score products stay cuBLAS float32 matrix
+products (router math stays float32; Triton's IEEE float32 ``tl.dot`` in the kernel
+measured ten times slower: ``benchmarks/experiments/product_key_topk_ab.py``), and one
+kernel takes R query rows: it loads the ``(R, S)`` scores of one half, pulls out the k
+best by k rounds of max-and-mask in registers (ties go to the lower index), does the
+same for the other half, then the top-k of the k² pair sums the same way. The score
+matrices are written once and read once; nothing of size ``(N·H, k²)`` or the radix
+top-k's passes is written, and only the ``(N·H, k)`` scores and indices are kept.
 
 Backward, with ``ds`` the gradient of the k retrieved scores and a, b the two halves of
 each retrieved index (PyTorch, not a kernel: two scatters into dense ``(N·H, S)``
@@ -44,10 +46,9 @@ except ImportError:
 
 __all__ = ["fused_product_key_topk", "fused_product_key_topk_supported"]
 
-_ROWS = 16  # query rows per program (tl.dot's smallest M)
+_ROWS = 8  # query rows per program (measured: 8 rows, 4 warps fastest of 8/16/32 × 4/8)
+_NUM_WARPS = 4
 _MAX_SUB_KEYS = 1024  # an (R, S) float32 tile in registers; S = 1024 is N = 1024² experts
-_BLOCK_Q = 32  # key-width chunk of the score product
-_NUM_WARPS = 8
 
 
 def fused_product_key_topk_supported(sub_keys: int, k: int) -> bool:
@@ -74,32 +75,15 @@ if triton is not None:
         return values, where
 
     @triton.jit
-    def _half_scores(q_ptr, keys_ptr, rows, rmask, Q, half_offset, S,
-                     HALF: tl.constexpr, SP: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr):
-        """``q_half · Cᵀ`` for this program's rows: (ROWS, SP) float32, -inf past S."""
-        keys = tl.arange(0, SP)
-        kmask = keys < S
-        acc = tl.zeros((ROWS, SP), dtype=tl.float32)
-        for qc in tl.static_range(0, HALF, BLOCK_Q):
-            qcols = qc + tl.arange(0, BLOCK_Q)
-            qmask = qcols < HALF
-            q = tl.load(q_ptr + rows[:, None] * Q + half_offset + qcols[None, :],
-                        mask=rmask[:, None] & qmask[None, :], other=0.0)
-            c = tl.load(keys_ptr + keys[None, :] * HALF + qcols[:, None], mask=qmask[:, None] & kmask[None, :],
-                        other=0.0)
-            acc += tl.dot(q, c, input_precision="ieee")
-        return tl.where(kmask[None, :], acc, float("-inf"))
-
-    @triton.jit
-    def _product_key_topk_kernel(q_ptr, keys1_ptr, keys2_ptr, scores_ptr, idx_ptr, M, Q, S,
-                                 HALF: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr,
-                                 BLOCK_Q: tl.constexpr, ROWS: tl.constexpr):
+    def _product_key_topk_kernel(s1_ptr, s2_ptr, scores_ptr, idx_ptr, M, S,
+                                 K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         sub = tl.arange(0, SP)
-        s1 = _half_scores(q_ptr, keys1_ptr, rows, rmask, Q, 0, S, HALF, SP, BLOCK_Q, ROWS)
+        tile = rmask[:, None] & (sub[None, :] < S)
+        s1 = tl.load(s1_ptr + rows[:, None] * S + sub[None, :], mask=tile, other=float("-inf"))
         top1, a = _top_k_rounds(s1, sub, K, KP)
-        s2 = _half_scores(q_ptr, keys2_ptr, rows, rmask, Q, HALF, S, HALF, SP, BLOCK_Q, ROWS)
+        s2 = tl.load(s2_ptr + rows[:, None] * S + sub[None, :], mask=tile, other=float("-inf"))
         top2, b = _top_k_rounds(s2, sub, K, KP)
         # the k² pair sums, (ROWS, KP·KP): pair p = i·KP + j is (a_i, b_j); padding is -inf
         pairs = tl.reshape(top1[:, :, None] + top2[:, None, :], (ROWS, KP * KP))
@@ -115,16 +99,17 @@ if triton is not None:
 
 
 def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    M, Q = q_MQ.shape
+    M = q_MQ.shape[0]
     S, half = keys_1.shape
     scores = torch.empty(M, k, dtype=torch.float32, device=q_MQ.device)
     idx = torch.empty(M, k, dtype=torch.int64, device=q_MQ.device)
     if M:
-        kp = max(2, triton.next_power_of_2(k))
+        # the two (M, S) score matrices by cuBLAS in float32 (Triton's IEEE float32 dot
+        # measured ten times slower); the kernel reads each once
+        s1, s2 = q_MQ[:, :half] @ keys_1.t(), q_MQ[:, half:] @ keys_2.t()
         _product_key_topk_kernel[(triton.cdiv(M, _ROWS),)](
-            q_MQ, keys_1, keys_2, scores, idx, M, Q, S, HALF=half, K=k, KP=kp,
-            SP=max(16, triton.next_power_of_2(S)), BLOCK_Q=min(_BLOCK_Q, triton.next_power_of_2(half)), ROWS=_ROWS,
-            num_warps=_NUM_WARPS)
+            s1, s2, scores, idx, M, S, K=k, KP=max(2, triton.next_power_of_2(k)),
+            SP=max(16, triton.next_power_of_2(S)), ROWS=_ROWS, num_warps=_NUM_WARPS)
     return scores, idx
 
 
