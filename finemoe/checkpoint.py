@@ -126,14 +126,20 @@ def check_data_compatible(checkpoint: str | Path, vocab_size: int, tokenizer, sh
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """``(model, run_config, tokenizer)`` from a checkpoint file or run folder; the
-    model is in eval mode on ``device``."""
+    """``(model, run_config, tokenizer)`` from a checkpoint file or run folder — or from a
+    Hugging Face checkpoint folder or ``.gguf`` file, imported in memory
+    (``finemoe.interop``); the model is in eval mode on ``device``."""
     from tokenizers import Tokenizer
 
     from finemoe.config import from_dict
+    from finemoe.interop import is_hf_source, model_from_hf
     from finemoe.model import Transformer
     from finemoe.run_config import RunConfig
 
+    if is_hf_source(path):
+        model, run_config, hf = model_from_hf(path)
+        tokenizer = Tokenizer.from_str(hf.tokenizer_json) if hf.tokenizer_json else None
+        return model.to(device).eval(), run_config, tokenizer
     state = load_checkpoint(path)
     run_config = from_dict(RunConfig, state["config"])
     model = Transformer(run_config.model)

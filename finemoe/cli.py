@@ -273,12 +273,135 @@ def train(
             )
 
 
+@app.command(name="import")
+@one_line_errors
+def import_(
+    source: Annotated[str, typer.Argument(help="A Hugging Face checkpoint folder (config.json + safetensors) or a .gguf file.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="The run folder to write (must not exist).")],
+    train_seq_len: Annotated[int, typer.Option(min=2, help="train.seq_len of the new run (capped at the model's context).")] = 2048,
+) -> None:
+    """A pretrained LLaMA-family (or Mixtral-style MoE) checkpoint → a run folder that
+    eval, generate, train (train.init_from), convert, analyze and export accept.
+
+    Example: finemoe import SmolLM2-135M-Instruct.Q4_1.gguf -o runs/smollm2
+    """
+    from finemoe.interop import import_hf
+    from finemoe.checkpoint import load_checkpoint
+    from finemoe.config import from_dict
+
+    folder = import_hf(source, out, train_seq_len=train_seq_len)
+    cfg = from_dict(RunConfig, load_checkpoint(folder)["config"])
+    typer.echo(accounting_table(cfg))
+    typer.echo(f"\nwrote {folder} (end tokens: {', '.join(cfg.end_tokens or ['<|endoftext|>'])}); "
+               f"train on it with: finemoe train -c {folder}/config.yaml train.init_from={folder} data.path=SHARDS")
+
+
+@app.command()
+@one_line_errors
+def convert(
+    run: Annotated[str, typer.Argument(help="A run folder or checkpoint (or a HF folder / .gguf file) with dense FFNs.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="The run folder to write (must not exist).")],
+    to: Annotated[str, typer.Option("--to", help="dsmoe, moe (LLaMA-MoE: the same blocks, a softmax top-k router) or prune.")],
+    experts: Annotated[int, typer.Option(min=1, help="dsmoe / moe: blocks n of each dense FFN.")] = 8,
+    active_share: Annotated[Optional[float], typer.Option(help="moe: k = share · n; prune: the share of channels kept.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="moe: experts per token (instead of --active-share).")] = None,
+    threshold: Annotated[float, typer.Option(help="dsmoe: τ, a block is on where its gate exceeds it.")] = 0.5,
+    straight_through: Annotated[bool, typer.Option("--ste/--no-ste", help="dsmoe: straight-through estimator.")] = True,
+    sparsity_loss: Annotated[float, typer.Option(help="dsmoe: λ of the sparsity loss.")] = 1.0,
+    criterion: Annotated[str, typer.Option(help="prune: activation (needs --data), magnitude or random.")] = "activation",
+    data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards for calibration (default: the run's data).")] = None,
+    calibration_tokens: Annotated[int, typer.Option(min=1, help="prune (activation): calibration tokens.")] = 65536,
+    window: Annotated[int, typer.Option(min=2, help="prune (activation): calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of new gates / routers and of random pruning.")] = 0,
+    device: Annotated[str, typer.Option(help="Where calibration runs: 'cpu', 'cuda' or 'auto'.")] = "auto",
+) -> None:
+    """Convert a trained model's dense FFNs (DSMoE and its baselines, METHODS.md §2), and
+    print parameters, active parameters and FLOPs before and after.
+
+    Example: finemoe convert runs/smollm2 -o runs/smollm2-dsmoe --to dsmoe --experts 8 --threshold 0.5
+    """
+    import dataclasses
+
+    from finemoe.checkpoint import check_data_compatible, load_model
+    from finemoe.convert import channel_importance, convert_dense_ffns, moe_config_for_split, prune_dense_ffns
+    from finemoe.data import TokenShards
+    from finemoe.interop import write_run_folder
+    from finemoe.layers import DenseConfig, DSMoEConfig
+
+    model, cfg, tokenizer = load_model(run, _device(device))
+    dense = next((f for f in cfg.model.layer_ffns() if isinstance(f, DenseConfig)), None)
+    if dense is None:
+        _fail(f"{run}: has no dense FFN to convert")
+    if active_share is not None and not 0 < active_share <= 1:
+        raise typer.BadParameter("must be in (0, 1]", param_hint="--active-share")
+    sd = model.state_dict()
+    if to == "dsmoe":
+        target = DSMoEConfig(intermediate_size=dense.intermediate_size, num_experts=experts, threshold=threshold,
+                             straight_through=straight_through, sparsity_loss_coef=sparsity_loss, norm_eps=dense.norm_eps)
+        model_cfg, sd = convert_dense_ffns(sd, cfg.model, target, seed=seed)
+    elif to == "moe":
+        if (top_k is None) == (active_share is None):
+            raise typer.BadParameter("give --top-k or --active-share", param_hint="--top-k")
+        k = top_k if top_k is not None else max(1, round(active_share * experts))
+        model_cfg, sd = convert_dense_ffns(sd, cfg.model, moe_config_for_split(dense, experts, k), seed=seed)
+    elif to == "prune":
+        if active_share is None:
+            raise typer.BadParameter("prune needs the share of channels to keep", param_hint="--active-share")
+        batches = ()
+        if criterion == "activation":
+            shards = TokenShards(data_path or cfg.data.path or _no_calibration_data(run))
+            check_data_compatible(run, cfg.model.vocab_size, tokenizer, shards)
+            shards.check_window("train", window, remedy="pass a shorter --window")
+            batch = 8
+            batches = (b[:, :-1] for b in shards.sequential("train", batch, window,
+                                                            max(1, -(-calibration_tokens // (batch * window)))))
+        scores = channel_importance(model, criterion, batches, seed=seed)
+        model_cfg, sd = prune_dense_ffns(sd, cfg.model, active_share, scores)
+    else:
+        raise typer.BadParameter(f"unknown target {to!r}; one of dsmoe, moe, prune", param_hint="--to")
+    new_cfg = dataclasses.replace(cfg, model=model_cfg)
+    typer.echo("before:\n" + "\n".join(accounting_table(cfg).splitlines()[-3:]))
+    typer.echo("after:\n" + "\n".join(accounting_table(new_cfg).splitlines()[-3:]))
+    folder = write_run_folder(out, {k: v.detach().cpu() for k, v in sd.items()}, new_cfg,
+                              tokenizer_json=tokenizer.to_str() if tokenizer is not None else None,
+                              extra={"converted_from": {"path": str(run), "to": to}})
+    typer.echo(f"wrote {folder}")
+
+
+def _no_calibration_data(run: str) -> str:
+    raise typer.BadParameter(f"{run} names no data; pass token shards made with its tokenizer "
+                             f"(`finemoe data TEXT --tokenizer RUN/tokenizer.json`)", param_hint="--data")
+
+
+@app.command()
+@one_line_errors
+def export(
+    run: Annotated[str, typer.Argument(help="A run folder or checkpoint file.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="The Hugging Face folder to write (must not exist).")],
+) -> None:
+    """A run → a Hugging Face folder that transformers loads without finemoe: dense →
+    LlamaForCausalLM, moe without shared experts → MixtralForCausalLM.
+
+    Example: finemoe export runs/smollm2 -o hf/smollm2
+    """
+    from finemoe.interop import export_hf
+
+    folder = export_hf(run, out)
+    typer.echo(f"wrote {folder}: AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+
+
 @app.command(name="eval")
 @one_line_errors
 def eval_(
-    checkpoint: Annotated[str, typer.Argument(help="A checkpoint file or a run folder.")],
+    checkpoint: Annotated[str, typer.Argument(help="A run folder, a checkpoint file, or a HF folder / .gguf file.")],
     data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards for perplexity (default: the run's data).")] = None,
     split: Annotated[str, typer.Option(help="Split for perplexity.")] = "val",
+    perplexity: Annotated[bool, typer.Option("--perplexity/--no-perplexity", help="Compute perplexity on the split "
+                                             "(skipped with a note when the default data has another tokenizer).")] = True,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Perplexity over at most this many tokens "
+                                                      "(whole batches of windows, at least one; default: the whole split).")] = None,
+    window: Annotated[Optional[int], typer.Option(min=2, help="Perplexity window in tokens (default: the run's "
+                                                  "train.seq_len, else the model's context).")] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated zero-shot tasks, or 'none'.")] = "none",
     evals_dir: Annotated[str, typer.Option(help="Folder of the eval sets (*.jsonl.gz).")] = "../shared/data/evals",
     limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many examples per task.")] = None,
@@ -300,7 +423,9 @@ def eval_(
 
     dev = _device(device)
     model, cfg, tokenizer = load_model(checkpoint, dev)
-    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+    seq_len = window or cfg.train.seq_len or cfg.model.max_seq_len
+    if seq_len > cfg.model.max_seq_len:
+        raise typer.BadParameter(f"{seq_len} is longer than the model's context ({cfg.model.max_seq_len})", param_hint="--window")
     names = [] if tasks == "none" else (list(TASKS) if tasks == "all" else tasks.split(","))
     unknown = [n for n in names if n not in TASKS]
     if unknown:
@@ -310,18 +435,30 @@ def eval_(
     task_rows = {name: load_task(evals_dir, name, limit) for name in names}  # a missing file fails before any work
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
     results: dict = {"checkpoint": checkpoint}
-    shards_path = data_path or cfg.data.path
-    if shards_path is None:
-        from finemoe.data import embedded_shards
+    shards = None
+    if perplexity:
+        shards_path = data_path or cfg.data.path
+        if shards_path is None:
+            from finemoe.data import embedded_shards
 
-        shards_path = embedded_shards()
-    shards = TokenShards(shards_path)
-    check_data_compatible(checkpoint, cfg.model.vocab_size, tokenizer, shards)
+            shards_path = embedded_shards()
+        shards = TokenShards(shards_path)
+        if data_path is None and cfg.data.path is None and tokenizer is not None and \
+                tokenizer.get_vocab(with_added_tokens=True) != shards.tokenizer().get_vocab(with_added_tokens=True):
+            typer.echo("perplexity skipped: the model's tokenizer is not that of the default data; make shards with "
+                       f"`finemoe data TEXT --tokenizer RUN/tokenizer.json` and pass --data", err=True)
+            shards = None
+        else:
+            check_data_compatible(checkpoint, cfg.model.vocab_size, tokenizer, shards)
+            shards.check_window(split, seq_len, remedy="pass a shorter --window")
     with torch.no_grad(), autocast:
-        ppl = evaluate_perplexity(model, shards, split=split, seq_len=seq_len, batch_size=batch_size, device=dev)
-        results["perplexity"] = {"split": split, "data": str(shards_path)} | ppl
-        typer.echo(f"{split}: loss {ppl['loss']:.4f}  perplexity {ppl['perplexity']:.2f}  bits/byte {ppl['bits_per_byte']:.4f}"
-                   f"  ({ppl['tokens']:,} tokens)")
+        if shards is not None:
+            max_batches = None if max_tokens is None else max(1, max_tokens // (batch_size * seq_len))
+            ppl = evaluate_perplexity(model, shards, split=split, seq_len=seq_len, batch_size=batch_size,
+                                      max_batches=max_batches, device=dev)
+            results["perplexity"] = {"split": split, "data": str(shards.folder), "window": seq_len} | ppl
+            typer.echo(f"{split}: loss {ppl['loss']:.4f}  perplexity {ppl['perplexity']:.2f}  bits/byte "
+                       f"{ppl['bits_per_byte']:.4f}  ({ppl['tokens']:,} tokens, window {seq_len})")
         for name, rows in task_rows.items():
             r = score_task(model, tokenizer, name, rows, max_len=cfg.model.max_seq_len, batch_size=batch_size,
                            device=dev, progress=True)
@@ -336,7 +473,7 @@ def eval_(
 @app.command()
 @one_line_errors
 def generate(
-    checkpoint: Annotated[str, typer.Argument(help="A checkpoint file or a run folder.")],
+    checkpoint: Annotated[str, typer.Argument(help="A run folder, a checkpoint file, or a HF folder / .gguf file.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to sample.")] = 100,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.8,
@@ -344,9 +481,12 @@ def generate(
     top_k: Annotated[int, typer.Option(min=0, help="Keep the k most likely tokens (0: all).")] = 0,
     num_samples: Annotated[int, typer.Option(min=1, help="Independent samples.")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="Sampling seed.")] = 0,
+    eos: Annotated[Optional[list[str]], typer.Option("--eos", help="A token that ends a sample (repeatable); default: "
+                                                      "the model's end tokens, else <|endoftext|>.")] = None,
     device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
 ) -> None:
-    """Sample continuations of a prompt (KV cache; temperature, top-k, top-p).
+    """Sample continuations of a prompt (KV cache; temperature, top-k, top-p). Takes a run
+    folder, a checkpoint, or a Hugging Face checkpoint folder / .gguf file directly.
 
     Example: finemoe generate runs/tiny -p "Call me Ishmael." --max-new-tokens 60
     """
@@ -361,10 +501,14 @@ def generate(
     model, cfg, tokenizer = load_model(checkpoint, dev)
     if tokenizer is None:
         _fail("the checkpoint carries no tokenizer")
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    ids = tokenizer.encode(prompt).ids or [eos if eos is not None else 0]
+    names = eos or cfg.end_tokens or ["<|endoftext|>"]
+    end_ids = [tokenizer.token_to_id(name) for name in names]
+    if eos and None in end_ids:
+        raise typer.BadParameter(f"{names[end_ids.index(None)]!r} is not a token of the model's tokenizer", param_hint="--eos")
+    end_ids = [i for i in end_ids if i is not None]
+    ids = tokenizer.encode(prompt).ids or end_ids[:1] or [0]
     out = sample(model, torch.tensor([ids] * num_samples), max_new_tokens, temperature=temperature, top_p=top_p,
-                 top_k=top_k, eos_id=eos, seed=seed)
+                 top_k=top_k, eos_id=end_ids, seed=seed)
     for row in out.tolist():
         typer.echo(tokenizer.decode(row[len(ids):] if not prompt else row) + "\n---")
 

@@ -8,6 +8,8 @@ cached decoding differs from a full recomputation; the other kinds agree exactly
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -43,13 +45,14 @@ def generate(
     temperature: float = 0.8,
     top_p: float = 0.95,
     top_k: int = 0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     use_cache: bool = True,
 ) -> Tensor:
-    """Continue ``prompt_ids`` ``(B, T)``; returns ``(B, T + n)`` (rows that reach
-    ``eos_id`` are padded with it). The prompt plus new tokens must fit in
-    ``max_seq_len``; a longer prompt keeps its last tokens."""
+    """Continue ``prompt_ids`` ``(B, T)``; returns ``(B, T + n)``. A row ends at any of
+    the end tokens ``eos_id`` (one id or several: an instruct model's end-of-turn token
+    beside its end-of-text) and is padded with the token that ended it. The prompt plus
+    new tokens must fit in ``max_seq_len``; a longer prompt keeps its last tokens."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -58,17 +61,20 @@ def generate(
     max_new_tokens = min(max_new_tokens, max_len - ids.shape[1])
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    end_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), dtype=torch.long, device=device)
+    last = torch.zeros(ids.shape[0], dtype=torch.long, device=device)
     cache = KVCache(model, ids.shape[0], max_len) if use_cache else None
     step_input = ids
     for _ in range(max_new_tokens):
         logits = model(step_input if use_cache else ids, cache=cache).logits[:, -1]
         next_ids = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
-        if eos_id is not None:
-            next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
-            finished |= next_ids == eos_id
+        if len(end_ids):
+            next_ids = torch.where(finished, last, next_ids)
+            finished |= torch.isin(next_ids, end_ids)
+            last = next_ids
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
         step_input = next_ids[:, None]
-        if eos_id is not None and bool(finished.all()):
+        if len(end_ids) and bool(finished.all()):
             break
     model.train(was_training)
     return ids

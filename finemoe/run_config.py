@@ -27,6 +27,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
+    end_tokens: list[str] | None = None
+    """Tokens that end a generated text (an imported model's end-of-text and end-of-turn
+    tokens, e.g. ``<|im_end|>``); default ``<|endoftext|>``."""
 
     def __post_init__(self) -> None:
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

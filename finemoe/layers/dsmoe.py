@@ -158,11 +158,21 @@ class DSMoEFFN(FFN):
                 and not is_recorded(self) and triton_kernels_available(u_ND)
                 and dsmoe_decode_applies(u_ND, self.config.block_width))
 
+    def supported_interventions(self) -> tuple[str, ...]:
+        """``all_blocks_on``: every block on with weight 1 and no rescaling — exactly the
+        dense FFN the layer was split from (a check of a conversion, and the upper end
+        of the active-share axis)."""
+        return ("all_blocks_on",)
+
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
-        if self._decoding(u_ND):
+        if self.intervening("all_blocks_on"):  # every block on with weight 1: the dense FFN it was split from
+            y_ND = self.mlp(u_ND)
+            G_Nn = torch.ones(B * T, cfg.num_experts, device=u_ND.device)
+            active_Nn = G_Nn.bool()
+        elif self._decoding(u_ND):
             y_ND, G_Nn = dsmoe_decode(u_ND, self.gate.weight, self.mlp.gate_proj.weight, self.mlp.up_proj.weight,
                                       self.mlp.down_proj.weight, threshold=cfg.threshold, rescale=cfg.rescale)
             active_Nn = G_Nn > 0
