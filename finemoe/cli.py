@@ -379,15 +379,17 @@ def export(
     run: Annotated[str, typer.Argument(help="A run folder or checkpoint file.")],
     out: Annotated[str, typer.Option("--out", "-o", help="The Hugging Face folder to write (must not exist).")],
 ) -> None:
-    """A run → a Hugging Face folder that transformers loads without finemoe: dense →
-    LlamaForCausalLM, moe without shared experts → MixtralForCausalLM.
+    """A run → a Hugging Face folder: dense → LlamaForCausalLM and moe without shared
+    experts → MixtralForCausalLM (no finemoe needed to load them); every other kind →
+    finemoe's model through trust_remote_code (modeling_finemoe.py; finemoe installed).
 
     Example: finemoe export runs/smollm2 -o hf/smollm2
     """
     from finemoe.interop import export_hf
 
     folder = export_hf(run, out)
-    typer.echo(f"wrote {folder}: AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+    remote = ", trust_remote_code=True" if (folder / "modeling_finemoe.py").is_file() else ""
+    typer.echo(f"wrote {folder}: AutoModelForCausalLM.from_pretrained({str(folder)!r}{remote})")
 
 
 @app.command(name="eval")
@@ -446,7 +448,7 @@ def eval_(
         if data_path is None and cfg.data.path is None and tokenizer is not None and \
                 tokenizer.get_vocab(with_added_tokens=True) != shards.tokenizer().get_vocab(with_added_tokens=True):
             typer.echo("perplexity skipped: the model's tokenizer is not that of the default data; make shards with "
-                       f"`finemoe data TEXT --tokenizer RUN/tokenizer.json` and pass --data", err=True)
+                       "`finemoe data TEXT --tokenizer RUN/tokenizer.json` and pass --data", err=True)
             shards = None
         else:
             check_data_compatible(checkpoint, cfg.model.vocab_size, tokenizer, shards)
@@ -511,6 +513,23 @@ def generate(
                  top_k=top_k, eos_id=end_ids, seed=seed)
     for row in out.tolist():
         typer.echo(tokenizer.decode(row[len(ids):] if not prompt else row) + "\n---")
+
+
+@app.command(name="lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                                 "help_option_names": []})
+def lm_eval_(ctx: typer.Context) -> None:
+    """lm-evaluation-harness with the ``finemoe`` model class registered; every option
+    goes to ``lm_eval`` (its own --help lists them).
+
+    Example: finemoe lm-eval --model finemoe --model_args path=runs/smollm2 --tasks piqa --limit 200
+    """
+    try:
+        import finemoe.lm_eval_harness  # noqa: F401  (registers the model class "finemoe")
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as err:
+        _fail(f"lm-evaluation-harness is not installed (pip install lm_eval): {err}")
+    sys.argv = ["lm_eval", *ctx.args]
+    cli_evaluate()
 
 
 @app.command()

@@ -264,22 +264,43 @@ def import_hf(src: str | Path, out: str | Path, *, train_seq_len: int = 2048) ->
 
 def export_hf(run: str | Path, out: str | Path) -> Path:
     """``finemoe export``: a run folder → a Hugging Face folder (``config.json``,
-    ``model.safetensors``, ``tokenizer.json``, ``generation_config.json``) that
-    ``transformers`` loads without finemoe: ``LlamaForCausalLM`` for an all-dense model,
-    ``MixtralForCausalLM`` for an all-``moe`` model without shared experts."""
+    ``model.safetensors``, ``tokenizer.json``, ``generation_config.json``).
+    ``transformers`` loads it without finemoe as ``LlamaForCausalLM`` (an all-dense
+    model) or ``MixtralForCausalLM`` (an all-``moe`` model without shared experts); any
+    other model is written with finemoe's own weight names and ``modeling_finemoe.py``
+    (``finemoe.hf_remote``), loaded with ``trust_remote_code=True`` where finemoe is
+    installed."""
     from safetensors.torch import save_file
 
     from finemoe.checkpoint import load_model
-    from finemoe.convert import hf_config_for, state_dict_to_hf
+    from finemoe.convert import hf_architecture, hf_config_for, state_dict_to_hf
 
     model, run_config, tokenizer = load_model(run)
-    hf_config = hf_config_for(run_config.model)
-    hf_sd = state_dict_to_hf(model.state_dict(), run_config.model)
+    try:
+        hf_architecture(run_config.model)
+        hf_config = hf_config_for(run_config.model)
+        hf_sd = state_dict_to_hf(model.state_dict(), run_config.model)
+        remote_code = None
+    except ConfigError:  # no native architecture: finemoe's model through remote code
+        from finemoe import hf_remote
+
+        hf_config = {"architectures": ["FinemoeForCausalLM"], "model_type": "finemoe",
+                     "auto_map": {"AutoConfig": "modeling_finemoe.FinemoeConfig",
+                                  "AutoModelForCausalLM": "modeling_finemoe.FinemoeForCausalLM"},
+                     "finemoe": to_dict(run_config.model), "vocab_size": run_config.model.vocab_size,
+                     "tie_word_embeddings": False}
+        hf_sd = {"model." + k: v for k, v in model.state_dict().items()}
+        remote_code = Path(hf_remote.__file__).read_text()
     with _new_folder(out) as tmp:
+        if remote_code is not None:
+            (tmp / "modeling_finemoe.py").write_text(remote_code)
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.to_str())
             end_ids = [tokenizer.token_to_id(t) for t in (run_config.end_tokens or ["<|endoftext|>"])]
             end_ids = [i for i in end_ids if i is not None]
+            (tmp / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": run_config.model.max_seq_len,
+                "eos_token": tokenizer.id_to_token(end_ids[0]) if end_ids else None}, indent=2))
             if end_ids:
                 hf_config["eos_token_id"] = end_ids[0] if len(end_ids) == 1 else end_ids
                 (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": hf_config["eos_token_id"]},

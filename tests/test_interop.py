@@ -119,14 +119,6 @@ def test_export_of_a_dense_run_loads_in_transformers_with_equal_logits(tmp_path)
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 0
 
 
-def test_export_of_a_kind_without_a_transformers_architecture_is_refused_by_name(tmp_path):
-    _save_llama(tmp_path / "hf")
-    _cli("import", tmp_path / "hf", "-o", tmp_path / "run")
-    assert _cli("convert", tmp_path / "run", "-o", tmp_path / "ds", "--to", "dsmoe", "--experts", "4").exit_code == 0
-    result = _cli("export", tmp_path / "ds", "-o", tmp_path / "out")
-    assert result.exit_code == 2 and "dsmoe" in result.output and not (tmp_path / "out").exists()
-
-
 def test_dsmoe_conversion_with_every_block_on_is_the_imported_model_exactly(tmp_path):
     from finemoe.layers import intervention
 
@@ -330,3 +322,89 @@ def test_smollm2_imports_with_transformers_logits_and_its_end_of_turn_token(tmp_
     ids = torch.tensor([tokenizer.encode("The capital of France is Paris, and the capital of Italy is").ids])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+# -- lm-evaluation-harness ------------------------------------------------------------------------------------
+
+ROWS = [  # a local multiple-choice task in finemoe's eval-set format (choices carry their leading space)
+    {"context": "The sky on a clear day is", "choices": [" blue", " made of cheese", " loud"], "gold": 0},
+    {"context": "Water freezes at zero degrees", "choices": [" Celsius", " of happiness"], "gold": 0},
+    {"context": "Call me", "choices": [" Ishmael.", " the whale.", " never"], "gold": 0},
+    {"context": "To be, or not to be, that is the", "choices": [" question", " answer", " banana"], "gold": 0},
+    {"context": "Four score and seven years", "choices": [" ago", " later", " hence"], "gold": 0},
+    {"context": "The ship sailed across the", "choices": [" sea", " desk", " sentence"], "gold": 0},
+]
+
+
+def test_lm_eval_harness_and_finemoe_eval_agree_on_a_local_task(tmp_path, monkeypatch):
+    """``finemoe lm-eval --model finemoe`` on a task defined offline: lm-eval's acc and
+    acc_norm equal ``finemoe eval``'s scoring of the same rows, and every per-choice
+    log-likelihood lm-eval logged equals finemoe's."""
+    pytest.importorskip("lm_eval")
+    from finemoe.evaluate import encode_pair, loglikelihoods, score_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _save_llama(tmp_path / "hf")
+    (tmp_path / "task").mkdir()
+    data = tmp_path / "task" / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    (tmp_path / "task" / "local.yaml").write_text(f"""task: finemoe_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    result = _cli("lm-eval", "--model", "finemoe", "--model_args", f"path={tmp_path / 'hf'}", "--device", "cpu",
+                  "--tasks", "finemoe_local_mc", "--include_path", tmp_path / "task", "--output_path", tmp_path / "out",
+                  "--log_samples")
+    assert result.exit_code == 0, result.output
+    results_file = next((tmp_path / "out").rglob("results_*.json"))
+    got = json.loads(results_file.read_text())["results"]["finemoe_local_mc"]
+    model, _, tokenizer = load_model(tmp_path / "hf")
+    want = score_task(model, tokenizer, "local", ROWS, max_len=model.config.max_seq_len)
+    assert got["acc,none"] == pytest.approx(want["acc"]) and got["acc_norm,none"] == pytest.approx(want["acc_norm"])
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_*.jsonl")).read_text().splitlines()]
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    for sample in samples:
+        row = ROWS[sample["doc_id"]]
+        ours = loglikelihoods(lambda ids: model(ids).logits,
+                              [encode_pair(encode, row["context"], c, None) for c in row["choices"]],
+                              max_len=model.config.max_seq_len)
+        theirs = [float(r[0][0]) for r in sample["resps"]]
+        assert theirs == pytest.approx([o[0] for o in ours], abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dsmoe", "finedeep", "peer"])
+def test_export_of_other_kinds_loads_through_remote_code_with_equal_logits(tmp_path, kind):
+    """A kind with no transformers architecture: config.json's auto_map names the
+    exported modeling_finemoe.py; transformers loads it with trust_remote_code and gives
+    finemoe's logits (and a loss when given labels)."""
+    from finemoe.config import from_dict
+    from finemoe.interop import write_run_folder
+    from finemoe.model import Transformer
+    from finemoe.run_config import RunConfig, load_run_config
+
+    cfg = load_run_config(f"tiny-{kind}")
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    write_run_folder(tmp_path / "run", model.state_dict(), cfg, tokenizer_json=TOKENIZER.read_text())
+    result = _cli("export", tmp_path / "run", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "modeling_finemoe.py").is_file()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits)
+        logits = model(ids[:, :-1]).logits  # the language-model loss, without the designs' auxiliary losses
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        torch.testing.assert_close(back(ids, labels=ids).loss, want)
+    assert from_dict(RunConfig, {"model": back.config.finemoe}).model == cfg.model
