@@ -233,3 +233,25 @@ def score_task(
     if acc_norm and name != "winogrande":
         result |= {"acc_norm": float(np.mean(acc_norm)), "acc_norm_stderr": stderr_of_mean(acc_norm)}
     return result
+
+
+def lm_eval_task_yaml(task: str, data_file: str | Path) -> str:
+    """An lm-evaluation-harness task file for a multiple-choice eval set in finemoe's
+    format (``context`` / ``choices`` / ``gold`` rows, choices carrying their leading
+    space, hence no target delimiter): lm-eval then scores exactly what ``score_task``
+    scores, offline (``tools/lm_eval_tasks.py``)."""
+    return f"""task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {Path(data_file).resolve()}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""

@@ -341,28 +341,14 @@ def test_lm_eval_harness_and_finemoe_eval_agree_on_a_local_task(tmp_path, monkey
     acc_norm equal ``finemoe eval``'s scoring of the same rows, and every per-choice
     log-likelihood lm-eval logged equals finemoe's."""
     pytest.importorskip("lm_eval")
-    from finemoe.evaluate import encode_pair, loglikelihoods, score_task
+    from finemoe.evaluate import encode_pair, lm_eval_task_yaml, loglikelihoods, score_task
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     _save_llama(tmp_path / "hf")
     (tmp_path / "task").mkdir()
     data = tmp_path / "task" / "rows.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
-    (tmp_path / "task" / "local.yaml").write_text(f"""task: finemoe_local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
+    (tmp_path / "task" / "local.yaml").write_text(lm_eval_task_yaml("finemoe_local_mc", data))
     result = _cli("lm-eval", "--model", "finemoe", "--model_args", f"path={tmp_path / 'hf'}", "--device", "cpu",
                   "--tasks", "finemoe_local_mc", "--include_path", tmp_path / "task", "--output_path", tmp_path / "out",
                   "--log_samples")

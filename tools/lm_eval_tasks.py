@@ -12,24 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from finemoe.evaluate import lm_eval_task_yaml
+
 MULTIPLE_CHOICE = ("arc_challenge", "arc_easy", "copa", "hellaswag", "openbookqa", "piqa", "sciq", "boolq")
-
-TEMPLATE = """task: pack_{name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,7 +26,7 @@ def main() -> None:
     for name in MULTIPLE_CHOICE:
         path = Path(args.evals_dir).resolve() / f"{name}.jsonl.gz"
         if path.is_file():
-            (out / f"pack_{name}.yaml").write_text(TEMPLATE.format(name=name, path=path))
+            (out / f"pack_{name}.yaml").write_text(lm_eval_task_yaml(f"pack_{name}", path))
             print(f"pack_{name}: {path}")
 
 
