@@ -20,10 +20,14 @@ matrices are written once and read once; nothing of size ``(N·H, k²)`` or the 
 top-k's passes is written, and only the ``(N·H, k)`` scores and indices are kept.
 
 Backward, with ``ds`` the gradient of the k retrieved scores and a, b the two halves of
-each retrieved index (PyTorch, not a kernel: two scatters into dense ``(N·H, S)``
-matrices and four matrix products, the same work as the eager path's backward):
+each retrieved index, two kernels and no ``(N·H, S)`` tensor (the eager backward
+scatters ``ds`` into two dense ones and runs four float32 matrix products over them):
 
-    dq¹ = Σ_k ds_k c_{a_k}        dc_a += ds_k q¹   (and likewise for q², c'_b)
+    dq¹_r = Σ_k ds_rk c_{a_rk}                 one program per block of query rows
+    dc_s  = Σ_{(r,k): a_rk = s} ds_rk q¹_r     one program per sub-key, over the pairs
+                                               sorted by sub-key (stable: fixed order)
+
+and likewise for q², c'. Deterministic, no atomic adds.
 
 Kernel → launcher → ``torch.library.custom_op`` (fake implementation) → autograd.
 Tested against the eager reference and brute force over all S² keys on the CPU under
@@ -48,6 +52,7 @@ __all__ = ["fused_product_key_topk", "fused_product_key_topk_supported"]
 
 _ROWS = 8  # query rows per program (measured: 8 rows, 4 warps fastest of 8/16/32 × 4/8)
 _NUM_WARPS = 4
+_PAIRS = 64  # (row, slot) pairs per step of the sub-key gradient pass
 _MAX_SUB_KEYS = 1024  # an (R, S) float32 tile in registers; S = 1024 is N = 1024² experts
 
 
@@ -97,6 +102,47 @@ if triton is not None:
         tl.store(scores_ptr + out, best, mask=kmask)
         tl.store(idx_ptr + out, out_a.to(tl.int64) * S + out_b.to(tl.int64), mask=kmask)
 
+    @triton.jit
+    def _query_grad_kernel(ds_ptr, idx_ptr, keys1_ptr, keys2_ptr, dq_ptr, M, S, Q,
+                           HALF: tl.constexpr, HP: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr):
+        """dq¹_r = Σ_k ds_rk c_{a_rk} and dq²_r = Σ_k ds_rk c'_{b_rk} for ROWS query rows
+        (the sub-key tables are small enough to stay in L2)."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < M
+        cols = tl.arange(0, HP)
+        tile = rmask[:, None] & (cols[None, :] < HALF)
+        dq1 = tl.zeros((ROWS, HP), dtype=tl.float32)
+        dq2 = tl.zeros((ROWS, HP), dtype=tl.float32)
+        for k in range(K):
+            ds = tl.load(ds_ptr + rows * K + k, mask=rmask, other=0.0)
+            expert = tl.load(idx_ptr + rows * K + k, mask=rmask, other=0)
+            a, b = expert // S, expert % S
+            dq1 += ds[:, None] * tl.load(keys1_ptr + a[:, None] * HALF + cols[None, :], mask=tile, other=0.0)
+            dq2 += ds[:, None] * tl.load(keys2_ptr + b[:, None] * HALF + cols[None, :], mask=tile, other=0.0)
+        tl.store(dq_ptr + rows[:, None] * Q + cols[None, :], dq1, mask=tile)
+        tl.store(dq_ptr + rows[:, None] * Q + HALF + cols[None, :], dq2, mask=tile)
+
+    @triton.jit
+    def _sub_key_grad_kernel(order_ptr, offsets_ptr, ds_ptr, q_ptr, dkeys_ptr, Q, half_offset,
+                             HALF: tl.constexpr, HP: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
+        """dc_s = Σ_{(r,k) that used sub-key s} ds_rk q_r (one half), over the pairs sorted
+        by sub-key, BLOCK_P pairs at a time: each sub-key written once, in a fixed order."""
+        sub = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, HP)
+        acc = tl.zeros((HP,), dtype=tl.float32)
+        o = tl.load(offsets_ptr + sub)
+        end = tl.load(offsets_ptr + sub + 1)
+        while o < end:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
+            pos = o + tl.arange(0, BLOCK_P)
+            pmask = pos < end
+            pair = tl.load(order_ptr + pos, mask=pmask, other=0)
+            ds = tl.load(ds_ptr + pair, mask=pmask, other=0.0)
+            q = tl.load(q_ptr + (pair // K)[:, None] * Q + half_offset + cols[None, :],
+                        mask=pmask[:, None] & (cols[None, :] < HALF), other=0.0)
+            acc += tl.sum(ds[:, None] * q, axis=0)
+            o += BLOCK_P
+        tl.store(dkeys_ptr + sub * HALF + cols, acc, mask=cols < HALF)
+
 
 def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     M = q_MQ.shape[0]
@@ -129,18 +175,39 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q_MQ, keys_1, keys_2, output[1])
 
 
+@torch.library.custom_op("finemoe::product_key_topk_backward", mutates_args=())
+def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor,
+                               idx_Mk: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    q_MQ, keys_1, keys_2 = q_MQ.float().contiguous(), keys_1.float().contiguous(), keys_2.float().contiguous()
+    dscores_Mk = dscores_Mk.float().contiguous()
+    (M, Q), (S, half), k = q_MQ.shape, keys_1.shape, idx_Mk.shape[1]
+    hp = max(16, triton.next_power_of_2(half))
+    dq_MQ = torch.empty_like(q_MQ)  # every entry written
+    dkeys = [torch.empty_like(keys_1), torch.empty_like(keys_2)]  # every sub-key written (zero if unused)
+    if M:
+        _query_grad_kernel[(triton.cdiv(M, _ROWS),)](dscores_Mk, idx_Mk, keys_1, keys_2, dq_MQ, M, S, Q,
+                                                     HALF=half, HP=hp, K=k, ROWS=_ROWS)
+    sub_keys = torch.arange(S + 1, device=q_MQ.device, dtype=idx_Mk.dtype)
+    for half_index, sub_idx in enumerate((idx_Mk // S, idx_Mk % S)):
+        # the (row, slot) pairs grouped by the sub-key they used; a stable sort fixes each
+        # sub-key's order of summation, searchsorted its bounds without a host sync
+        sorted_sub, order = sub_idx.reshape(-1).sort(stable=True)
+        offsets = torch.searchsorted(sorted_sub, sub_keys)
+        _sub_key_grad_kernel[(S,)](order, offsets, dscores_Mk, q_MQ, dkeys[half_index], Q, half_index * half,
+                                   HALF=half, HP=hp, K=k, BLOCK_P=_PAIRS)
+    return dq_MQ, dkeys[0], dkeys[1]
+
+
+@_product_key_topk_backward.register_fake
+def _(dscores_Mk, q_MQ, keys_1, keys_2, idx_Mk):
+    return (q_MQ.new_empty(q_MQ.shape, dtype=torch.float32), keys_1.new_empty(keys_1.shape, dtype=torch.float32),
+            keys_2.new_empty(keys_2.shape, dtype=torch.float32))
+
+
 def _backward(ctx, dscores_Mk: Tensor, _didx):
     q_MQ, keys_1, keys_2, idx_Mk = ctx.saved_tensors
-    S, half = keys_1.shape
-    grads = []
-    for q_half, keys, sub_idx in ((q_MQ[:, :half], keys_1, idx_Mk // S), (q_MQ[:, half:], keys_2, idx_Mk % S)):
-        # the score's gradient on the sub-keys it used, as a dense (M, S) matrix (a sub-key
-        # can serve several of a row's k pairs, hence scatter_add)
-        d_MS = torch.zeros(q_MQ.shape[0], S, dtype=torch.float32, device=q_MQ.device)
-        d_MS.scatter_add_(1, sub_idx, dscores_Mk.float())
-        grads.append((d_MS @ keys.float(), d_MS.t() @ q_half.float()))
-    dq_MQ = torch.cat([grads[0][0], grads[1][0]], dim=1).to(q_MQ.dtype)
-    return dq_MQ, grads[0][1].to(keys_1.dtype), grads[1][1].to(keys_2.dtype), None
+    dq, dkeys_1, dkeys_2 = _product_key_topk_backward(dscores_Mk, q_MQ, keys_1, keys_2, idx_Mk)
+    return dq.to(q_MQ.dtype), dkeys_1.to(keys_1.dtype), dkeys_2.to(keys_2.dtype), None
 
 
 _product_key_topk.register_autograd(_backward, setup_context=_setup_context)
