@@ -323,42 +323,27 @@ def convert(
     import dataclasses
 
     from finemoe.checkpoint import check_data_compatible, load_model
-    from finemoe.convert import channel_importance, convert_dense_ffns, moe_config_for_split, prune_dense_ffns
+    from finemoe.convert import calibration_batches, convert_model
     from finemoe.data import TokenShards
     from finemoe.interop import write_run_folder
-    from finemoe.layers import DenseConfig, DSMoEConfig
 
-    model, cfg, tokenizer = load_model(run, _device(device))
-    dense = next((f for f in cfg.model.layer_ffns() if isinstance(f, DenseConfig)), None)
-    if dense is None:
-        _fail(f"{run}: has no dense FFN to convert")
     if active_share is not None and not 0 < active_share <= 1:
         raise typer.BadParameter("must be in (0, 1]", param_hint="--active-share")
-    sd = model.state_dict()
-    if to == "dsmoe":
-        target = DSMoEConfig(intermediate_size=dense.intermediate_size, num_experts=experts, threshold=threshold,
-                             straight_through=straight_through, sparsity_loss_coef=sparsity_loss, norm_eps=dense.norm_eps)
-        model_cfg, sd = convert_dense_ffns(sd, cfg.model, target, seed=seed)
-    elif to == "moe":
-        if (top_k is None) == (active_share is None):
-            raise typer.BadParameter("give --top-k or --active-share", param_hint="--top-k")
-        k = top_k if top_k is not None else max(1, round(active_share * experts))
-        model_cfg, sd = convert_dense_ffns(sd, cfg.model, moe_config_for_split(dense, experts, k), seed=seed)
-    elif to == "prune":
-        if active_share is None:
-            raise typer.BadParameter("prune needs the share of channels to keep", param_hint="--active-share")
-        batches = ()
-        if criterion == "activation":
-            shards = TokenShards(data_path or cfg.data.path or _no_calibration_data(run))
-            check_data_compatible(run, cfg.model.vocab_size, tokenizer, shards)
-            shards.check_window("train", window, remedy="pass a shorter --window")
-            batch = 8
-            batches = (b[:, :-1] for b in shards.sequential("train", batch, window,
-                                                            max(1, -(-calibration_tokens // (batch * window)))))
-        scores = channel_importance(model, criterion, batches, seed=seed)
-        model_cfg, sd = prune_dense_ffns(sd, cfg.model, active_share, scores)
-    else:
-        raise typer.BadParameter(f"unknown target {to!r}; one of dsmoe, moe, prune", param_hint="--to")
+    if to == "moe" and (top_k is None) == (active_share is None):
+        raise typer.BadParameter("give --top-k or --active-share", param_hint="--top-k")
+    if to == "prune" and active_share is None:
+        raise typer.BadParameter("prune needs the share of channels to keep", param_hint="--active-share")
+    model, cfg, tokenizer = load_model(run, _device(device))
+    batches = ()
+    if to == "prune" and criterion == "activation":
+        shards = TokenShards(data_path or cfg.data.path or _no_calibration_data(run))
+        check_data_compatible(run, cfg.model.vocab_size, tokenizer, shards)
+        batches = calibration_batches(shards, calibration_tokens, window)
+    if to == "moe" and top_k is None:
+        top_k = max(1, round(active_share * experts))
+    model_cfg, sd = convert_model(model, cfg.model, to, num_experts=experts, top_k=top_k, keep_fraction=active_share,
+                                  threshold=threshold, straight_through=straight_through,
+                                  sparsity_loss_coef=sparsity_loss, criterion=criterion, calibration=batches, seed=seed)
     new_cfg = dataclasses.replace(cfg, model=model_cfg)
     typer.echo("before:\n" + "\n".join(accounting_table(cfg).splitlines()[-3:]))
     typer.echo("after:\n" + "\n".join(accounting_table(new_cfg).splitlines()[-3:]))

@@ -45,6 +45,9 @@ __all__ = [
     "prune_dense_ffns",
     "channel_importance",
     "PRUNING_CRITERIA",
+    "CONVERSIONS",
+    "calibration_batches",
+    "convert_model",
 ]
 
 
@@ -454,3 +457,47 @@ def prune_dense_ffns(
     first = new_layers[0]
     exceptions = [FFNLayers([i], f) for i, f in enumerate(new_layers) if f != first]
     return dataclasses.replace(config, ffn=first, ffn_layers=exceptions), out
+
+
+# -- one interface for convert, study ---------------------------------------------------------------------
+
+
+CONVERSIONS = ("dsmoe", "moe", "prune")
+
+
+def calibration_batches(shards, tokens: int, window: int, batch_size: int = 8):
+    """Token windows ``(B, window)`` from the train split, spread over it, about
+    ``tokens`` tokens in all (at least one batch): what the activation criterion reads."""
+    shards.check_window("train", window, remedy="use a shorter calibration window")
+    count = max(1, tokens // (batch_size * window))
+    return (b[:, :-1] for b in shards.sequential("train", batch_size, window, count))
+
+
+def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_experts: int = 8, top_k: int | None = None,
+                  keep_fraction: float | None = None, threshold: float = 0.5, straight_through: bool = True,
+                  sparsity_loss_coef: float = 1.0, criterion: str = "activation", calibration=(),
+                  seed: int = 0) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Every dense FFN of a trained model converted (DSMoE and its baselines, METHODS.md
+    §2): ``dsmoe`` (n blocks, sigmoid gates, τ, STE, λ), ``moe`` (LLaMA-MoE: the same n
+    blocks as experts, softmax top-k), or channel ``prune`` keeping ``keep_fraction`` of
+    the channels by ``criterion`` (``channel_importance``; ``activation`` reads the
+    ``calibration`` batches). ``finemoe convert`` and ``finemoe study`` both call this.
+    Returns the new model config and state dict."""
+    dense = next((f for f in config.layer_ffns() if isinstance(f, DenseConfig)), None)
+    if dense is None:
+        raise ConfigError("model.ffn", "the model has no dense FFN to convert")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if to == "dsmoe":
+        target = DSMoEConfig(intermediate_size=dense.intermediate_size, num_experts=num_experts, threshold=threshold,
+                             straight_through=straight_through, sparsity_loss_coef=sparsity_loss_coef,
+                             norm_eps=dense.norm_eps)
+        return convert_dense_ffns(state, config, target, seed=seed)
+    if to == "moe":
+        if top_k is None:
+            raise ConfigError("top_k", "a moe conversion needs the experts per token")
+        return convert_dense_ffns(state, config, moe_config_for_split(dense, num_experts, top_k), seed=seed)
+    if to == "prune":
+        if keep_fraction is None:
+            raise ConfigError("keep_fraction", "a pruning needs the share of channels to keep")
+        return prune_dense_ffns(state, config, keep_fraction, channel_importance(model, criterion, calibration, seed=seed))
+    raise ConfigError("convert", f"unknown conversion {to!r}; one of {', '.join(CONVERSIONS)}")

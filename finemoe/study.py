@@ -43,6 +43,10 @@ class InitSpec:
     """moe: experts per token."""
     keep_fraction: float = 0.6
     """prune: share of FFN channels kept."""
+    criterion: str = "activation"
+    """prune: channel importance (``finemoe.convert.channel_importance``): ``activation``
+    on calibration windows of the source arm's training data, ``magnitude`` or ``random``."""
+    calibration_tokens: int = 65536
     threshold: float = 0.5
     straight_through: bool = True
     sparsity_loss_coef: float = 1.0
@@ -142,8 +146,9 @@ def _hardware() -> str:
 def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path):
     """Convert the parent arm's final weights; return (run config, init checkpoint path)."""
     from finemoe.checkpoint import load_checkpoint
-    from finemoe.convert import convert_dense_ffns, moe_config_for_split, prune_dense_ffns
-    from finemoe.layers import DenseConfig, DSMoEConfig
+    from finemoe.convert import calibration_batches, convert_model
+    from finemoe.data import TokenShards, embedded_shards
+    from finemoe.model import Transformer
     from finemoe.run_config import RunConfig
 
     from finemoe.checkpoint import CheckpointError
@@ -159,19 +164,21 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path):
     run_config = from_dict(RunConfig, state["config"])
     model_cfg, sd = run_config.model, state["model"]
     spec = arm.init
-    dense = next((f for f in model_cfg.layer_ffns() if isinstance(f, DenseConfig)), None)
-    if spec.convert != "none" and dense is None:
-        raise ConfigError(f"arms.{arm.name}.init", "the source arm has no dense FFN to convert")
-    if spec.convert == "dsmoe":
-        target = DSMoEConfig(intermediate_size=dense.intermediate_size, num_experts=spec.num_experts,
-                             threshold=spec.threshold, straight_through=spec.straight_through,
-                             sparsity_loss_coef=spec.sparsity_loss_coef, norm_eps=dense.norm_eps)
-        model_cfg, sd = convert_dense_ffns(sd, model_cfg, target, seed=0)
-    elif spec.convert == "moe":
-        model_cfg, sd = convert_dense_ffns(sd, model_cfg, moe_config_for_split(dense, spec.num_experts, spec.top_k),
-                                           seed=0)
-    elif spec.convert == "prune":
-        model_cfg, sd = prune_dense_ffns(sd, model_cfg, spec.keep_fraction)
+    if spec.convert != "none":
+        model = Transformer(model_cfg)
+        model.load_state_dict(sd)
+        batches = ()
+        if spec.convert == "prune" and spec.criterion == "activation":
+            shards = TokenShards(run_config.data.path or embedded_shards())
+            batches = calibration_batches(shards, spec.calibration_tokens, min(512, run_config.model.max_seq_len))
+        try:
+            model_cfg, sd = convert_model(model, model_cfg, spec.convert, num_experts=spec.num_experts, top_k=spec.top_k,
+                                          keep_fraction=spec.keep_fraction, threshold=spec.threshold,
+                                          straight_through=spec.straight_through,
+                                          sparsity_loss_coef=spec.sparsity_loss_coef, criterion=spec.criterion,
+                                          calibration=batches, seed=0)
+        except ConfigError as err:
+            raise err.under(f"arms.{arm.name}.init") from None
     run_config = dataclasses.replace(run_config, model=model_cfg)
     folder.mkdir(parents=True, exist_ok=True)
     init_path = folder / "init.pt"
