@@ -31,10 +31,11 @@ STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 
 @dataclass
 class InitSpec:
-    """Start an arm from another arm's final weights, converted."""
+    """Start an arm from another arm's final weights, or from a pretrained model, converted."""
 
     source: str
-    """The arm whose final checkpoint is converted."""
+    """An earlier arm (its final checkpoint), or a path to a pretrained model: a run folder
+    (``finemoe import`` writes one), a checkpoint, a Hugging Face folder or a ``.gguf`` file."""
     convert: str = "none"
     """``none``, ``dsmoe`` (sigmoid gates + STE), ``moe`` (softmax top-k router, LLaMA-MoE),
     or ``prune`` (channel pruning of every dense FFN)."""
@@ -100,9 +101,9 @@ class StudySpec:
         names = [a.name for a in self.arms]
         check(len(set(names)) == len(names), "arms", "arm names must be unique")
         for arm in self.arms:
-            if arm.init is not None:
+            if arm.init is not None and not is_model_path(arm.init.source):
                 check(arm.init.source in names[: names.index(arm.name)], "arms",
-                      f"{arm.name}: init.source {arm.init.source!r} must name an earlier arm")
+                      f"{arm.name}: init.source {arm.init.source!r} must name an earlier arm or a model path")
         for name in self.repeat.arms:
             check(name in names, "repeat.arms", f"{name!r} is not an arm")
         for e in self.expect:
@@ -124,6 +125,12 @@ def study_path(name_or_path: str) -> Path:
     return candidate
 
 
+def is_model_path(source: str) -> bool:
+    """An ``init.from`` that names a model on disk rather than an arm (arm names have no
+    ``/`` and no ``.gguf`` suffix)."""
+    return "/" in source or source.endswith(".gguf")
+
+
 def load_study(name_or_path: str) -> StudySpec:
     data = load_yaml(study_path(name_or_path))
     for arm in data.get("arms", []):  # `init: {from: ...}` reads better in YAML
@@ -143,8 +150,10 @@ def _hardware() -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path):
-    """Convert the parent arm's final weights; return (run config, init checkpoint path)."""
+def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str | None = None):
+    """Convert the parent arm's final weights (or a pretrained model's); return (run
+    config, init checkpoint path). ``data_path``: the arm's data (calibration of the
+    activation pruning criterion), default the source's."""
     from finemoe.checkpoint import load_checkpoint
     from finemoe.convert import calibration_batches, convert_model
     from finemoe.data import TokenShards, embedded_shards
@@ -153,23 +162,34 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path):
 
     from finemoe.checkpoint import CheckpointError
 
-    try:
-        state = load_checkpoint(parent_dir)
-    except CheckpointError:
-        raise ConfigError(
-            f"arms.{arm.name}.init.from",
-            f"arm {spec_source(arm)!r} finished but its checkpoint is gone (results keep no checkpoints); "
-            f"delete {parent_dir / 'summary.json'} to train it again",
-        ) from None
-    run_config = from_dict(RunConfig, state["config"])
-    model_cfg, sd = run_config.model, state["model"]
+    tokenizer_json = None
+    if is_model_path(arm.init.source):  # a pretrained model: a run folder, checkpoint, HF folder or .gguf
+        from finemoe.checkpoint import load_model
+
+        if not Path(arm.init.source).exists():
+            raise ConfigError(f"arms.{arm.name}.init.from", f"{arm.init.source}: no such model (import one with "
+                                                            "`finemoe import SOURCE -o RUN`)")
+        model, run_config, tokenizer = load_model(arm.init.source)
+        model_cfg, sd = run_config.model, model.state_dict()
+        tokenizer_json = tokenizer.to_str() if tokenizer is not None else None
+    else:
+        try:
+            state = load_checkpoint(parent_dir)
+        except CheckpointError:
+            raise ConfigError(
+                f"arms.{arm.name}.init.from",
+                f"arm {spec_source(arm)!r} finished but its checkpoint is gone (results keep no checkpoints); "
+                f"delete {parent_dir / 'summary.json'} to train it again",
+            ) from None
+        run_config = from_dict(RunConfig, state["config"])
+        model_cfg, sd = run_config.model, state["model"]
     spec = arm.init
     if spec.convert != "none":
         model = Transformer(model_cfg)
         model.load_state_dict(sd)
         batches = ()
         if spec.convert == "prune" and spec.criterion == "activation":
-            shards = TokenShards(run_config.data.path or embedded_shards())
+            shards = TokenShards(data_path or run_config.data.path or embedded_shards())
             batches = calibration_batches(shards, spec.calibration_tokens, min(512, run_config.model.max_seq_len))
         try:
             model_cfg, sd = convert_model(model, model_cfg, spec.convert, num_experts=spec.num_experts, top_k=spec.top_k,
@@ -182,7 +202,8 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path):
     run_config = dataclasses.replace(run_config, model=model_cfg)
     folder.mkdir(parents=True, exist_ok=True)
     init_path = folder / "init.pt"
-    torch.save({"model": sd, "config": {"model": to_dict(model_cfg)}, "step": 0}, init_path)
+    torch.save({"model": sd, "config": {"model": to_dict(model_cfg)}, "step": 0, "tokenizer_json": tokenizer_json},
+               init_path)
     return run_config, init_path
 
 
@@ -198,7 +219,10 @@ def _arm_config(study: StudySpec, arm: ArmSpec, folder: Path, seed: int, study_d
     if arm.init is None:
         data = load_preset_data(arm.preset)
     else:
-        run_config, init_path = _converted_init(arm, study_dir / arm.init.source, folder)
+        parent = Path(arm.init.source) if is_model_path(arm.init.source) else study_dir / arm.init.source
+        data_path = next((o.split("=", 1)[1] for o in reversed(common + list(arm.overrides))
+                          if o.startswith("data.path=")), None)
+        run_config, init_path = _converted_init(arm, parent, folder, data_path)
         data = to_dict(run_config)
         data["train"]["init_from"] = str(init_path)
         # the continuation draws batches of its own, not the source arm's first steps

@@ -77,7 +77,7 @@ def test_study_runs_converts_tabulates_and_resumes(tmp_path, shards, capsys):
     assert capsys.readouterr().err.count("done, skipped") == 6
 
 
-@pytest.mark.parametrize("name", ["cartesian", "finedeep", "dsmoe", "peer"])
+@pytest.mark.parametrize("name", ["cartesian", "finedeep", "dsmoe", "dsmoe-smollm2", "peer"])
 def test_shipped_studies_load(name):
     study = load_study(name)
     assert study.arms and study.claim and study.expect
@@ -103,3 +103,38 @@ def test_conversion_from_a_finished_arm_without_checkpoint_says_what_to_do(tmp_p
     shutil.rmtree(out / "dense" / "checkpoints")  # as after copying results to a fresh machine
     with pytest.raises(ConfigError, match=r"arm 'dense' finished but its checkpoint is gone.*dense/summary.json"):
         run_study(str(spec), out, only=["dsmoe"], progress=False)
+
+
+def test_arms_start_from_a_pretrained_model_on_disk(tmp_path, shards):
+    """``init: {from: PATH}``: a Hugging Face folder (as ``finemoe import`` would read it),
+    continued as it is and converted to DSMoE; calibration of activation pruning reads
+    the arm's own data."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from finemoe.checkpoint import load_model
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text((shards / "tokenizer.json").read_text())
+    common = [f"data.path={shards}", "train.steps=2", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=0",
+              "train.eval_batches=1", "train.device=cpu", "train.tensorboard=false"]
+    spec = tmp_path / "pre.yaml"
+    spec.write_text(f"""
+name: pre
+claim: "from a pretrained model"
+common: [{", ".join(common)}]
+arms:
+  - {{name: continued, init: {{from: {tmp_path / "hf"}}}}}
+  - {{name: dsmoe, init: {{from: {tmp_path / "hf"}, convert: dsmoe, num_experts: 4}}}}
+  - {{name: pruned, init: {{from: {tmp_path / "hf"}, convert: prune, keep_fraction: 0.5, calibration_tokens: 256}}}}
+""")
+    table = run_study(str(spec), tmp_path / "runs", progress=False)
+    assert {r["run"] for r in table["rows"]} == {"continued", "dsmoe", "pruned"}
+    _, cfg, _ = load_model(tmp_path / "runs" / "dsmoe")
+    assert cfg.model.ffn.kind == "dsmoe" and cfg.model.d_model == 32
+    _, cfg, _ = load_model(tmp_path / "runs" / "pruned")
+    assert cfg.model.ffn.intermediate_size == 24
