@@ -347,6 +347,9 @@ def convert(
     new_cfg = dataclasses.replace(cfg, model=model_cfg)
     typer.echo("before:\n" + "\n".join(accounting_table(cfg).splitlines()[-3:]))
     typer.echo("after:\n" + "\n".join(accounting_table(new_cfg).splitlines()[-3:]))
+    if to == "dsmoe":
+        typer.echo("(DSMoE counts every block: the share switched on is learned per token; "
+                   "`finemoe analyze` measures it)")
     folder = write_run_folder(out, {k: v.detach().cpu() for k, v in sd.items()}, new_cfg,
                               tokenizer_json=tokenizer.to_str() if tokenizer is not None else None,
                               extra={"converted_from": {"path": str(run), "to": to}})
