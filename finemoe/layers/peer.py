@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from finemoe.config import check
 from finemoe.kernels.peer_experts import peer_experts, peer_experts_available
 from finemoe.kernels.product_keys import fused_product_key_topk, fused_product_key_topk_supported
+from finemoe.kernels.swiglu import triton_kernels_available
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
 from finemoe.layers.common import RMSNorm, at_least_float32
 from finemoe.layers.routing import product_key_topk
@@ -172,8 +173,9 @@ class ProductKeyRetrieval(nn.Module):
 
 
 def uses_triton(impl: str, x: Tensor) -> bool:
-    """``triton`` asked for, or ``auto`` on a CUDA device; Triton installed either way."""
-    return peer_experts_available() and (impl == "triton" or (impl == "auto" and x.is_cuda))
+    """``triton`` asked for, or ``auto`` where the other kernels run (a CUDA device, and
+    ``FINEMOE_KERNELS`` not ``0``); Triton installed either way."""
+    return peer_experts_available() and (impl == "triton" or (impl == "auto" and triton_kernels_available(x)))
 
 
 def runs_fused_experts(module: nn.Module, x: Tensor) -> bool:
