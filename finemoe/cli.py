@@ -301,8 +301,11 @@ def import_(
 def convert(
     run: Annotated[str, typer.Argument(help="A run folder or checkpoint (or a HF folder / .gguf file) with dense FFNs.")],
     out: Annotated[str, typer.Option("--out", "-o", help="The run folder to write (must not exist).")],
-    to: Annotated[str, typer.Option("--to", help="dsmoe, moe (LLaMA-MoE: the same blocks, a softmax top-k router) or prune.")],
-    experts: Annotated[int, typer.Option(min=1, help="dsmoe / moe: blocks n of each dense FFN.")] = 8,
+    to: Annotated[str, typer.Option("--to", help="dsmoe, moe (LLaMA-MoE: the same blocks, a softmax top-k router), "
+                                                 "finedeep or prune.")],
+    experts: Annotated[int, typer.Option(min=1, help="dsmoe / moe / finedeep: blocks n of each dense FFN.")] = 8,
+    sublayers: Annotated[int, typer.Option(min=1, help="finedeep: sub-layers M (1: exactly the dense model at "
+                                                       "conversion).")] = 1,
     active_share: Annotated[Optional[float], typer.Option(help="moe: k = share · n; prune: the share of channels kept.")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="moe: experts per token (instead of --active-share).")] = None,
     threshold: Annotated[float, typer.Option(help="dsmoe: τ, a block is on where its gate exceeds it.")] = 0.5,
@@ -343,7 +346,8 @@ def convert(
         top_k = max(1, round(active_share * experts))
     model_cfg, sd = convert_model(model, cfg.model, to, num_experts=experts, top_k=top_k, keep_fraction=active_share,
                                   threshold=threshold, straight_through=straight_through,
-                                  sparsity_loss_coef=sparsity_loss, criterion=criterion, calibration=batches, seed=seed)
+                                  sparsity_loss_coef=sparsity_loss, criterion=criterion, calibration=batches,
+                                  num_sublayers=sublayers, seed=seed)
     new_cfg = dataclasses.replace(cfg, model=model_cfg)
     typer.echo("before:\n" + "\n".join(accounting_table(cfg).splitlines()[-3:]))
     typer.echo("after:\n" + "\n".join(accounting_table(new_cfg).splitlines()[-3:]))

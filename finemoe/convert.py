@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from finemoe.config import ConfigError
-from finemoe.layers import DenseConfig, DSMoEConfig, FFNConfig, MoEConfig
+from finemoe.layers import DenseConfig, DSMoEConfig, FFNConfig, FinedeepConfig, MoEConfig
 from finemoe.model import ModelConfig, Transformer
 
 __all__ = [
@@ -319,7 +319,7 @@ def split_dense_ffn(
     """
     w_g, w_u, w_d = (dense_sd[f"mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
     F_width, D = w_g.shape
-    n = target.num_experts
+    n = getattr(target, "num_experts", 1)  # blocks of a dsmoe / moe split
 
     def fresh_gate() -> Tensor:
         return torch.randn(n, D, generator=generator, dtype=torch.float32).mul_(gate_std).to(w_g.dtype)
@@ -342,7 +342,20 @@ def split_dense_ffn(
             "experts.w_up": w_u.view(n, b, D).transpose(1, 2).contiguous(),
             "experts.w_down": w_d.t().reshape(n, b, D).contiguous(),  # rows of W_d (b, D) per block
         }
-    raise ConfigError("ffn.kind", f"cannot split a dense FFN into {target.kind!r}; supported: dsmoe, moe")
+    if isinstance(target, FinedeepConfig):
+        M, K, f = target.num_sublayers, target.experts_per_sublayer, target.expert_intermediate_size
+        if M * K * f != F_width:
+            raise ConfigError("ffn", f"M·K·f = {M * K * f} must equal the dense width {F_width}")
+        # sub-layer m takes blocks m·K … (m+1)·K − 1; each gets the dense FFN's norm; a zero
+        # router gives equal sigmoid gates, which gate_sum = experts turns into exactly 1
+        return {
+            **{f"norms.{m}.weight": dense_sd["norm.weight"].clone() for m in range(M)},
+            "w_gate": w_g.t().reshape(D, M, K * f).permute(1, 0, 2).contiguous(),  # (M, D, K·f)
+            "w_up": w_u.t().reshape(D, M, K * f).permute(1, 0, 2).contiguous(),
+            "w_down": w_d.t().reshape(M, K, f, D).contiguous(),
+            "router": torch.zeros(M, K, D, dtype=w_g.dtype),
+        }
+    raise ConfigError("ffn.kind", f"cannot split a dense FFN into {target.kind!r}; supported: dsmoe, moe, finedeep")
 
 
 def convert_dense_ffns(
@@ -462,7 +475,7 @@ def prune_dense_ffns(
 # -- one interface for convert, study ---------------------------------------------------------------------
 
 
-CONVERSIONS = ("dsmoe", "moe", "prune")
+CONVERSIONS = ("dsmoe", "moe", "finedeep", "prune")
 
 
 def calibration_batches(shards, tokens: int, window: int, batch_size: int = 8):
@@ -476,10 +489,13 @@ def calibration_batches(shards, tokens: int, window: int, batch_size: int = 8):
 def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_experts: int = 8, top_k: int | None = None,
                   keep_fraction: float | None = None, threshold: float = 0.5, straight_through: bool = True,
                   sparsity_loss_coef: float = 1.0, criterion: str = "activation", calibration=(),
-                  seed: int = 0) -> tuple[ModelConfig, dict[str, Tensor]]:
+                  num_sublayers: int = 1, seed: int = 0) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Every dense FFN of a trained model converted (DSMoE and its baselines, METHODS.md
     §2): ``dsmoe`` (n blocks, sigmoid gates, τ, STE, λ), ``moe`` (LLaMA-MoE: the same n
-    blocks as experts, softmax top-k), or channel ``prune`` keeping ``keep_fraction`` of
+    blocks as experts, softmax top-k), ``finedeep`` (the n blocks as M sub-layers of n/M
+    experts, ``gate_sum = experts`` and zero routers: with M = 1 exactly the dense FFN at
+    conversion; with M > 1 the later sub-layers see the earlier ones' output, so it is
+    not), or channel ``prune`` keeping ``keep_fraction`` of
     the channels by ``criterion`` (``channel_importance``; ``activation`` reads the
     ``calibration`` batches). ``finemoe convert`` and ``finemoe study`` both call this.
     Returns the new model config and state dict."""
@@ -496,6 +512,14 @@ def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_exper
         if top_k is None:
             raise ConfigError("top_k", "a moe conversion needs the experts per token")
         return convert_dense_ffns(state, config, moe_config_for_split(dense, num_experts, top_k), seed=seed)
+    if to == "finedeep":
+        if num_experts % num_sublayers or dense.intermediate_size % num_experts:
+            raise ConfigError("num_experts", f"{num_experts} blocks must split into {num_sublayers} sub-layers and "
+                                             f"divide the dense width {dense.intermediate_size}")
+        target = FinedeepConfig(num_sublayers=num_sublayers, experts_per_sublayer=num_experts // num_sublayers,
+                                expert_intermediate_size=dense.intermediate_size // num_experts, gate_sum="experts",
+                                norm_eps=dense.norm_eps)
+        return convert_dense_ffns(state, config, target, seed=seed)
     if to == "prune":
         if keep_fraction is None:
             raise ConfigError("keep_fraction", "a pruning needs the share of channels to keep")

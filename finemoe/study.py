@@ -38,7 +38,8 @@ class InitSpec:
     (``finemoe import`` writes one), a checkpoint, a Hugging Face folder or a ``.gguf`` file."""
     convert: str = "none"
     """``none``, ``dsmoe`` (sigmoid gates + STE), ``moe`` (softmax top-k router, LLaMA-MoE),
-    or ``prune`` (channel pruning of every dense FFN)."""
+    ``finedeep`` (the blocks as sub-layers of experts; ``num_sublayers``), or ``prune``
+    (channel pruning of every dense FFN)."""
     num_experts: int = 8
     top_k: int = 5
     """moe: experts per token."""
@@ -51,10 +52,12 @@ class InitSpec:
     threshold: float = 0.5
     straight_through: bool = True
     sparsity_loss_coef: float = 1.0
+    num_sublayers: int = 1
+    """finedeep: M (1 is exactly the dense model at conversion)."""
 
     def __post_init__(self) -> None:
-        check(self.convert in ("none", "dsmoe", "moe", "prune"), "convert",
-              f"must be none, dsmoe, moe or prune; got {self.convert!r}")
+        check(self.convert in ("none", "dsmoe", "moe", "finedeep", "prune"), "convert",
+              f"must be none, dsmoe, moe, finedeep or prune; got {self.convert!r}")
 
 
 @dataclass
@@ -196,7 +199,7 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
                                           keep_fraction=spec.keep_fraction, threshold=spec.threshold,
                                           straight_through=spec.straight_through,
                                           sparsity_loss_coef=spec.sparsity_loss_coef, criterion=spec.criterion,
-                                          calibration=batches, seed=0)
+                                          calibration=batches, num_sublayers=spec.num_sublayers, seed=0)
         except ConfigError as err:
             raise err.under(f"arms.{arm.name}.init") from None
     run_config = dataclasses.replace(run_config, model=model_cfg)

@@ -394,3 +394,24 @@ def test_export_of_other_kinds_loads_through_remote_code_with_equal_logits(tmp_p
         want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         torch.testing.assert_close(back(ids, labels=ids).loss, want)
     assert from_dict(RunConfig, {"model": back.config.finemoe}).model == cfg.model
+
+
+def test_finedeep_conversion_with_one_sublayer_is_the_dense_model(tmp_path):
+    """Zero routers give equal sigmoid gates, which gate_sum = experts makes exactly 1:
+    with M = 1 the converted model computes the dense one (to float rounding); with M = 2
+    the second sub-layer sees the first one's output, so it differs."""
+    _save_llama(tmp_path / "hf")
+    _cli("import", tmp_path / "hf", "-o", tmp_path / "run")
+    dense, _, _ = load_model(tmp_path / "run")
+    ids = torch.randint(0, _vocab(), (2, 11))
+    for sublayers in (1, 2):
+        out = tmp_path / f"fd{sublayers}"
+        result = _cli("convert", tmp_path / "run", "-o", out, "--to", "finedeep", "--experts", "4",
+                      "--sublayers", str(sublayers))
+        assert result.exit_code == 0, result.output
+        model, cfg, _ = load_model(out)
+        assert (cfg.model.ffn.kind, cfg.model.ffn.num_sublayers, cfg.model.ffn.expert_intermediate_size) == \
+            ("finedeep", sublayers, 72 // 4)
+        with torch.no_grad():
+            same = torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+        assert same == (sublayers == 1)
