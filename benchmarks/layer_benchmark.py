@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finemoe.config import from_dict  # noqa: E402
 from finemoe.layers import FFNConfig  # noqa: E402
-from finemoe.train import git_commit  # noqa: E402
+from finemoe.environment import git_commit  # noqa: E402
 
 
 def layer_configs(d: int) -> dict[str, dict]:

@@ -228,7 +228,7 @@ def model_from_hf(src: str | Path, *, train_seq_len: int = 2048):
     from finemoe.convert import model_config_from_hf
     from finemoe.model import Transformer
     from finemoe.run_config import RunConfig
-    from finemoe.train import TrainConfig
+    from finemoe.run_config import TrainConfig
 
     checkpoint = read_hf_checkpoint(src)
     try:

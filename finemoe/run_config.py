@@ -12,13 +12,72 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from typing import Literal
+
 from finemoe.config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from finemoe.model import ModelConfig
-from finemoe.train import DataConfig, TrainConfig
 
-__all__ = ["RunConfig", "DEFAULT_PRESET", "list_presets", "preset_path", "load_run_config"]
+__all__ = ["RunConfig", "TrainConfig", "DataConfig", "DEFAULT_PRESET", "list_presets", "preset_path",
+           "load_run_config"]
 
 DEFAULT_PRESET = "tiny"
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Token shards written by `finemoe data`; default: the corpus embedded in finemoe."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 16
+    """Sequences per micro-batch, per process."""
+    grad_accum: int = 1
+    seq_len: int | None = None
+    """Default: model.max_seq_len."""
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 40
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2
+    """WSD: the final share of steps over which the learning rate decays linearly."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Autocast dtype; auto: bfloat16 on CUDA, float32 on CPU."""
+    compile: bool = False
+    device: str = "auto"
+    parallel: Literal["fsdp", "ddp"] = "fsdp"
+    """With several processes (torchrun): FSDP2 (fully_shard) or DDP."""
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    init_from: str | None = None
+    """Start from these model weights (a checkpoint file or run folder whose model config
+    equals this run's), e.g. a dense model converted to DSMoE; the optimizer starts fresh."""
+    tensorboard: bool = True
+    """Also write TensorBoard logs, when the tensorboard package is installed."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        check(self.seq_len is None or self.seq_len > 0, "seq_len", "must be positive")
+        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        check(0 <= self.warmup_steps < self.steps, "warmup_steps", f"must be in [0, steps={self.steps})")
+        check(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        check(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+
 
 
 @dataclass

@@ -246,7 +246,8 @@ def _arm_config(study: StudySpec, arm: ArmSpec, folder: Path, seed: int, study_d
 def run_study(name: str, out_dir: str | Path, *, extra: list[str] | None = None, only: list[str] | None = None,
               evals_dir: str | None = None, progress: bool = True) -> dict:
     """Run (or resume) a study; returns the table."""
-    from finemoe.train import Trainer, git_commit
+    from finemoe.environment import git_commit
+    from finemoe.train import Trainer
 
     study = load_study(name)
     out = Path(out_dir)

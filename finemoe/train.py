@@ -17,80 +17,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from finemoe.checkpoint import (CheckpointError, check_data_compatible, load_checkpoint, load_for_resume,
                                 run_checkpoints, save_checkpoint)
-from finemoe.config import check, to_dict
+from finemoe.config import to_dict
+from finemoe.environment import distributed_setup, environment, peak_flops, pick_device
+from finemoe.metrics import MetricsLogger, layer_stat_summary
+from finemoe.run_config import DataConfig, TrainConfig
 
-__all__ = ["TrainConfig", "DataConfig", "Trainer", "TrainingDiverged", "lr_at", "peak_flops"]
-
-
-@dataclass
-class DataConfig:
-    path: str | None = None
-    """Token shards written by `finemoe data`; default: the corpus embedded in finemoe."""
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 400
-    batch_size: int = 16
-    """Sequences per micro-batch, per process."""
-    grad_accum: int = 1
-    seq_len: int | None = None
-    """Default: model.max_seq_len."""
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 40
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_fraction: float = 0.2
-    """WSD: the final share of steps over which the learning rate decays linearly."""
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Autocast dtype; auto: bfloat16 on CUDA, float32 on CPU."""
-    compile: bool = False
-    device: str = "auto"
-    parallel: Literal["fsdp", "ddp"] = "fsdp"
-    """With several processes (torchrun): FSDP2 (fully_shard) or DDP."""
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 20
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    out_dir: str = "runs/default"
-    init_from: str | None = None
-    """Start from these model weights (a checkpoint file or run folder whose model config
-    equals this run's), e.g. a dense model converted to DSMoE; the optimizer starts fresh."""
-    tensorboard: bool = True
-    """Also write TensorBoard logs, when the tensorboard package is installed."""
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        check(self.seq_len is None or self.seq_len > 0, "seq_len", "must be positive")
-        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        check(0 <= self.warmup_steps < self.steps, "warmup_steps", f"must be in [0, steps={self.steps})")
-        check(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
-        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
-        check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
-        check(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+# TrainConfig and DataConfig live with the other run configs (finemoe.run_config); re-exported here
+__all__ = ["TrainConfig", "DataConfig", "Trainer", "TrainingDiverged", "lr_at"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,56 +57,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / max(1, cfg.steps - decay_start)
 
 
-# Dense bf16 peak of each accelerator, for MFU (vendor datasheets, without sparsity).
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
-# -- environment ------------------------------------------------------------------------------------
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout (``+dirty`` with uncommitted changes), or ``FINEMOE_GIT_COMMIT``
-    where the code was copied without its ``.git`` (a remote GPU machine, a container)."""
-    if os.environ.get("FINEMOE_GIT_COMMIT"):
-        return os.environ["FINEMOE_GIT_COMMIT"]
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device, world_size: int) -> dict:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "git_commit": git_commit(),
-        "world_size": world_size,
-        "device": str(device),
-        "command": " ".join(sys.argv),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["cpu_threads"] = torch.get_num_threads()
-    return env
-
-
 # -- the trainer ------------------------------------------------------------------------------------------
 
 
@@ -177,8 +70,8 @@ class Trainer:
         self.run_config = run_config
         self.cfg: TrainConfig = run_config.train
         self.progress = progress
-        self.rank, self.world_size, local_rank = _distributed_setup()
-        self.device = _pick_device(self.cfg.device, local_rank)
+        self.rank, self.world_size, local_rank = distributed_setup()
+        self.device = pick_device(self.cfg.device, local_rank)
         self.is_main = self.rank == 0
         self.out_dir = Path(self.cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -494,100 +387,3 @@ class Trainer:
             logger.log({"step": self.step} | {f"final_val/{k}": v for k, v in final.items()})
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-
-def layer_stat_summary(layer_stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Per-layer scalars for the log: load imbalance (max/mean) of every expert-load
-    vector, DSMoE's active share, router entropy; vectors stay out of the JSONL."""
-    out: dict[str, float] = {}
-    for i, stats in enumerate(layer_stats):
-        for name, value in stats.items():
-            value = value.detach().float()
-            if value.numel() == 1:
-                out[f"layer{i}/{name}"] = float(value)
-            elif name.endswith("expert_load"):
-                out[f"layer{i}/{name}_imbalance"] = float(value.max() / value.mean().clamp_min(1e-12))
-            elif name.endswith("gate_mass"):
-                out[f"layer{i}/{name.replace('gate_mass', 'retrieved_share')}"] = float((value > 0).float().mean())
-    return out
-
-
-def _logged_before(line: str, start_step: int) -> bool:
-    """Whether a metrics line belongs to the steps a resumed run does not repeat."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:  # a line torn by a kill
-        return False
-    return record.get("step", 0) <= start_step and not any(k.startswith("final_val/") for k in record)
-
-
-class MetricsLogger:
-    """``metrics.jsonl`` (and TensorBoard). A run starting at ``start_step`` keeps only the
-    records up to that step: those written after the checkpoint it resumed from (or all,
-    for a fresh start in a used folder) would otherwise be logged twice."""
-
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0):
-        self.enabled = enabled
-        self.file = None
-        self.tb = None
-        if not enabled:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "metrics.jsonl"
-        if path.is_file() and start_step > 0:
-            kept = [line for line in path.read_text().splitlines() if line.strip() and _logged_before(line, start_step)]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-        self.file = open(path, "a" if start_step > 0 else "w")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                self.tb = None
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _distributed_setup() -> tuple[int, int, int]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, 0
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
-    return dist.get_rank(), world_size, local_rank
-
-
-def _pick_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        if not torch.cuda.is_available():
-            from finemoe.config import ConfigError
-
-            raise ConfigError("train.device", "'cuda' was asked for but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device(spec)
-
