@@ -21,6 +21,19 @@ from finemoe.config import from_dict  # noqa: E402
 from finemoe.layers import FFNConfig  # noqa: E402
 
 
+def print_profile(step, steps: int, rows: int, name_width: int = 70) -> None:
+    """The top CUDA kernels of ``steps`` calls of ``step`` (after one warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=name_width))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="+")
@@ -29,8 +42,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--compile", action="store_true", help="Profile each layer under torch.compile.")
     args = parser.parse_args()
-    from torch.profiler import ProfilerActivity, profile
-
     h = torch.randn(args.tokens // 512, 512, args.d, device="cuda", requires_grad=True)
     cotangent = torch.randn(h.shape, device="cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
@@ -39,15 +50,10 @@ def main() -> None:
         if args.compile:
             layer = torch.compile(layer)
         step = fwd_bwd(layer, h, cotangent, autocast)
-        for _ in range(3):
+        for _ in range(2):  # compilation and autotuning before the profiled steps
             step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
         print(f"== {name}{' [compiled]' if args.compile else ''} (5 steps)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+        print_profile(step, 5, args.rows)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,11 @@ def load_for_resume(run_dir: str | Path, map_location: str | torch.device = "cpu
     raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from ({unreadable} unreadable); nothing was changed")
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two ``tokenizers`` tokenizers map the same strings to the same ids."""
+    return a.get_vocab(with_added_tokens=True) == b.get_vocab(with_added_tokens=True)
+
+
 def check_data_compatible(checkpoint: str | Path, vocab_size: int, tokenizer, shards) -> None:
     """Refuse to run a model on token shards it cannot read: ids beyond its vocabulary,
     or ids of another tokenizer (which would give a meaningless perplexity even where
@@ -119,8 +124,7 @@ def check_data_compatible(checkpoint: str | Path, vocab_size: int, tokenizer, sh
     if shards.vocab_size > vocab_size:
         raise CheckpointError(f"{shards.folder}: its vocabulary ({shards.vocab_size:,}) is larger than that of "
                               f"{checkpoint} ({vocab_size:,}); use shards made with the model's tokenizer")
-    if tokenizer is not None and tokenizer.get_vocab(with_added_tokens=True) != shards.tokenizer().get_vocab(
-            with_added_tokens=True):
+    if tokenizer is not None and not same_tokenizer(tokenizer, shards.tokenizer()):
         raise CheckpointError(f"{shards.folder} was tokenized with another tokenizer than the one {checkpoint} carries; "
                               f"rebuild the shards with `finemoe data --tokenizer` on the model's tokenizer")
 

@@ -411,7 +411,7 @@ def eval_(
 
     import torch
 
-    from finemoe.checkpoint import check_data_compatible, load_model
+    from finemoe.checkpoint import check_data_compatible, load_model, same_tokenizer
     from finemoe.data import TokenShards
     from finemoe.evaluate import TASKS, evaluate_perplexity, load_task, score_task
 
@@ -438,7 +438,7 @@ def eval_(
             shards_path = embedded_shards()
         shards = TokenShards(shards_path)
         if data_path is None and cfg.data.path is None and tokenizer is not None and \
-                tokenizer.get_vocab(with_added_tokens=True) != shards.tokenizer().get_vocab(with_added_tokens=True):
+                not same_tokenizer(tokenizer, shards.tokenizer()):
             typer.echo("perplexity skipped: the model's tokenizer is not that of the default data; make shards with "
                        "`finemoe data TEXT --tokenizer RUN/tokenizer.json` and pass --data", err=True)
             shards = None

@@ -388,6 +388,12 @@ def convert_dense_ffns(
 PRUNING_CRITERIA = ("activation", "magnitude", "random")
 
 
+def magnitude_score(w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """``‖W_g[:, j]‖ · ‖W_u[:, j]‖ · ‖W_d[j, :]‖`` per hidden channel, from ``nn.Linear``
+    weights ``(F, D)``, ``(F, D)``, ``(D, F)``."""
+    return w_gate.float().norm(dim=1) * w_up.float().norm(dim=1) * w_down.float().norm(dim=0)
+
+
 @torch.no_grad()
 def channel_importance(model: Transformer, criterion: str, batches=(), *, seed: int = 0) -> dict[int, Tensor]:
     """A score per hidden channel of every dense FFN (layer index → ``(F,)``), the larger
@@ -409,8 +415,8 @@ def channel_importance(model: Transformer, criterion: str, batches=(), *, seed: 
         generator = torch.Generator().manual_seed(seed)
         return {i: torch.rand(f.config.intermediate_size, generator=generator) for i, f in dense.items()}
     if criterion == "magnitude":
-        return {i: f.mlp.gate_proj.weight.float().norm(dim=1) * f.mlp.up_proj.weight.float().norm(dim=1)
-                * f.mlp.down_proj.weight.float().norm(dim=0) for i, f in dense.items()}
+        return {i: magnitude_score(f.mlp.gate_proj.weight, f.mlp.up_proj.weight, f.mlp.down_proj.weight)
+                for i, f in dense.items()}
     if criterion != "activation":
         raise ConfigError("criterion", f"unknown pruning criterion {criterion!r}; one of {', '.join(PRUNING_CRITERIA)}")
     squares = {i: torch.zeros(f.config.intermediate_size, dtype=torch.float64) for i, f in dense.items()}
@@ -457,10 +463,7 @@ def prune_dense_ffns(
             continue
         prefix = f"blocks.{i}.ffn.mlp."
         w_g, w_u, w_d = (out[prefix + f"{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
-        if scores is not None:
-            score = scores[i]
-        else:
-            score = w_g.float().norm(dim=1) * w_u.float().norm(dim=1) * w_d.float().norm(dim=0)
+        score = scores[i] if scores is not None else magnitude_score(w_g, w_u, w_d)
         kept = max(1, round(keep_fraction * ffn.intermediate_size))
         channels = score.topk(kept).indices.sort().values
         out[prefix + "gate_proj.weight"] = w_g[channels].contiguous()

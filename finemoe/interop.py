@@ -273,12 +273,11 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     from finemoe.checkpoint import load_model
-    from finemoe.convert import hf_architecture, hf_config_for, state_dict_to_hf
+    from finemoe.convert import hf_config_for, state_dict_to_hf
 
     model, run_config, tokenizer = load_model(run)
     try:
-        hf_architecture(run_config.model)
-        hf_config = hf_config_for(run_config.model)
+        hf_config = hf_config_for(run_config.model)  # refuses a model with no transformers architecture
         hf_sd = state_dict_to_hf(model.state_dict(), run_config.model)
         remote_code = None
     except ConfigError:  # no native architecture: finemoe's model through remote code

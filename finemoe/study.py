@@ -157,18 +157,14 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
     """Convert the parent arm's final weights (or a pretrained model's); return (run
     config, init checkpoint path). ``data_path``: the arm's data (calibration of the
     activation pruning criterion), default the source's."""
-    from finemoe.checkpoint import load_checkpoint
+    from finemoe.checkpoint import CheckpointError, load_checkpoint, load_model
     from finemoe.convert import calibration_batches, convert_model
     from finemoe.data import TokenShards, embedded_shards
     from finemoe.model import Transformer
     from finemoe.run_config import RunConfig
 
-    from finemoe.checkpoint import CheckpointError
-
     tokenizer_json = None
     if is_model_path(arm.init.source):  # a pretrained model: a run folder, checkpoint, HF folder or .gguf
-        from finemoe.checkpoint import load_model
-
         if not Path(arm.init.source).exists():
             raise ConfigError(f"arms.{arm.name}.init.from", f"{arm.init.source}: no such model (import one with "
                                                             "`finemoe import SOURCE -o RUN`)")

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from layer_benchmark import fwd_bwd, product_key_configs, time_ms  # noqa: E402
+from profile_layer import print_profile  # noqa: E402
 
 from finemoe.config import from_dict  # noqa: E402
 from finemoe.kernels import peer_experts as experts_kernel  # noqa: E402
@@ -108,15 +109,7 @@ def main() -> None:
             print(f"  {label:56s} {ms:8.3f} ms   peak beyond parameters {peak:6.2f} GiB")
         print(f"  parameters {sum(p.numel() * p.element_size() for p in layer.parameters()) / 2**30:.2f} GiB")
         if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-            step = fwd_bwd(layer, h, cotangent, autocast)
-            step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+            print_profile(fwd_bwd(layer, h, cotangent, autocast), 3, 18, name_width=60)
         del layer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
