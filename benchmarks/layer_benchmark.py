@@ -230,7 +230,7 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
     dense_ms = None
 
     def add(name, config_spec, flops, fn, *, baseline=None, kind="fwd+bwd", extra=None):
-        if only and only not in name and name != "dense":
+        if only and name != "dense" and not any(part in name for part in only.split(",")):
             return
         if compile:
             name = f"{name} [compiled]"
@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--only", default=None, help="Only layers whose name contains this (and dense).")
+    parser.add_argument("--only", default=None, help="Only layers whose name contains one of these comma-separated parts (and dense).")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes, few repeats: a smoke run.")
     parser.add_argument("--compile", action="store_true",
                         help="Also every layer under torch.compile, at the first size (training rows).")
