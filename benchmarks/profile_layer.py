@@ -1,7 +1,13 @@
 """Where one layer's forward + backward spends its GPU time: the top kernels by CUDA
 time (torch.profiler), for layers named as in ``layer_benchmark.py``.
 
-    python benchmarks/profile_layer.py "finedeep 2x4" "moe E=8 k=2" --d 1024 --tokens 16384 [--compile]
+    python benchmarks/profile_layer.py "finedeep 2x4" "moe E=8 k=2" --d 1024 --tokens 16384 [--compile] [--host]
+
+With ``--host``, also where the host's time goes: each call timed alone (synchronised
+after it, as ``layer_benchmark.py`` does), the same calls queued back to back (one
+synchronisation at the end: what a layer costs inside a model whose host runs ahead),
+the host time to issue one call, and the top CPU-side operations (a
+``cudaStreamSynchronize`` or device-to-host copy there is a host sync).
 """
 
 from __future__ import annotations
@@ -34,6 +40,40 @@ def print_profile(step, steps: int, rows: int, name_width: int = 70) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=name_width))
 
 
+def print_host_time(step, steps: int, rows: int, name_width: int = 70) -> None:
+    """Synchronised and queued times per call, host issue time, top CPU-side operations."""
+    import statistics
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    def synced() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    alone = statistics.median(synced() for _ in range(steps))
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(steps):
+        step()
+    issued = (time.perf_counter() - t0) * 1e3 / steps
+    end.record()
+    torch.cuda.synchronize()
+    queued = start.elapsed_time(end) / steps
+    print(f"  per call: alone {alone:.3f} ms, queued {queued:.3f} ms, host issue {issued:.3f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=name_width))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="+")
@@ -41,6 +81,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--compile", action="store_true", help="Profile each layer under torch.compile.")
+    parser.add_argument("--host", action="store_true", help="Also the host side: alone/queued/issue times, CPU ops.")
     args = parser.parse_args()
     h = torch.randn(args.tokens // 512, 512, args.d, device="cuda", requires_grad=True)
     cotangent = torch.randn(h.shape, device="cuda")
@@ -54,6 +95,8 @@ def main() -> None:
             step()
         print(f"== {name}{' [compiled]' if args.compile else ''} (5 steps)")
         print_profile(step, 5, args.rows)
+        if args.host:
+            print_host_time(step, 20, args.rows)
 
 
 if __name__ == "__main__":
