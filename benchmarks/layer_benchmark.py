@@ -193,6 +193,11 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> tuple[float, list[flo
     return statistics.median(times), times, peak
 
 
+def compiled(layer, cuda_graphs: bool = False):
+    """``torch.compile(layer)``; with ``cuda_graphs``, ``mode="reduce-overhead"``."""
+    return torch.compile(layer, mode="reduce-overhead") if cuda_graphs else torch.compile(layer)
+
+
 def fwd_bwd(layer, h, cotangent, autocast):
     def step():
         with autocast:
@@ -217,9 +222,11 @@ def forward_only(layer, h, autocast):
 
 
 def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: str | None,
-             compile: bool = False) -> list[dict]:
+             compile: bool = False, cuda_graphs: bool = False) -> list[dict]:
     """Every layer at this size; with ``compile``, each layer (the dense FFN too) under
-    ``torch.compile`` and only the training rows."""
+    ``torch.compile`` and only the training rows; with ``cuda_graphs`` as well, compiled
+    with ``mode="reduce-overhead"`` (the step replayed as CUDA graphs: no host launch cost,
+    possible because every shape is static and nothing synchronises with the host)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     torch.manual_seed(0)
     h = torch.randn(tokens // 512 if tokens >= 512 else 1, min(tokens, 512), d, device=device, requires_grad=True)
@@ -233,7 +240,7 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
         if only and name != "dense" and not any(part in name for part in only.split(",")):
             return
         if compile:
-            name = f"{name} [compiled]"
+            name = f"{name} [compiled{', CUDA graphs' if cuda_graphs else ''}]"
         ms, times, peak = time_ms(fn, device, warmup, repeats)
         ref_ms = ms if baseline == "self" else dense_ms if baseline is None else baseline
         row = {"name": name, "d_model": d, "tokens": tokens, "pass": kind, "ms": ms, "ms_all": times,
@@ -250,7 +257,7 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
         layer = cfg.build(d).to(device).train()
         spec = layer_configs(d)[name]
         ms = add(name, spec, cfg.flops_per_token(d),
-                 fwd_bwd(torch.compile(layer) if compile else layer, h, cotangent, autocast))
+                 fwd_bwd(compiled(layer, cuda_graphs) if compile else layer, h, cotangent, autocast))
         if name == "dense":
             dense_ms = ms
         if name in EAGER_REFERENCE and not compile:
@@ -340,19 +347,25 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="Also every layer under torch.compile, at the first size (training rows).")
     parser.add_argument("--compile-only", action="store_true", help="Only the compiled rows (fits a shorter command).")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="The compiled rows with mode='reduce-overhead' (CUDA graphs) as well.")
     parser.add_argument("--out", default=None, help="Path stem for .json and .md results.")
     args = parser.parse_args()
 
     sizes = [(64, 256)] if args.quick else [(1024, 16384), (512, 4096)]
     warmup, repeats = (1, 2) if args.quick else (args.warmup, args.repeats)
     rows = []
-    for d, tokens in [] if args.compile_only else sizes:
+    for d, tokens in [] if args.compile_only or args.cuda_graphs else sizes:
         print(f"d = {d}, {tokens} tokens", flush=True)
         rows += run_size(d, tokens, args.device, warmup, repeats, args.only)
     if args.compile or args.compile_only:
         d, tokens = sizes[0]
         print(f"d = {d}, {tokens} tokens, compiled", flush=True)
         rows += run_size(d, tokens, args.device, warmup, repeats, args.only, compile=True)
+    if args.cuda_graphs:
+        d, tokens = sizes[0]
+        print(f"d = {d}, {tokens} tokens, compiled, CUDA graphs", flush=True)
+        rows += run_size(d, tokens, args.device, warmup, repeats, args.only, compile=True, cuda_graphs=True)
     result = {"hardware": hardware(args.device), "commit": git_commit(), "command": " ".join(["python"] + sys.argv),
               "sizes": sizes, "warmup": warmup, "repeats": repeats, "rows": rows}
     table = markdown(result)
