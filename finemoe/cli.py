@@ -616,6 +616,53 @@ def study(
     typer.echo(Path(folder, "table.md").read_text())
 
 
+@app.command()
+@one_line_errors
+def bench(
+    presets_: Annotated[str, typer.Option("--presets", "-p", help="Comma-separated presets or config files.")] = DEFAULT_PRESET,
+    overrides: Overrides = None,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per preset.")] = 20,
+    warmup: Annotated[int, typer.Option(min=2, help="Steps before timing (the first compiles).")] = 5,
+    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="train.compile for every preset.")] = True,
+    data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards (default: the embedded corpus).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write OUT.md and OUT.json.")] = None,
+) -> None:
+    """Training speed of presets side by side in one process: tokens/s, MFU, step-time
+    spread, peak memory, first-step (compile) time, recompiles and graph breaks.
+
+    Example: finemoe bench -p s120m,s120m-moe --steps 30 --out results/bench_h100 train.batch_size=32
+    """
+    import json
+
+    from finemoe.bench import bench_markdown, bench_preset, rows_as_dicts
+    from finemoe.environment import git_commit
+
+    extra = list(overrides or []) + [f"train.compile={str(compile_).lower()}"]
+    if data_path:
+        extra.append(f"data.path={data_path}")
+    rows = []
+    for preset in presets_.split(","):
+        row = bench_preset(preset, steps=steps, warmup=warmup, overrides=extra)
+        rows.append(row)
+        mfu = f", MFU {row.mfu:.1%}" if row.mfu is not None else ""
+        typer.echo(f"{preset}: {row.tokens_per_s:,.0f} tokens/s{mfu}, first step {row.first_step_s:.1f} s, "
+                   f"{row.recompiles_after_warmup} recompiles after warm-up, {row.graph_breaks} graph breaks", err=True)
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    header = {"hardware": device, "commit": git_commit(), "command": " ".join(["finemoe"] + sys.argv[1:]),
+              "steps": steps, "warmup": warmup}
+    table = bench_markdown(rows, header)
+    typer.echo(table)
+    if out:
+        stem = Path(out)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(header | {"rows": rows_as_dicts(rows)}, indent=1))
+        stem.with_suffix(".md").write_text(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console script: every error on the way in (a bad option, a bad file) is one
     line and exit status 2; an unexpected exception is one line and status 1, with the

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PEAK_BF16_FLOPS", "peak_flops", "git_commit", "environment", "distributed_setup", "pick_device"]
+__all__ = ["PEAK_BF16_FLOPS", "peak_flops", "git_commit", "environment", "distributed_setup", "pick_device",
+           "use_compile_cache"]
 
 
 # Dense bf16 peak of each accelerator, for MFU (vendor datasheets, without sparsity).
@@ -27,6 +28,18 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return value
     return None
+
+
+def use_compile_cache() -> Path:
+    """Where ``torch.compile`` keeps its compiled code between processes: the user's
+    ``TORCHINDUCTOR_CACHE_DIR`` if set, else ``inductor/`` under finemoe's cache folder
+    (``FINEMOE_CACHE``, default ``~/.cache/finemoe``), which outlives ``/tmp``. Inductor's
+    graph caches are keyed by graph, inputs and torch version, so a repeated or resumed
+    run with the same model loads its kernels instead of compiling them."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        root = Path(os.environ.get("FINEMOE_CACHE", Path.home() / ".cache" / "finemoe"))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 # -- environment ------------------------------------------------------------------------------------

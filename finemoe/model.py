@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
 from finemoe.layers import FFN, CallContext, DenseConfig, FFNConfig, LayerContext
-from finemoe.layers.common import RMSNorm, at_least_float32
+from finemoe.layers.common import RMSNorm
+from finemoe.loss import linear_cross_entropy
 
 __all__ = ["FFNLayers", "KVCache", "ModelConfig", "ModelOutput", "Transformer", "select_layers"]
 
@@ -177,9 +178,11 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    """HF-style output. ``loss`` = ``lm_loss`` + ``aux_loss`` when targets are given."""
+    """HF-style output. ``loss`` = ``lm_loss`` + ``aux_loss`` when targets are given;
+    ``logits`` only when they are not (with targets the loss is computed chunk by chunk,
+    and the logits of the whole batch are never formed: ``finemoe.loss``)."""
 
-    logits: Tensor
+    logits: Tensor | None
     loss: Tensor | None = None
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
@@ -350,14 +353,12 @@ class Transformer(nn.Module):
                 layer_stats.append(ffn_out.stats or {})
         x_BTD = self.norm(x_BTD)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits_BTV = F.linear(x_BTD, weight)
-
-        aux_loss = sum(aux_losses.values()) if aux_losses else torch.zeros((), device=logits_BTV.device)
-        out = ModelOutput(logits=logits_BTV, aux_loss=aux_loss, aux_losses=aux_losses, layer_stats=layer_stats)
-        if targets is not None:
-            out.lm_loss = F.cross_entropy(
-                at_least_float32(logits_BTV).reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100
-            )
+        aux_loss = sum(aux_losses.values()) if aux_losses else torch.zeros((), device=x_BTD.device)
+        out = ModelOutput(logits=None, aux_loss=aux_loss, aux_losses=aux_losses, layer_stats=layer_stats)
+        if targets is None:
+            out.logits = F.linear(x_BTD, weight)
+        else:  # the output projection and the loss a chunk of rows at a time (finemoe.loss)
+            out.lm_loss = linear_cross_entropy(x_BTD.reshape(B * T, -1), weight, targets.reshape(B * T))
             out.loss = out.lm_loss + aux_loss
         return out
 

@@ -50,6 +50,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Autocast dtype; auto: bfloat16 on CUDA, float32 on CPU."""
     compile: bool = False
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    """With ``compile``: each transformer block compiled on its own (fast compilation:
+    blocks of one structure share their graphs), or the whole model as one graph."""
     device: str = "auto"
     parallel: Literal["fsdp", "ddp"] = "fsdp"
     """With several processes (torchrun): FSDP2 (fully_shard) or DDP."""

@@ -28,7 +28,7 @@ import torch
 from finemoe.checkpoint import (CheckpointError, check_data_compatible, load_checkpoint, load_for_resume,
                                 run_checkpoints, save_checkpoint)
 from finemoe.config import to_dict
-from finemoe.environment import distributed_setup, environment, peak_flops, pick_device
+from finemoe.environment import distributed_setup, environment, peak_flops, pick_device, use_compile_cache
 from finemoe.metrics import MetricsLogger, layer_stat_summary
 from finemoe.run_config import DataConfig, TrainConfig
 
@@ -111,7 +111,10 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
-        self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
+        self._start_step = self.step
+        self._first_bad = self._bad_loss = None
+        self.first_step_s: float | None = None
+        self.forward = self._compile() if self.cfg.compile else self.wrapped
         self.flops_per_token = 3 * model_cfg.flops_per_token(self.seq_len)  # forward + backward
         self.peak = peak_flops(self.device)
 
@@ -151,6 +154,26 @@ class Trainer:
         if self.device.type == "cuda" and self.world_size == 1:
             kwargs["fused"] = True
         return torch.optim.AdamW(groups, **kwargs)
+
+    def _compile(self):
+        """``compile_scope = "blocks"``: each transformer block compiled in place (blocks of
+        one structure share their graphs; the embedding, final norm and chunked loss run
+        eagerly), as torchtitan does; ``"model"``: the whole model as one graph. Compiled
+        code is cached on disk (``finemoe.environment.use_compile_cache``), so a repeated or
+        resumed run reuses it."""
+        use_compile_cache()
+        if self.cfg.compile_scope == "model":
+            return torch.compile(self.wrapped)
+        for block in self.model.blocks:
+            block.compile()
+        return self.wrapped
+
+    def _report_first_step(self, started: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.first_step_s = time.perf_counter() - started
+        if self.is_main:
+            print(f"first step, compilation included: {self.first_step_s:.1f} s", file=sys.stderr)
 
     # -- state -------------------------------------------------------------------------------------
     def _state_dicts(self) -> tuple[dict, dict]:
@@ -306,6 +329,62 @@ class Trainer:
             bar.close()
             logger.close()
 
+    def train_step(self, want_stats: bool = False) -> dict:
+        """One optimizer step at ``self.step`` (then advanced): every micro-batch's forward
+        and backward, clipping, the update. Nothing is read back to the host: the result
+        holds device tensors (``totals``: the losses averaged over micro-batches and
+        processes; ``grad_norm``; ``layer_stats`` when ``want_stats``), and a non-finite
+        loss is remembered on the device until ``check_finite`` reads it."""
+        cfg = self.cfg
+        step = self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        totals: dict[str, torch.Tensor] = {}
+        layer_stats = None
+        for micro in range(cfg.grad_accum):
+            inputs, targets = self.batch(step, micro)
+            with self._autocast():
+                out = self.forward(inputs, targets, return_stats=want_stats and micro == 0)
+            (out.loss / cfg.grad_accum).backward()
+            for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), ("aux_loss", out.aux_loss)] + [
+                (f"aux/{k}", v) for k, v in out.aux_losses.items()
+            ]:
+                totals[name] = totals.get(name, 0.0) + value.detach().float() / cfg.grad_accum
+            if out.layer_stats is not None:
+                layer_stats = out.layer_stats
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            for t in totals.values():  # SUM then divide: gloo has no AVG
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                t.div_(self.world_size)
+        self._remember_non_finite(step, totals["loss"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"totals": totals, "grad_norm": grad_norm, "layer_stats": layer_stats}
+
+    def _remember_non_finite(self, step: int, loss: torch.Tensor) -> None:
+        """Keep the first step whose loss is not finite, and that loss, on the device."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        first = (self._first_bad < 0) & ~torch.isfinite(loss)
+        self._first_bad = torch.where(first, step, self._first_bad)
+        self._bad_loss = torch.where(first, loss, self._bad_loss)
+
+    def check_finite(self) -> None:
+        """Raise ``TrainingDiverged`` if a step since the start had a non-finite loss (a
+        host sync: called at logging and checkpoint steps, so no bad state is saved)."""
+        if self._first_bad is None or int(self._first_bad) < 0:
+            return
+        last = (self.ckpt_dir / "latest").read_text().strip() if (self.ckpt_dir / "latest").is_file() else None
+        raise TrainingDiverged(
+            f"non-finite loss ({float(self._bad_loss)}) at step {int(self._first_bad)}; nothing was saved after it"
+            + (f"; the last good checkpoint is {self.ckpt_dir / last}" if last else "")
+        )
+
     def _loop(self, bar, logger: "MetricsLogger") -> dict:
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum * self.world_size
@@ -315,53 +394,25 @@ class Trainer:
         while self.step < cfg.steps:
             step = self.step
             lr = lr_at(step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            totals: dict[str, float] = {}
-            stats_sum: list[dict[str, torch.Tensor]] | None = None
-            want_stats = (step + 1) % cfg.log_every == 0
-            for micro in range(cfg.grad_accum):
-                inputs, targets = self.batch(step, micro)
-                with self._autocast():
-                    out = self.forward(inputs, targets, return_stats=want_stats and micro == 0)
-                (out.loss / cfg.grad_accum).backward()
-                for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), ("aux_loss", out.aux_loss)] + [
-                    (f"aux/{k}", v) for k, v in out.aux_losses.items()
-                ]:
-                    totals[name] = totals.get(name, 0.0) + value.detach().float() / cfg.grad_accum
-                if out.layer_stats is not None:
-                    stats_sum = out.layer_stats
-            loss_t = totals["loss"]
-            if self.world_size > 1:
-                import torch.distributed as dist
-
-                for t in totals.values():  # SUM then divide: gloo has no AVG
-                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                    t.div_(self.world_size)
-            loss = float(loss_t)
-            if not math.isfinite(loss):
-                last = (self.ckpt_dir / "latest").read_text().strip() if (self.ckpt_dir / "latest").is_file() else None
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss}) at step {step}; nothing was saved for this step"
-                    + (f"; the last good checkpoint is {self.ckpt_dir / last}" if last else "")
-                )
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            # A compiled model has a second graph for the steps that return statistics;
+            # asking for them at step 1 compiles it during warm-up, not at the first log step.
+            want_stats = (step + 1) % cfg.log_every == 0 or (cfg.compile and step == 1)
+            started = time.perf_counter() if step == self._start_step else None
+            result = self.step_result = self.train_step(want_stats)
+            if started is not None and cfg.compile:
+                self._report_first_step(started)
+            totals, grad_norm = result["totals"], result["grad_norm"]
+            stats_sum = result["layer_stats"] if (step + 1) % cfg.log_every == 0 else None
             window_tokens += tokens_per_step
 
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+                self.check_finite()  # reads the device: the window's work is done after it
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_tokens / elapsed
                 record = {"step": self.step, "lr": lr, "tokens": self.step * tokens_per_step, "tokens_per_s": tok_s}
                 record |= {k: float(v) for k, v in totals.items()}
                 if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
+                    record["grad_norm"] = float(grad_norm)
                 if self.peak:
                     record["mfu"] = self.flops_per_token * tok_s / self.world_size / self.peak
                 if stats_sum is not None:
@@ -377,12 +428,15 @@ class Trainer:
                 logger.log({"step": self.step} | {f"val/{k}": v for k, v in last_eval.items()})
                 window_start = time.perf_counter()  # keep evaluation out of tokens/s
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.check_finite()
                 self.save()
                 window_start = time.perf_counter()
             bar.update(1)
         bar.close()
         final = self.evaluate(None) if self.data.num_tokens("val") > self.seq_len else last_eval
         summary = {"step": self.step, "final_val": final, "params": self.run_config.model.num_params()}
+        if self.first_step_s is not None:
+            summary["first_step_s"] = round(self.first_step_s, 2)
         if self.is_main:
             logger.log({"step": self.step} | {f"final_val/{k}": v for k, v in final.items()})
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
