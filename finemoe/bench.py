@@ -66,6 +66,7 @@ class BenchRow:
     graph_breaks: int
     final_loss: float
     step_ms: list[float]
+    profile: str | None = None
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -96,9 +97,11 @@ class _StepClock:
 
 
 def bench_preset(preset: str, *, steps: int, warmup: int, overrides: list[str] | None = None,
-                 work_dir: str | Path | None = None) -> BenchRow:
+                 work_dir: str | Path | None = None, profile: bool = False) -> BenchRow:
     """Train ``preset`` (with ``overrides``) for ``warmup`` + ``steps`` steps and measure
-    the last ``steps``. Nothing is saved; the run folder is a temporary one."""
+    the last ``steps``. Nothing is saved; the run folder is a temporary one. With
+    ``profile``, three more steps under ``torch.profiler``: ``row.profile`` holds the top
+    kernels by GPU time (by CPU time on a CPU)."""
     from finemoe.environment import peak_flops
     from finemoe.run_config import load_run_config
     from finemoe.train import Trainer
@@ -130,6 +133,7 @@ def bench_preset(preset: str, *, steps: int, warmup: int, overrides: list[str] |
             clock.mark()
         times = clock.step_ms()
         trainer.check_finite()
+        table = _profile(trainer, device, steps=3) if profile else None
         final_loss = float(result["totals"]["lm_loss"])
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         tokens_per_step = cfg.train.batch_size * trainer.seq_len * cfg.train.grad_accum * trainer.world_size
@@ -143,7 +147,19 @@ def bench_preset(preset: str, *, steps: int, warmup: int, overrides: list[str] |
             step_ms_median=statistics.median(times), step_ms_p10=_quantile(times, 0.1), step_ms_p90=_quantile(times, 0.9),
             peak_gib=peak, first_step_s=first_step_s, graphs=counter.graphs(),
             recompiles_after_warmup=counter.graphs() - graphs_at_warmup, graph_breaks=counter.graph_breaks(),
-            final_loss=final_loss, step_ms=times)
+            final_loss=final_loss, step_ms=times, profile=table)
+
+
+def _profile(trainer, device: torch.device, steps: int, rows: int = 30) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        trainer.check_finite()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=80)
 
 
 def bench_markdown(rows: list[BenchRow], header: dict) -> str:

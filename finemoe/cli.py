@@ -626,6 +626,7 @@ def bench(
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="train.compile for every preset.")] = True,
     data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards (default: the embedded corpus).")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write OUT.md and OUT.json.")] = None,
+    profile: Annotated[bool, typer.Option(help="Also profile 3 steps per preset: top kernels (OUT.PRESET.profile.txt).")] = False,
 ) -> None:
     """Training speed of presets side by side in one process: tokens/s, MFU, step-time
     spread, peak memory, first-step (compile) time, recompiles and graph breaks.
@@ -642,8 +643,13 @@ def bench(
         extra.append(f"data.path={data_path}")
     rows = []
     for preset in presets_.split(","):
-        row = bench_preset(preset, steps=steps, warmup=warmup, overrides=extra)
+        row = bench_preset(preset, steps=steps, warmup=warmup, overrides=extra, profile=profile)
         rows.append(row)
+        if row.profile:
+            typer.echo(f"== {preset}\n{row.profile}")
+            if out:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                Path(f"{out}.{Path(preset).stem}.profile.txt").write_text(row.profile)
         mfu = f", MFU {row.mfu:.1%}" if row.mfu is not None else ""
         typer.echo(f"{preset}: {row.tokens_per_s:,.0f} tokens/s{mfu}, first step {row.first_step_s:.1f} s, "
                    f"{row.recompiles_after_warmup} recompiles after warm-up, {row.graph_breaks} graph breaks", err=True)
@@ -659,7 +665,8 @@ def bench(
     if out:
         stem = Path(out)
         stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(header | {"rows": rows_as_dicts(rows)}, indent=1))
+        stem.with_suffix(".json").write_text(json.dumps(header | {"rows": [r | {"profile": None} for r in rows_as_dicts(rows)]},
+                                                        indent=1))
         stem.with_suffix(".md").write_text(table)
 
 

@@ -61,6 +61,35 @@ def _chunk_loss(x_CD: Tensor, weight_VD: Tensor, targets_C: Tensor) -> tuple[Ten
     return loss, logits_CV, valid_C
 
 
+def _loss_and_logit_grad(logits_CV: Tensor, targets_C: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """A chunk's summed loss and ``∂loss/∂logits = (softmax − onehot(target)) / count``
+    (zero on ignored rows), in the logits' dtype; the arithmetic in float32."""
+    logits_CV32 = at_least_float32(logits_CV)
+    valid_C = targets_C != IGNORE_INDEX
+    safe_C = torch.where(valid_C, targets_C, torch.zeros_like(targets_C))
+    lse_C = torch.logsumexp(logits_CV32, dim=-1)
+    target_logit_C = logits_CV32.gather(1, safe_C[:, None]).squeeze(1)
+    loss = torch.where(valid_C, lse_C - target_logit_C, torch.zeros_like(lse_C)).sum()
+    onehot_CV = torch.arange(logits_CV.shape[1], device=logits_CV.device)[None, :] == safe_C[:, None]
+    grad_CV = (torch.exp(logits_CV32 - lse_C[:, None]) - onehot_CV.to(logits_CV32.dtype)) * (valid_C[:, None] / count)
+    return loss, grad_CV.to(logits_CV.dtype)
+
+
+_compiled_loss_and_logit_grad = None
+
+
+def _logit_grad_fn(device: torch.device):
+    """On a GPU, ``_loss_and_logit_grad`` compiled (one or two fused passes over the chunk's
+    logits instead of a dozen eager ones over their float32 copy); eager elsewhere. Inside
+    a compiled model, Dynamo inlines it either way."""
+    global _compiled_loss_and_logit_grad
+    if device.type != "cuda":
+        return _loss_and_logit_grad
+    if _compiled_loss_and_logit_grad is None:
+        _compiled_loss_and_logit_grad = torch.compile(_loss_and_logit_grad, dynamic=False)
+    return _compiled_loss_and_logit_grad
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and both gradients chunk by chunk; backward scales them."""
 
@@ -72,14 +101,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x_ND = torch.empty_like(x_c)
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
         total = torch.zeros((), dtype=acc, device=x_ND.device)
+        loss_and_logit_grad = _logit_grad_fn(x_ND.device)
         for start in range(0, x_ND.shape[0], chunk):
             x_CD, targets_C = x_c[start : start + chunk], targets_N[start : start + chunk]
-            loss, logits_CV, valid_C = _chunk_loss(x_CD, w_c, targets_C)
+            loss, grad_CV = loss_and_logit_grad(x_CD @ w_c.t(), targets_C, count)
             total = total + loss
-            # ∂loss/∂logits = (softmax − onehot(target)) / count on valid rows, 0 elsewhere
-            grad_CV = torch.softmax(logits_CV, dim=-1)
-            grad_CV.scatter_add_(1, torch.where(valid_C, targets_C, 0)[:, None], -torch.ones_like(grad_CV[:, :1]))
-            grad_CV = (grad_CV * (valid_C[:, None] / count)).to(dtype)
             grad_x_ND[start : start + chunk] = grad_CV @ w_c
             grad_w_VD += grad_CV.t() @ x_CD
         ctx.save_for_backward(grad_x_ND, grad_w_VD)
