@@ -101,7 +101,7 @@ def bench_preset(preset: str, *, steps: int, warmup: int, overrides: list[str] |
     """Train ``preset`` (with ``overrides``) for ``warmup`` + ``steps`` steps and measure
     the last ``steps``. Nothing is saved; the run folder is a temporary one. With
     ``profile``, three more steps under ``torch.profiler``: ``row.profile`` holds the top
-    kernels by GPU time (by CPU time on a CPU)."""
+    operations by GPU time and by host (CPU) time."""
     from finemoe.environment import peak_flops
     from finemoe.run_config import load_run_config
     from finemoe.train import Trainer
@@ -158,8 +158,13 @@ def _profile(trainer, device: torch.device, steps: int, rows: int = 30) -> str:
         for _ in range(steps):
             trainer.train_step()
         trainer.check_finite()
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=80)
+    averages = prof.key_averages()
+    tables = [f"{steps} steps, by self CPU time:\n"
+              + averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=80)]
+    if device.type == "cuda":
+        tables.insert(0, f"{steps} steps, by GPU time:\n"
+                      + averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=80))
+    return "\n".join(tables)
 
 
 def bench_markdown(rows: list[BenchRow], header: dict) -> str:
