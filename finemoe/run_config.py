@@ -53,6 +53,10 @@ class TrainConfig:
     compile_scope: Literal["blocks", "model"] = "blocks"
     """With ``compile``: each transformer block compiled on its own (fast compilation:
     blocks of one structure share their graphs), or the whole model as one graph."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """``torch.compile``'s mode. ``reduce-overhead`` replays the compiled regions as CUDA
+    graphs (no host launch cost: for models whose step is bound by the host); it needs
+    ``grad_accum = 1``, since a replay reuses the memory of the previous one's gradients."""
     device: str = "auto"
     parallel: Literal["fsdp", "ddp"] = "fsdp"
     """With several processes (torchrun): FSDP2 (fully_shard) or DDP."""
@@ -80,6 +84,8 @@ class TrainConfig:
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         check(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+        check(self.compile_mode != "reduce-overhead" or self.grad_accum == 1, "compile_mode",
+              "reduce-overhead (CUDA graphs) needs grad_accum = 1")
 
 
 

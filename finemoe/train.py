@@ -162,10 +162,11 @@ class Trainer:
         code is cached on disk (``finemoe.environment.use_compile_cache``), so a repeated or
         resumed run reuses it."""
         use_compile_cache()
+        mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
         if self.cfg.compile_scope == "model":
-            return torch.compile(self.wrapped)
+            return torch.compile(self.wrapped, mode=mode)
         for block in self.model.blocks:
-            block.compile()
+            block.compile(mode=mode)
         return self.wrapped
 
     def _report_first_step(self, started: float) -> None:

@@ -214,13 +214,13 @@ def test_cli_train_eval_generate(shards, tmp_path):
     assert result.exit_code == 2 and "no checkpoint there" in result.output
 
 
-def _run_torchrun(nproc, shards, out_dir, batch_size, parallel):
+def _run_torchrun(nproc, shards, out_dir, batch_size, parallel, preset="tiny", extra=()):
     import os
     import subprocess
     import sys
 
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "finemoe.cli", "train", "-c", "tiny", "--data", str(shards), "--out", str(out_dir),
+            "-m", "finemoe.cli", "train", "-c", preset, "--data", str(shards), "--out", str(out_dir), *extra,
             "model.vocab_size=320", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=2",
             "train.seq_len=32", f"train.batch_size={batch_size}", "train.steps=6", "train.warmup_steps=1",
             "train.log_every=1", "train.eval_batches=1", "train.device=cpu", "train.tensorboard=false",
@@ -252,3 +252,30 @@ def test_gradient_accumulation_sees_the_same_global_batch(shards, tmp_path):
     la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     for step in la:
         assert lb[step] == pytest.approx(la[step], abs=2e-5)
+
+
+MOE_SMALL = ["model.ffn_layers.0.ffn.expert_intermediate_size=16"]
+
+
+def test_gradient_accumulation_with_moe_matches_one_big_batch(shards, tmp_path):
+    """With an MoE model each micro-batch's load-balancing loss is computed on its own
+    tokens (as each process's is under data parallelism), so batch 2 × accumulation 2
+    equals batch 4 up to that term: the curves agree to a tolerance, not to rounding."""
+    a = Trainer(_config(shards, tmp_path / "a", "train.batch_size=4", *MOE_SMALL, preset="tiny-moe"), progress=False)
+    b = Trainer(_config(shards, tmp_path / "b", "train.batch_size=2", "train.grad_accum=2", *MOE_SMALL,
+                        preset="tiny-moe"), progress=False)
+    a.fit()
+    b.fit()
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(la) == sorted(lb) == list(range(1, 9))
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=2e-3), step
+    assert any(lb[step] != la[step] for step in la)  # the per-micro-batch balancing loss does differ
+
+
+def test_two_processes_with_moe_follow_the_one_process_loss_curve(shards, tmp_path):
+    one = _run_torchrun(1, shards, tmp_path / "one", 4, "ddp", preset="tiny-moe", extra=MOE_SMALL)
+    two = _run_torchrun(2, shards, tmp_path / "two", 2, "ddp", preset="tiny-moe", extra=MOE_SMALL)
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=2e-3), step
