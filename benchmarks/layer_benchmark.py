@@ -198,6 +198,28 @@ def compiled(layer, cuda_graphs: bool = False):
     return torch.compile(layer, mode="reduce-overhead") if cuda_graphs else torch.compile(layer)
 
 
+def bare_matmuls(d: int, F_: int, tokens: int, device: str, compile: bool = False, cuda_graphs: bool = False):
+    """Forward + backward of the dense FFN's three products and nothing else: ``x W_g``,
+    ``x W_u``, ``h W_d`` in bf16 (bf16 weights: no casts, no norm, no activation), nine
+    GEMMs with their gradients."""
+    g = torch.Generator(device=device).manual_seed(0)
+    new = lambda *shape: (torch.randn(*shape, device=device, generator=g, dtype=torch.bfloat16) * 0.02).requires_grad_()  # noqa: E731
+    x, h, w_g, w_u, w_d = new(tokens, d), new(tokens, F_), new(d, F_), new(d, F_), new(F_, d)
+    dy_F, dy_D = new(tokens, F_).detach(), new(tokens, d).detach()
+
+    def products(x, h, w_g, w_u, w_d):
+        return x @ w_g, x @ w_u, h @ w_d
+
+    run = compiled(products, cuda_graphs) if compile else products
+
+    def step():
+        a, b, c = run(x, h, w_g, w_u, w_d)
+        torch.autograd.backward((a, b, c), (dy_F, dy_F, dy_D))
+        for t in (x, h, w_g, w_u, w_d):
+            t.grad = None
+    return step
+
+
 def fwd_bwd(layer, h, cotangent, autocast):
     def step():
         with autocast:
@@ -268,6 +290,9 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
             add(f"{name} [experts_impl=eager]", spec | {"experts_impl": "eager"}, cfg.flops_per_token(d),
                 fwd_bwd(layer, h, cotangent, autocast))
         del layer
+    if device == "cuda":  # the ceiling of the dense FFN: its three matrix products alone (issue 15)
+        add("anchor: dense FFN's three bare matrix products", {"kind": "bare GEMMs", "F": 4 * d}, dense_flops,
+            bare_matmuls(d, 4 * d, tokens, device, compile, cuda_graphs))
     if compile:
         return rows
 
