@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, triton_kernels_available
+from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, fused_swiglu_wanted
 from finemoe.layers.base import is_recorded, report
 
 __all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_hidden", "swiglu_hidden_packed", "swiglu_params"]
@@ -62,10 +62,11 @@ def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None, *,
     (``(N, n)``, n dividing the width: DSMoE's gates). Every design computes them here,
     so the activation statistics of ``finemoe analyze`` (reported to ``module``'s
     recorder, before any scale) mean the same for all, and one fused kernel
-    (``finemoe.kernels.fused_swiglu``, used on the GPU) speeds them all. This formula is
-    its reference, and the path taken while a recorder is attached."""
+    (``finemoe.kernels.fused_swiglu``, used on the GPU in eager mode) speeds them all. This
+    formula is its reference, the path taken while a recorder is attached, and the one
+    ``torch.compile`` fuses with its neighbours."""
     recording = is_recorded(module)
-    if not recording and triton_kernels_available(gate):
+    if not recording and fused_swiglu_wanted(gate):
         return fused_swiglu(gate, up, block_scale)
     act = F.silu(gate)
     hidden = act * up
@@ -83,7 +84,7 @@ def swiglu_hidden_packed(gate_up: Tensor, module: nn.Module | None = None, *,
     of one GEMM against the two weights side by side: one wider product instead of two
     (measured faster for narrow experts), read in place by the fused kernel."""
     recording = is_recorded(module)
-    if not recording and triton_kernels_available(gate_up):
+    if not recording and fused_swiglu_wanted(gate_up):
         return fused_swiglu_packed(gate_up, block_scale)
     gate, up = gate_up.chunk(2, dim=-1)
     return swiglu_hidden(gate, up, module, block_scale=block_scale)
