@@ -46,14 +46,16 @@ def triton_kernels_available(x: Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def fused_swiglu_wanted(x: Tensor) -> bool:
+def fused_swiglu_wanted(x: Tensor, scale: Tensor | None = None) -> bool:
     """Whether SwiGLU's hidden units should come from these kernels: where the Triton
-    kernels run, and not while ``torch.compile`` traces. Under compilation Inductor
-    writes the same element-wise pass itself and fuses it with its neighbours (casts,
-    the routing weight), which an opaque custom op prevents: the compiled dense FFN
-    layer ran in 2.54 ms with Inductor's SwiGLU against 3.13 ms with this kernel
-    (16,384 tokens, d = 1024, H100; benchmarks/NOTES.md). Eager execution keeps the kernel."""
-    return triton_kernels_available(x) and not torch.compiler.is_compiling()
+    kernels run, except for a plain SwiGLU (no ``scale``) while ``torch.compile`` traces.
+    There Inductor writes the same element-wise pass and fuses it with the neighbouring
+    casts, which an opaque custom op prevents: the compiled dense FFN layer ran in 2.54 ms
+    with Inductor's SwiGLU against 3.13 ms with this kernel (16,384 tokens, d = 1024,
+    H100). With a per-row or per-block scale (routing weights, DSMoE's gates) the kernel
+    stays: Inductor's broadcast product made the compiled DSMoE layer 3.80 ms against
+    2.97 (benchmarks/NOTES.md)."""
+    return triton_kernels_available(x) and (scale is not None or not torch.compiler.is_compiling())
 
 
 if triton is not None:

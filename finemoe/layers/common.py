@@ -66,7 +66,7 @@ def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None, *,
     formula is its reference, the path taken while a recorder is attached, and the one
     ``torch.compile`` fuses with its neighbours."""
     recording = is_recorded(module)
-    if not recording and fused_swiglu_wanted(gate):
+    if not recording and fused_swiglu_wanted(gate, block_scale):
         return fused_swiglu(gate, up, block_scale)
     act = F.silu(gate)
     hidden = act * up
@@ -84,7 +84,7 @@ def swiglu_hidden_packed(gate_up: Tensor, module: nn.Module | None = None, *,
     of one GEMM against the two weights side by side: one wider product instead of two
     (measured faster for narrow experts), read in place by the fused kernel."""
     recording = is_recorded(module)
-    if not recording and fused_swiglu_wanted(gate_up):
+    if not recording and fused_swiglu_wanted(gate_up, block_scale):
         return fused_swiglu_packed(gate_up, block_scale)
     gate, up = gate_up.chunk(2, dim=-1)
     return swiglu_hidden(gate, up, module, block_scale=block_scale)
