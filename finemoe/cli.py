@@ -302,19 +302,23 @@ def convert(
     run: Annotated[str, typer.Argument(help="A run folder or checkpoint (or a HF folder / .gguf file) with dense FFNs.")],
     out: Annotated[str, typer.Option("--out", "-o", help="The run folder to write (must not exist).")],
     to: Annotated[str, typer.Option("--to", help="dsmoe, moe (LLaMA-MoE: the same blocks, a softmax top-k router), "
-                                                 "finedeep or prune.")],
+                                                 "finedeep, prune (channels) or sparsegpt (one-shot weight "
+                                                 "pruning).")],
     experts: Annotated[int, typer.Option(min=1, help="dsmoe / moe / finedeep: blocks n of each dense FFN.")] = 8,
     sublayers: Annotated[int, typer.Option(min=1, help="finedeep: sub-layers M (1: exactly the dense model at "
                                                        "conversion).")] = 1,
-    active_share: Annotated[Optional[float], typer.Option(help="moe: k = share · n; prune: the share of channels kept.")] = None,
+    active_share: Annotated[Optional[float], typer.Option(help="moe: k = share · n; prune: the share of channels kept; "
+                                                               "sparsegpt: the share of FFN weights kept.")] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="sparsegpt: n:m semi-structured sparsity (2:4 removes 2 of "
+                                                        "every 4), instead of --active-share.")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="moe: experts per token (instead of --active-share).")] = None,
     threshold: Annotated[float, typer.Option(help="dsmoe: τ, a block is on where its gate exceeds it.")] = 0.5,
     straight_through: Annotated[bool, typer.Option("--ste/--no-ste", help="dsmoe: straight-through estimator.")] = True,
     sparsity_loss: Annotated[float, typer.Option(help="dsmoe: λ of the sparsity loss.")] = 1.0,
     criterion: Annotated[str, typer.Option(help="prune: activation (needs --data), magnitude or random.")] = "activation",
     data_path: Annotated[Optional[str], typer.Option("--data", help="Token shards for calibration (default: the run's data).")] = None,
-    calibration_tokens: Annotated[int, typer.Option(min=1, help="prune (activation): calibration tokens.")] = 65536,
-    window: Annotated[int, typer.Option(min=2, help="prune (activation): calibration window.")] = 512,
+    calibration_tokens: Annotated[int, typer.Option(min=1, help="prune (activation), sparsegpt: calibration tokens.")] = 65536,
+    window: Annotated[int, typer.Option(min=2, help="prune (activation), sparsegpt: calibration window.")] = 512,
     seed: Annotated[int, typer.Option(min=0, help="Seed of new gates / routers and of random pruning.")] = 0,
     device: Annotated[str, typer.Option(help="Where calibration runs: 'cpu', 'cuda' or 'auto'.")] = "auto",
 ) -> None:
@@ -326,7 +330,7 @@ def convert(
     import dataclasses
 
     from finemoe.checkpoint import check_data_compatible, load_model
-    from finemoe.convert import calibration_batches, convert_model
+    from finemoe.convert import calibration_batches, convert_model, needs_calibration
     from finemoe.data import TokenShards
     from finemoe.interop import write_run_folder
 
@@ -336,24 +340,31 @@ def convert(
         raise typer.BadParameter("give --top-k or --active-share", param_hint="--top-k")
     if to == "prune" and active_share is None:
         raise typer.BadParameter("prune needs the share of channels to keep", param_hint="--active-share")
+    if to == "sparsegpt" and (active_share is None) == (pattern is None):
+        raise typer.BadParameter("give --active-share or --pattern", param_hint="--pattern")
     model, cfg, tokenizer = load_model(run, _device(device))
     batches = ()
-    if to == "prune" and criterion == "activation":
+    if needs_calibration(to, criterion):
         shards = TokenShards(data_path or cfg.data.path or _no_calibration_data(run))
         check_data_compatible(run, cfg.model.vocab_size, tokenizer, shards)
         batches = calibration_batches(shards, calibration_tokens, window)
     if to == "moe" and top_k is None:
         top_k = max(1, round(active_share * experts))
+    report: dict = {}
     model_cfg, sd = convert_model(model, cfg.model, to, num_experts=experts, top_k=top_k, keep_fraction=active_share,
                                   threshold=threshold, straight_through=straight_through,
                                   sparsity_loss_coef=sparsity_loss, criterion=criterion, calibration=batches,
-                                  num_sublayers=sublayers, seed=seed)
+                                  num_sublayers=sublayers, seed=seed, pattern=pattern, report=report)
     new_cfg = dataclasses.replace(cfg, model=model_cfg)
     typer.echo("before:\n" + "\n".join(accounting_table(cfg).splitlines()[-3:]))
     typer.echo("after:\n" + "\n".join(accounting_table(new_cfg).splitlines()[-3:]))
     if to == "dsmoe":
         typer.echo("(DSMoE counts every block: the share switched on is learned per token; "
                    "`finemoe analyze` measures it)")
+    if report:
+        typer.echo(f"FFN weights nonzero: {report['nonzero_before']:,.0f} -> {report['nonzero_after']:,.0f} of "
+                   f"{report['ffn_weights']:,.0f} ({report['nonzero_after'] / report['ffn_weights']:.1%}; shapes "
+                   "unchanged: the zeros are stored, and training would fill them again)")
     folder = write_run_folder(out, {k: v.detach().cpu() for k, v in sd.items()}, new_cfg,
                               tokenizer_json=tokenizer.to_str() if tokenizer is not None else None,
                               extra={"converted_from": {"path": str(run), "to": to}})

@@ -478,7 +478,13 @@ def prune_dense_ffns(
 # -- one interface for convert, study ---------------------------------------------------------------------
 
 
-CONVERSIONS = ("dsmoe", "moe", "finedeep", "prune")
+CONVERSIONS = ("dsmoe", "moe", "finedeep", "prune", "sparsegpt")
+
+
+def needs_calibration(to: str, criterion: str = "activation") -> bool:
+    """Whether a conversion reads calibration data: activation-aware channel pruning and
+    SparseGPT."""
+    return to == "sparsegpt" or (to == "prune" and criterion == "activation")
 
 
 def calibration_batches(shards, tokens: int, window: int, batch_size: int = 8):
@@ -492,7 +498,8 @@ def calibration_batches(shards, tokens: int, window: int, batch_size: int = 8):
 def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_experts: int = 8, top_k: int | None = None,
                   keep_fraction: float | None = None, threshold: float = 0.5, straight_through: bool = True,
                   sparsity_loss_coef: float = 1.0, criterion: str = "activation", calibration=(),
-                  num_sublayers: int = 1, seed: int = 0) -> tuple[ModelConfig, dict[str, Tensor]]:
+                  num_sublayers: int = 1, seed: int = 0, pattern: str | None = None,
+                  report: dict | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Every dense FFN of a trained model converted (DSMoE and its baselines, METHODS.md
     §2): ``dsmoe`` (n blocks, sigmoid gates, τ, STE, λ), ``moe`` (LLaMA-MoE: the same n
     blocks as experts, softmax top-k), ``finedeep`` (the n blocks as M sub-layers of n/M
@@ -500,8 +507,11 @@ def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_exper
     conversion; with M > 1 the later sub-layers see the earlier ones' output, so it is
     not), or channel ``prune`` keeping ``keep_fraction`` of
     the channels by ``criterion`` (``channel_importance``; ``activation`` reads the
-    ``calibration`` batches). ``finemoe convert`` and ``finemoe study`` both call this.
-    Returns the new model config and state dict."""
+    ``calibration`` batches), or ``sparsegpt`` (one-shot unstructured pruning of the FFN
+    weights keeping ``keep_fraction`` of them, or the n:m ``pattern`` such as ``"2:4"``,
+    on the ``calibration`` batches; ``finemoe.sparsegpt``: shapes unchanged, the counts of
+    nonzero FFN weights go to ``report``). ``finemoe convert`` and ``finemoe study`` both
+    call this. Returns the new model config and state dict."""
     dense = next((f for f in config.layer_ffns() if isinstance(f, DenseConfig)), None)
     if dense is None:
         raise ConfigError("model.ffn", "the model has no dense FFN to convert")
@@ -527,4 +537,18 @@ def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_exper
         if keep_fraction is None:
             raise ConfigError("keep_fraction", "a pruning needs the share of channels to keep")
         return prune_dense_ffns(state, config, keep_fraction, channel_importance(model, criterion, calibration, seed=seed))
+    if to == "sparsegpt":
+        import copy
+
+        from finemoe.sparsegpt import parse_pattern, sparsegpt_prune_dense_ffns
+
+        shape = parse_pattern(pattern)
+        if shape is None and keep_fraction is None:
+            raise ConfigError("keep_fraction", "SparseGPT needs the share of FFN weights to keep, or an n:m pattern")
+        pruned = copy.deepcopy(model)
+        counts = sparsegpt_prune_dense_ffns(pruned, calibration, sparsity=0.0 if shape else 1.0 - keep_fraction,
+                                            pattern=shape)
+        if report is not None:
+            report.update(counts)
+        return config, {k: v.detach() for k, v in pruned.state_dict().items()}
     raise ConfigError("convert", f"unknown conversion {to!r}; one of {', '.join(CONVERSIONS)}")

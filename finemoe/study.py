@@ -158,7 +158,7 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
     config, init checkpoint path). ``data_path``: the arm's data (calibration of the
     activation pruning criterion), default the source's."""
     from finemoe.checkpoint import CheckpointError, load_checkpoint, load_model
-    from finemoe.convert import calibration_batches, convert_model
+    from finemoe.convert import calibration_batches, convert_model, needs_calibration
     from finemoe.data import TokenShards, embedded_shards
     from finemoe.model import Transformer
     from finemoe.run_config import RunConfig
@@ -187,7 +187,7 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
         model = Transformer(model_cfg)
         model.load_state_dict(sd)
         batches = ()
-        if spec.convert == "prune" and spec.criterion == "activation":
+        if needs_calibration(spec.convert, spec.criterion):
             shards = TokenShards(data_path or run_config.data.path or embedded_shards())
             batches = calibration_batches(shards, spec.calibration_tokens, min(512, run_config.model.max_seq_len))
         try:

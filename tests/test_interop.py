@@ -212,6 +212,25 @@ def test_prune_command_with_calibration_data(tmp_path):
         assert cfg.model.ffn.intermediate_size == 54
 
 
+def test_sparsegpt_command_prunes_the_ffn_weights_in_place(tmp_path):
+    _save_llama(tmp_path / "hf")
+    _cli("import", tmp_path / "hf", "-o", tmp_path / "run")
+    shards = _shards(tmp_path)
+    common = ["--data", shards, "--calibration-tokens", "256", "--window", "32", "--device", "cpu"]
+    for name, how in (("half", ["--active-share", "0.5"]), ("two_four", ["--pattern", "2:4"])):
+        result = _cli("convert", tmp_path / "run", "-o", tmp_path / name, "--to", "sparsegpt", *how, *common)
+        assert result.exit_code == 0, result.output
+        assert "FFN weights nonzero:" in result.output and "(50.0%" in result.output
+        model, cfg, _ = load_model(tmp_path / name)
+        up = model.blocks[0].ffn.mlp.up_proj.weight
+        assert cfg.model.ffn.intermediate_size == 72 and torch.count_nonzero(up) == up.numel() // 2
+    up = load_model(tmp_path / "two_four")[0].blocks[1].ffn.mlp.up_proj.weight
+    assert torch.all((up.view(up.shape[0], -1, 4) == 0).sum(-1) == 2)
+    result = _cli("convert", tmp_path / "run", "-o", tmp_path / "bad", "--to", "sparsegpt", *common)
+    assert result.exit_code == 2 and "give --active-share or --pattern" in result.output
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("case", ["qwen", "gpt2", "sliding_window", "truncated", "missing_tensor", "shape", "not_a_model"])
 def test_bad_checkpoints_give_one_line_and_leave_nothing(tmp_path, case):
     hf = tmp_path / "hf"
