@@ -50,27 +50,23 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _chunk_loss(x_CD: Tensor, weight_VD: Tensor, targets_C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Summed loss of a chunk, its float32 logits and the targets' valid mask."""
-    logits_CV = at_least_float32(x_CD @ weight_VD.t())
-    valid_C = targets_C != IGNORE_INDEX
-    safe_C = torch.where(valid_C, targets_C, torch.zeros_like(targets_C))
-    lse_C = torch.logsumexp(logits_CV, dim=-1)
-    target_logit_C = logits_CV.gather(1, safe_C[:, None]).squeeze(1)
-    loss = torch.where(valid_C, lse_C - target_logit_C, torch.zeros_like(lse_C)).sum()
-    return loss, logits_CV, valid_C
-
-
-def _loss_and_logit_grad(logits_CV: Tensor, targets_C: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
-    """A chunk's summed loss and ``∂loss/∂logits = (softmax − onehot(target)) / count``
-    (zero on ignored rows), in the logits' dtype; the arithmetic in float32."""
+def _chunk_loss(logits_CV: Tensor, targets_C: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A chunk's summed loss from its logits (float32 arithmetic), with what the gradient
+    needs: the float32 logits, the log-sum-exp per row, and the targets' valid mask."""
     logits_CV32 = at_least_float32(logits_CV)
     valid_C = targets_C != IGNORE_INDEX
     safe_C = torch.where(valid_C, targets_C, torch.zeros_like(targets_C))
     lse_C = torch.logsumexp(logits_CV32, dim=-1)
     target_logit_C = logits_CV32.gather(1, safe_C[:, None]).squeeze(1)
     loss = torch.where(valid_C, lse_C - target_logit_C, torch.zeros_like(lse_C)).sum()
-    onehot_CV = torch.arange(logits_CV.shape[1], device=logits_CV.device)[None, :] == safe_C[:, None]
+    return loss, logits_CV32, lse_C, valid_C
+
+
+def _loss_and_logit_grad(logits_CV: Tensor, targets_C: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """A chunk's summed loss and ``∂loss/∂logits = (softmax − onehot(target)) / count``
+    (zero on ignored rows), in the logits' dtype; the arithmetic in float32."""
+    loss, logits_CV32, lse_C, valid_C = _chunk_loss(logits_CV, targets_C)
+    onehot_CV = torch.arange(logits_CV.shape[1], device=logits_CV.device)[None, :] == targets_C[:, None]
     grad_CV = (torch.exp(logits_CV32 - lse_C[:, None]) - onehot_CV.to(logits_CV32.dtype)) * (valid_C[:, None] / count)
     return loss, grad_CV.to(logits_CV.dtype)
 
@@ -129,6 +125,6 @@ def linear_cross_entropy(x_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, 
             return _LinearCrossEntropy.apply(x_ND, weight_VD, targets_N, chunk, dtype)
     with torch.autocast(device_type=x_ND.device.type, enabled=False):
         x_c, w_c = x_ND.to(dtype), weight_VD.to(dtype)
-        total = sum(_chunk_loss(x_c[s : s + chunk], w_c, targets_N[s : s + chunk])[0]
+        total = sum(_chunk_loss(x_c[s : s + chunk] @ w_c.t(), targets_N[s : s + chunk])[0]
                     for s in range(0, x_ND.shape[0], chunk))
         return total / (targets_N != IGNORE_INDEX).sum().clamp_min(1).to(total.dtype)
