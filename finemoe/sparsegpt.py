@@ -99,35 +99,49 @@ class _StopForward(Exception):
     forward pass is not needed."""
 
 
-@torch.no_grad()
-def _input_hessian(model, linear: torch.nn.Module, batches: list[Tensor]) -> Tensor:
-    """``Σ xᵀx`` over every calibration token of ``linear``'s input, float64 then float32."""
-    device = linear.weight.device
-    H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=device)
+def _stop_at(module: torch.nn.Module, record):
+    """A pre-hook on ``module`` that hands its inputs to ``record``, then stops the pass."""
+    def hook(mod, args, kwargs):
+        record(args, kwargs)
+        raise _StopForward
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
 
-    def record(module, args):
+
+def _run_until_stopped(fn) -> None:
+    try:
+        fn()
+    except _StopForward:
+        pass
+
+
+@torch.no_grad()
+def _input_hessian(block: torch.nn.Module, linear: torch.nn.Module, block_inputs: list) -> Tensor:
+    """``Σ xᵀx`` over every calibration token of ``linear``'s input (accumulated in float64,
+    returned in float32 or the weight's float64), running ``block`` on its recorded
+    inputs up to ``linear``."""
+    H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
+
+    def record(args, kwargs):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
         H.add_(x.t() @ x)
-        raise _StopForward
 
-    handle = linear.register_forward_pre_hook(record)
+    handle = _stop_at(linear, record)
     try:
-        for batch in batches:
-            try:
-                model(batch)
-            except _StopForward:
-                pass
+        for args, kwargs in block_inputs:
+            _run_until_stopped(lambda: block(*args, **kwargs))
     finally:
         handle.remove()
-    return H.float()
+    return H.to(torch.promote_types(linear.weight.dtype, torch.float32))
 
 
 @torch.no_grad()
 def sparsegpt_prune_dense_ffns(model, batches, *, sparsity: float = 0.5, pattern: tuple[int, int] | None = None,
                                block: int = 128, damp: float = 0.01) -> dict[str, float]:
-    """Prune every dense FFN's three projections of ``model`` in place, block by block
-    (``batches``: token ids ``(B, T)``). Returns the FFN weights' counts: total and
-    nonzero before and after."""
+    """Prune every dense FFN's three projections of ``model`` in place, transformer block
+    by block (``batches``: token ids ``(B, T)``). Each block's inputs are recorded once and
+    its pruned outputs become the next block's inputs, so calibration costs about three
+    forward passes whatever the depth. Returns the FFN weights' counts: total and nonzero
+    before and after."""
     from finemoe.layers.dense import DenseFFN
 
     if pattern is None and not 0 <= sparsity < 1:
@@ -145,14 +159,25 @@ def sparsegpt_prune_dense_ffns(model, batches, *, sparsity: float = 0.5, pattern
     was_training = model.training
     model.eval()
     try:
-        for mlp in ffns:
-            H_x = _input_hessian(model, mlp.gate_proj, batches)  # gate and up read the same input
-            for linear in (mlp.gate_proj, mlp.up_proj):
-                linear.weight.copy_(sparsegpt_prune_matrix(linear.weight, H_x, sparsity=sparsity, pattern=pattern,
-                                                           block=block, damp=damp))
-            H_h = _input_hessian(model, mlp.down_proj, batches)  # the hidden units of the pruned gate and up
-            mlp.down_proj.weight.copy_(sparsegpt_prune_matrix(mlp.down_proj.weight, H_h, sparsity=sparsity,
-                                                              pattern=pattern, block=block, damp=damp))
+        inputs: list = []  # (args, kwargs) of the current block, one per calibration batch
+        handle = _stop_at(model.blocks[0], lambda args, kwargs: inputs.append((args, kwargs)))
+        try:
+            for batch in batches:
+                _run_until_stopped(lambda: model(batch))
+        finally:
+            handle.remove()
+        for block_ in model.blocks:
+            if isinstance(block_.ffn, DenseFFN):
+                mlp = block_.ffn.mlp
+                H_x = _input_hessian(block_, mlp.gate_proj, inputs)  # gate and up read the same input
+                for linear in (mlp.gate_proj, mlp.up_proj):
+                    linear.weight.copy_(sparsegpt_prune_matrix(linear.weight, H_x, sparsity=sparsity, pattern=pattern,
+                                                               block=block, damp=damp))
+                H_h = _input_hessian(block_, mlp.down_proj, inputs)  # the hidden units of the pruned gate and up
+                mlp.down_proj.weight.copy_(sparsegpt_prune_matrix(mlp.down_proj.weight, H_h, sparsity=sparsity,
+                                                                  pattern=pattern, block=block, damp=damp))
+            # the next block reads this one's output (a block returns (x, ffn output))
+            inputs = [((block_(*args, **kwargs)[0],) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
     finally:
         model.train(was_training)
     counts["nonzero_after"] = float(sum(int(torch.count_nonzero(w)) for w in weights))

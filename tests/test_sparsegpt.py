@@ -85,3 +85,42 @@ def test_model_pruning_keeps_shapes_and_the_requested_share():
     assert counts["nonzero_before"] == counts["ffn_weights"]
     with pytest.raises(ConfigError, match="calibration"):
         sparsegpt_prune_dense_ffns(model, [], sparsity=0.5)
+
+
+def test_block_by_block_calibration_equals_full_forward_passes():
+    """The recorded block inputs give the Hessians that full forward passes of the
+    partly pruned model give (the naive way: one pass per projection)."""
+    import copy
+
+    from finemoe.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=16)).double()
+    batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    naive = copy.deepcopy(model)
+    sparsegpt_prune_dense_ffns(model, batches, sparsity=0.5, block=16)
+
+    def hessian(linear):
+        H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+
+        def add(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            H.add_(x.t() @ x)  # returns nothing: the layer's input is left as it is
+
+        handle = linear.register_forward_pre_hook(add)
+        with torch.no_grad():
+            for b in batches:
+                naive(b)
+        handle.remove()
+        return H
+
+    with torch.no_grad():
+        for block in naive.blocks:
+            mlp = block.ffn.mlp
+            H_x = hessian(mlp.gate_proj)
+            for linear in (mlp.gate_proj, mlp.up_proj):
+                linear.weight.copy_(sparsegpt_prune_matrix(linear.weight, H_x, sparsity=0.5, block=16))
+            mlp.down_proj.weight.copy_(sparsegpt_prune_matrix(mlp.down_proj.weight, hessian(mlp.down_proj),
+                                                              sparsity=0.5, block=16))
+    for (name, got), expected in zip(model.state_dict().items(), naive.state_dict().values()):
+        torch.testing.assert_close(got, expected, msg=name)
