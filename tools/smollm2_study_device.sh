@@ -5,6 +5,7 @@
 #                                          two (head -c 52428800 / tail -c +52428801) to fit
 #                                          the 64 MiB a call may carry
 #   .cache/smol/{train,val}.jsonl.xz       the data pack's prose corpus
+#   .cache/smol/evals                      the data pack's eval sets (DSMoE's per-source analysis)
 #   .whl/gguf-*.whl                        the gguf package (transformers reads GGUF with it)
 # Every step is skipped when its output exists, so the same command continues the study
 # in the next call; the study itself resumes its arms. Writes the study's tables, metrics
@@ -22,7 +23,7 @@ if [ ! -f .data/smol-prose/manifest.json ]; then
       --tokenizer runs/smollm2/tokenizer.json -o .data/smol-prose
 fi
 timeout "$BUDGET" python3 -u -m finemoe.cli study studies/dsmoe-smollm2.yaml --out "$STUDY" \
-    data.path=.data/smol-prose train.compile=true "$@" || echo "study stopped (time budget or error: $?)"
+    --evals-dir .cache/smol/evals data.path=.data/smol-prose train.compile=true "$@" || echo "study stopped (time budget or error: $?)"
 mkdir -p "$OUT/study"
 ( cd "$STUDY" && find . -name '*.md' -o -name '*.json' -o -name '*.jsonl' -o -name '*.png' -o -name '*.yaml' \
     | grep -v checkpoints | tar -cf - -T - ) | tar -xf - -C "$OUT/study"
