@@ -330,7 +330,7 @@ def convert(
     import dataclasses
 
     from finemoe.checkpoint import check_data_compatible, load_model
-    from finemoe.convert import calibration_batches, convert_model, needs_calibration
+    from finemoe.convert import calibration_batches, convert_model, needs_calibration, train_settings_after
     from finemoe.data import TokenShards
     from finemoe.interop import write_run_folder
 
@@ -355,7 +355,7 @@ def convert(
                                   threshold=threshold, straight_through=straight_through,
                                   sparsity_loss_coef=sparsity_loss, criterion=criterion, calibration=batches,
                                   num_sublayers=sublayers, seed=seed, pattern=pattern, report=report)
-    new_cfg = dataclasses.replace(cfg, model=model_cfg)
+    new_cfg = dataclasses.replace(cfg, model=model_cfg, train=dataclasses.replace(cfg.train, **train_settings_after(to)))
     typer.echo("before:\n" + "\n".join(accounting_table(cfg).splitlines()[-3:]))
     typer.echo("after:\n" + "\n".join(accounting_table(new_cfg).splitlines()[-3:]))
     if to == "dsmoe":
@@ -364,7 +364,8 @@ def convert(
     if report:
         typer.echo(f"FFN weights nonzero: {report['nonzero_before']:,.0f} -> {report['nonzero_after']:,.0f} of "
                    f"{report['ffn_weights']:,.0f} ({report['nonzero_after'] / report['ffn_weights']:.1%}; shapes "
-                   "unchanged: the zeros are stored, and training would fill them again)")
+                   "unchanged: the zeros are stored, and train.keep_zero_weights in the new config keeps them zero "
+                   "in further training)")
     folder = write_run_folder(out, {k: v.detach().cpu() for k, v in sd.items()}, new_cfg,
                               tokenizer_json=tokenizer.to_str() if tokenizer is not None else None,
                               extra={"converted_from": {"path": str(run), "to": to}})

@@ -487,6 +487,14 @@ def needs_calibration(to: str, criterion: str = "activation") -> bool:
     return to == "sparsegpt" or (to == "prune" and criterion == "activation")
 
 
+def train_settings_after(to: str) -> dict[str, Any]:
+    """``train`` settings that a model converted by ``to`` should train on with: after
+    ``sparsegpt`` the pruned FFN weights stay zero (``train.keep_zero_weights``), or
+    recovery training would fill them again. ``finemoe convert`` writes them into the new
+    run's config; ``finemoe study`` applies them to the arm."""
+    return {"keep_zero_weights": "blocks.*.ffn.mlp.*"} if to == "sparsegpt" else {}
+
+
 def calibration_batches(shards, tokens: int, window: int, batch_size: int = 8):
     """Token windows ``(B, window)`` from the train split, spread over it, about
     ``tokens`` tokens in all (at least one batch): what the activation criterion reads."""

@@ -69,6 +69,13 @@ class TrainConfig:
     init_from: str | None = None
     """Start from these model weights (a checkpoint file or run folder whose model config
     equals this run's), e.g. a dense model converted to DSMoE; the optimizer starts fresh."""
+    keep_zero_weights: str | None = None
+    """A glob of parameter names (``fnmatch``, e.g. ``blocks.*.ffn.mlp.*``) whose entries
+    that are exactly zero when training starts stay zero: they are zeroed again after
+    every optimizer step (a fixed sparsity mask, as in retraining after SparseGPT or
+    magnitude pruning). Their gradients and AdamW moments are still computed; only the
+    weights are projected back onto the mask. A resumed run finds the same mask in its
+    checkpoint's zeros."""
     tensorboard: bool = True
     """Also write TensorBoard logs, when the tensorboard package is installed."""
 

@@ -38,13 +38,14 @@ class InitSpec:
     (``finemoe import`` writes one), a checkpoint, a Hugging Face folder or a ``.gguf`` file."""
     convert: str = "none"
     """``none``, ``dsmoe`` (sigmoid gates + STE), ``moe`` (softmax top-k router, LLaMA-MoE),
-    ``finedeep`` (the blocks as sub-layers of experts; ``num_sublayers``), or ``prune``
-    (channel pruning of every dense FFN)."""
+    ``finedeep`` (the blocks as sub-layers of experts; ``num_sublayers``), ``prune``
+    (channel pruning of every dense FFN) or ``sparsegpt`` (one-shot weight pruning,
+    ``keep_fraction`` of the FFN weights kept; the zeros stay zero in training)."""
     num_experts: int = 8
     top_k: int = 5
     """moe: experts per token."""
     keep_fraction: float = 0.6
-    """prune: share of FFN channels kept."""
+    """prune: share of FFN channels kept; sparsegpt: share of FFN weights kept."""
     criterion: str = "activation"
     """prune: channel importance (``finemoe.convert.channel_importance``): ``activation``
     on calibration windows of the source arm's training data, ``magnitude`` or ``random``."""
@@ -56,8 +57,10 @@ class InitSpec:
     """finedeep: M (1 is exactly the dense model at conversion)."""
 
     def __post_init__(self) -> None:
-        check(self.convert in ("none", "dsmoe", "moe", "finedeep", "prune"), "convert",
-              f"must be none, dsmoe, moe, finedeep or prune; got {self.convert!r}")
+        from finemoe.convert import CONVERSIONS
+
+        check(self.convert in ("none", *CONVERSIONS), "convert",
+              f"must be none or one of {', '.join(CONVERSIONS)}; got {self.convert!r}")
 
 
 @dataclass
@@ -158,7 +161,7 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
     config, init checkpoint path). ``data_path``: the arm's data (calibration of the
     activation pruning criterion), default the source's."""
     from finemoe.checkpoint import CheckpointError, load_checkpoint, load_model
-    from finemoe.convert import calibration_batches, convert_model, needs_calibration
+    from finemoe.convert import calibration_batches, convert_model, needs_calibration, train_settings_after
     from finemoe.data import TokenShards, embedded_shards
     from finemoe.model import Transformer
     from finemoe.run_config import RunConfig
@@ -198,7 +201,8 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
                                           calibration=batches, num_sublayers=spec.num_sublayers, seed=0)
         except ConfigError as err:
             raise err.under(f"arms.{arm.name}.init") from None
-    run_config = dataclasses.replace(run_config, model=model_cfg)
+    run_config = dataclasses.replace(run_config, model=model_cfg,
+                                     train=dataclasses.replace(run_config.train, **train_settings_after(spec.convert)))
     folder.mkdir(parents=True, exist_ok=True)
     init_path = folder / "init.pt"
     torch.save({"model": sd, "config": {"model": to_dict(model_cfg)}, "step": 0, "tokenizer_json": tokenizer_json},

@@ -15,6 +15,7 @@ optimizer, step and RNG states.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import random
@@ -111,6 +112,7 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
+        self._masked_params, self._masks = self._zero_masks()
         self._start_step = self.step
         self._first_bad = self._bad_loss = None
         self.first_step_s: float | None = None
@@ -155,6 +157,25 @@ class Trainer:
             kwargs["fused"] = True
         return torch.optim.AdamW(groups, **kwargs)
 
+    def _zero_masks(self) -> tuple[list, list]:
+        """``train.keep_zero_weights``: the parameters it names and, for each, a mask that is
+        0 where the weight is exactly zero now and 1 elsewhere."""
+        pattern = self.cfg.keep_zero_weights
+        if not pattern:
+            return [], []
+        named = [(n, p) for n, p in self.model.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
+        if not named:
+            from finemoe.config import ConfigError
+
+            raise ConfigError("train.keep_zero_weights", f"{pattern!r} matches no parameter name (e.g. "
+                              f"{next(n for n, _ in self.model.named_parameters())})")
+        zeros = sum(int((p == 0).sum()) for _, p in named)  # on every process: a collective under FSDP
+        total = sum(p.numel() for _, p in named)
+        if self.is_main:
+            print(f"train.keep_zero_weights: {zeros:,} of {total:,} weights in {len(named)} tensors stay zero",
+                  file=sys.stderr)
+        return [p for _, p in named], [(p != 0).to(p.dtype) for _, p in named]
+
     def _compile(self):
         """``compile_scope = "blocks"``: each transformer block compiled in place (blocks of
         one structure share their graphs; the embedding, final norm and chunked loss run
@@ -162,6 +183,10 @@ class Trainer:
         code is cached on disk (``finemoe.environment.use_compile_cache``), so a repeated or
         resumed run reuses it."""
         use_compile_cache()
+        # Dynamo's cache is per code object and per process: blocks of models trained
+        # earlier in this process (a study's arms) would count towards this model's
+        # recompile limit, and past it Dynamo falls back to eager
+        torch._dynamo.reset()
         mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
         if self.cfg.compile_scope == "model":
             return torch.compile(self.wrapped, mode=mode)
@@ -362,6 +387,9 @@ class Trainer:
         self._remember_non_finite(step, totals["loss"])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         self.optimizer.step()
+        if self._masks:
+            with torch.no_grad():
+                torch._foreach_mul_(self._masked_params, self._masks)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"totals": totals, "grad_norm": grad_norm, "layer_stats": layer_stats}

@@ -131,9 +131,16 @@ arms:
   - {{name: continued, init: {{from: {tmp_path / "hf"}}}}}
   - {{name: dsmoe, init: {{from: {tmp_path / "hf"}, convert: dsmoe, num_experts: 4}}}}
   - {{name: pruned, init: {{from: {tmp_path / "hf"}, convert: prune, keep_fraction: 0.5, calibration_tokens: 256}}}}
+  - {{name: sparsegpt, init: {{from: {tmp_path / "hf"}, convert: sparsegpt, keep_fraction: 0.4, calibration_tokens: 256}}}}
 """)
     table = run_study(str(spec), tmp_path / "runs", progress=False)
-    assert {r["run"] for r in table["rows"]} == {"continued", "dsmoe", "pruned"}
+    assert {r["run"] for r in table["rows"]} == {"continued", "dsmoe", "pruned", "sparsegpt"}
+    # SparseGPT's zeros survive the continued training: 40% of each FFN matrix stays nonzero
+    trained, cfg, _ = load_model(tmp_path / "runs" / "sparsegpt")
+    assert cfg.train.keep_zero_weights
+    for block in trained.blocks:
+        for proj in (block.ffn.mlp.gate_proj, block.ffn.mlp.up_proj, block.ffn.mlp.down_proj):
+            assert abs((proj.weight != 0).float().mean().item() - 0.4) < 0.02
     _, cfg, _ = load_model(tmp_path / "runs" / "dsmoe")
     assert cfg.model.ffn.kind == "dsmoe" and cfg.model.d_model == 32
     _, cfg, _ = load_model(tmp_path / "runs" / "pruned")

@@ -124,6 +124,36 @@ def test_init_from_seeds_a_fresh_run_and_a_resume_keeps_its_own_weights(shards, 
                 progress=False)
 
 
+def test_keep_zero_weights_keeps_a_pruned_mask_through_training(shards, tmp_path):
+    source = Trainer(_config(shards, tmp_path / "source", "train.steps=2", "train.warmup_steps=0"), progress=False)
+    source.fit()
+    state = load_checkpoint(tmp_path / "source")
+    generator = torch.Generator().manual_seed(0)
+    pruned = {k: v.clone() for k, v in state["model"].items()}
+    for k, v in pruned.items():  # half the FFN weights zeroed at random, as a one-shot pruning leaves them
+        if ".ffn.mlp." in k:
+            v[torch.rand(v.shape, generator=generator) < 0.5] = 0
+    torch.save({**state, "model": pruned}, tmp_path / "pruned.pt")
+
+    def trained(*extra):
+        out = tmp_path / f"run{len(extra)}"
+        Trainer(_config(shards, out, f"train.init_from={tmp_path / 'pruned.pt'}", "train.steps=3",
+                        "train.warmup_steps=0", *extra), progress=False).fit()
+        return load_checkpoint(out)["model"]
+
+    kept = trained("train.keep_zero_weights=blocks.*.ffn.mlp.*")
+    filled = trained()
+    for k, v in pruned.items():
+        if ".ffn.mlp." in k:
+            zero = v == 0
+            assert torch.all(kept[k][zero] == 0) and torch.all(kept[k][~zero] != v[~zero])
+            assert torch.all(filled[k][zero] != 0)  # plain training fills them again
+        elif k.endswith("q_proj.weight"):  # not named by the glob: trained as usual
+            assert torch.all(kept[k] != v)
+    with pytest.raises(ConfigError, match="keep_zero_weights.*matches no parameter"):
+        Trainer(_config(shards, tmp_path / "bad", "train.keep_zero_weights=nothing.*"), progress=False)
+
+
 def test_a_kill_during_a_save_leaves_the_latest_checkpoint_readable(shards, tmp_path, monkeypatch):
     import finemoe.checkpoint as ckpt
 
