@@ -425,6 +425,20 @@ def test_hash_assignment_is_fixed_and_balanced():
     assert not torch.equal(hash_experts(ids, 16, seed=1), experts)
 
 
+def test_hash_layer_disable_top1_leaves_the_shared_expert_alone():
+    from finemoe.layers import intervention
+
+    torch.manual_seed(0)
+    layer = randomise(HashConfig(num_experts=4, expert_intermediate_size=10, num_shared_experts=1).build(D))
+    h, ids = torch.randn(2, 3, D), torch.randint(0, 1000, (2, 3))
+    with intervention(layer, "disable_top1") as reached:
+        assert reached == 1
+        torch.testing.assert_close(layer(h, context=CallContext(token_ids=ids)).update, layer.shared(layer.norm(h)))
+    assert not torch.allclose(layer(h, context=CallContext(token_ids=ids)).update, layer.shared(layer.norm(h)))
+    with intervention(HashConfig(num_experts=4, expert_intermediate_size=10).build(D), "disable_top1") as reached:
+        assert reached == 0  # without a shared expert nothing would be left
+
+
 def test_hash_layer_needs_token_ids():
     layer = HashConfig(num_experts=2, expert_intermediate_size=8).build(16)
     with pytest.raises(ValueError, match="routes by token id"):

@@ -2,7 +2,8 @@
 a baseline of CartesianMoE's tables (METHODS.md §3: Base 7.47 ppl vs SMoE-Share 7.37).
 
 Each token goes to one expert chosen by a fixed hash of its token id; there is no
-router to learn, so there is no load-balancing loss either:
+router to learn, so there is no load-balancing loss either (CartesianMoE's robustness
+test, ``disable_top1``, removes the hashed expert and leaves the shared ones):
 
     e_t    = hash(id_t) ∈ {0, …, E−1}
     update = SwiGLU_{e_t}(RMSNorm(h_t))  (+ Σ_shared SwiGLU_s(RMSNorm(h_t)))
@@ -92,6 +93,12 @@ class HashFFN(FFN):
                                      impl=config.experts_impl)
         self.shared = SwiGLU(d_model, config.shared_width) if config.shared_width > 0 else None
 
+    def supported_interventions(self) -> tuple[str, ...]:
+        # A token's hashed expert is its only routed one, its "top-1": disabling it leaves
+        # the shared experts (CartesianMoE's robustness test), so only a layer with them
+        # can take the test
+        return ("disable_top1",) if self.shared is not None else ()
+
     def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         if context is None or context.token_ids is None:
@@ -99,7 +106,10 @@ class HashFFN(FFN):
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_N1 = hash_experts(context.token_ids.reshape(-1, 1), cfg.num_experts, cfg.hash_seed)
-        y_ND = dispatch_token_choice(self.experts, u_ND, torch.ones(idx_N1.shape, device=u_ND.device), idx_N1)
+        if self.intervening("disable_top1"):
+            y_ND = torch.zeros_like(u_ND)
+        else:
+            y_ND = dispatch_token_choice(self.experts, u_ND, torch.ones(idx_N1.shape, device=u_ND.device), idx_N1)
         if self.shared is not None:
             y_ND = y_ND + self.shared(u_ND)
         if is_recorded(self):  # a deterministic router: all mass on the hashed expert
