@@ -173,6 +173,7 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
                                                             "`finemoe import SOURCE -o RUN`)")
         model, run_config, tokenizer = load_model(arm.init.source)
         model_cfg, sd = run_config.model, model.state_dict()
+        del model
         tokenizer_json = tokenizer.to_str() if tokenizer is not None else None
     else:
         try:
@@ -187,7 +188,9 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
         model_cfg, sd = run_config.model, state["model"]
     spec = arm.init
     if spec.convert != "none":
-        model = Transformer(model_cfg)
+        # on the GPU where there is one: calibration (activation pruning, SparseGPT) runs
+        # forward passes and, for SparseGPT, a Cholesky factorisation per FFN matrix
+        model = Transformer(model_cfg).to("cuda" if torch.cuda.is_available() else "cpu")
         model.load_state_dict(sd)
         batches = ()
         if needs_calibration(spec.convert, spec.criterion):
@@ -201,6 +204,7 @@ def _converted_init(arm: ArmSpec, parent_dir: Path, folder: Path, data_path: str
                                           calibration=batches, num_sublayers=spec.num_sublayers, seed=0)
         except ConfigError as err:
             raise err.under(f"arms.{arm.name}.init") from None
+    sd = {k: v.detach().cpu() for k, v in sd.items()}
     run_config = dataclasses.replace(run_config, model=model_cfg,
                                      train=dataclasses.replace(run_config.train, **train_settings_after(spec.convert)))
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,14 @@
 #   call 4, ...: nothing                                         (trains on, evaluates)
 # tokenizer.json is the imported model's (`finemoe import` writes it). Every step is skipped
 # when its output exists, so the same command continues in the next call; the arms run in
-# PARALLEL processes (--only), each resuming from its last checkpoint. When every arm is
-# done each is evaluated (Python-corpus perplexity, zero-shot tasks), and so is the import.
+# PARALLEL processes (--only), each resuming from its last checkpoint; each arm is evaluated
+# (Python-corpus perplexity, zero-shot tasks) once trained, and so is the import.
 # Writes $OUT/study.tgz (tables, metrics, analyses, evaluations; no checkpoints) and logs.
 #   BUDGET=520 bash tools/smollm2_study_device.sh
 set -uo pipefail
 BUDGET=${BUDGET:-520}   # seconds this call may spend
 STUDY=runs/study_dsmoe_smollm2
-GROUPS_OF_ARMS=${GROUPS_OF_ARMS:-"dense-continued,dsmoe,dsmoe-tau0.2 llama-moe-top5,pruned-60,dsmoe-tau0.8 sparsegpt-60,dsmoe-no-ste"}
+GROUPS_OF_ARMS=${GROUPS_OF_ARMS:-"dense-continued,dsmoe-tau0.2 dsmoe,dsmoe-tau0.8 llama-moe-top5,dsmoe-no-ste sparsegpt-60,pruned-60"}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
@@ -40,32 +40,37 @@ if [ ! -f .data/smol-prose/manifest.json ] && [ -f .cache/smol/train.jsonl.xz ];
       --tokenizer runs/smollm2/tokenizer.json -o .data/smol-prose 2>&1 | tr '\r' '\n' | grep -v '^tokenizing' | tail -4
 fi
 
+evaluate() {  # $1: an arm (or "import"): perplexity on the Python corpus's held-out files,
+               # zero-shot accuracy on the data pack's eval sets; the import also on the prose split
+  local model=$STUDY/$1; [ "$1" = import ] && model=runs/smollm2
+  mkdir -p "$STUDY/$1"
+  if [ "$1" = import ] && [ ! -f "$STUDY/import/eval_prose.json" ]; then
+    finemoe eval runs/smollm2 --data .data/smol-prose --window 1024 --batch-size 16 \
+        --output "$STUDY/import/eval_prose.json" >> "$OUT/eval_import.log" 2>&1
+  fi
+  [ -f "$STUDY/$1/eval.json" ] || [ "$(left)" -lt 40 ] || timeout "$(left)" python3 -m finemoe.cli eval "$model" \
+      --data .data/smol-python --window 1024 --max-tokens 262144 --batch-size 16 \
+      --tasks hellaswag,piqa,arc_easy,sciq --limit 500 --evals-dir .cache/smol/evals \
+      --output "$STUDY/$1/eval.json" >> "$OUT/eval_$1.log" 2>&1
+}
 if [ -f .data/smol-prose/manifest.json ]; then
+  # each group of arms in its own process, one arm after another, each evaluated as soon as
+  # it is trained (a machine lost part-way keeps what was finished)
   i=0
   for group in $GROUPS_OF_ARMS; do
     i=$((i + 1))
-    timeout -k 15 "$(left)" python3 -u -m finemoe.cli study studies/dsmoe-smollm2.yaml --out "$STUDY" --only "$group" \
-        --evals-dir .cache/smol/evals data.path=.data/smol-prose train.compile=true >> "$OUT/study$i.log" 2>&1 &
+    (
+      for arm in ${group//,/ }; do
+        [ "$(left)" -gt 60 ] || break
+        timeout -k 15 "$(left)" python3 -u -m finemoe.cli study studies/dsmoe-smollm2.yaml --out "$STUDY" --only "$arm" \
+            --evals-dir .cache/smol/evals data.path=.data/smol-prose train.compile=true >> "$OUT/study$i.log" 2>&1
+        [ -f "$STUDY/$arm/summary.json" ] && evaluate "$arm"
+      done
+      [ $i = 1 ] && evaluate import
+    ) &
   done
   wait
-  tr '\r' '\n' < "$OUT"/study1.log | grep -E '^\[study|rror' | tail -5
-  arms=$(python3 -c "import yaml; print(' '.join(a['name'] for a in yaml.safe_load(open('studies/dsmoe-smollm2.yaml'))['arms']))")
-  done_all=1
-  for arm in $arms; do [ -f "$STUDY/$arm/summary.json" ] || done_all=0; done
-  if [ $done_all = 1 ]; then
-    # the import itself (no training) beside the arms, then every arm: perplexity on the
-    # Python corpus's held-out files, zero-shot accuracy on the data pack's eval sets
-    mkdir -p "$STUDY/import"
-    [ -f "$STUDY/import/eval_prose.json" ] || finemoe eval runs/smollm2 --data .data/smol-prose --window 1024 \
-        --batch-size 16 --output "$STUDY/import/eval_prose.json" > "$OUT/eval_import.log" 2>&1
-    for arm in import $arms; do
-      model=$STUDY/$arm; [ $arm = import ] && model=runs/smollm2
-      [ -f "$STUDY/$arm/eval.json" ] || [ "$(left)" -lt 30 ] || timeout "$(left)" python3 -m finemoe.cli eval "$model" \
-          --data .data/smol-python --window 1024 --max-tokens 262144 --batch-size 16 \
-          --tasks hellaswag,piqa,arc_easy,sciq --limit 500 --evals-dir .cache/smol/evals \
-          --output "$STUDY/$arm/eval.json" >> "$OUT/eval.log" 2>&1
-    done
-  fi
+  for f in "$OUT"/study*.log; do tr '\r' '\n' < "$f" | grep -E '^\[study|rror' | tail -3; done
 fi
 if [ -d "$STUDY" ]; then
   tar -czf "$OUT/study.tgz" --exclude=checkpoints --exclude='*.pt' --exclude=tensorboard "$STUDY"
