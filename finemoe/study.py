@@ -317,6 +317,7 @@ def write_table(study: StudySpec, out: Path) -> dict:
         cfg = _from_dict(RunConfig, yaml.safe_load((folder / "config.yaml").read_text()))
         analysis = json.loads((folder / "analysis.json").read_text()) if (folder / "analysis.json").is_file() else {}
         active = analysis.get("compute", {}).get("active_params_per_token", cfg.model.num_active_params())
+        active -= summary.get("weights_kept_zero", 0)  # pruned weights held at zero (SparseGPT) are not active
         row = {
             "run": folder.name, "arm": record.get("arm", folder.name), "seed": record.get("seed"),
             "params": cfg.model.num_params(), "active_params": active,

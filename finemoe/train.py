@@ -170,6 +170,7 @@ class Trainer:
             raise ConfigError("train.keep_zero_weights", f"{pattern!r} matches no parameter name (e.g. "
                               f"{next(n for n, _ in self.model.named_parameters())})")
         zeros = sum(int((p == 0).sum()) for _, p in named)  # on every process: a collective under FSDP
+        self.weights_kept_zero = zeros
         total = sum(p.numel() for _, p in named)
         if self.is_main:
             print(f"train.keep_zero_weights: {zeros:,} of {total:,} weights in {len(named)} tensors stay zero",
@@ -464,6 +465,8 @@ class Trainer:
         bar.close()
         final = self.evaluate(None) if self.data.num_tokens("val") > self.seq_len else last_eval
         summary = {"step": self.step, "final_val": final, "params": self.run_config.model.num_params()}
+        if self._masks:  # train.keep_zero_weights: these weights are structurally zero, not active
+            summary["weights_kept_zero"] = self.weights_kept_zero
         if self.first_step_s is not None:
             summary["first_step_s"] = round(self.first_step_s, 2)
         if self.is_main:

@@ -138,6 +138,9 @@ arms:
     # SparseGPT's zeros survive the continued training: 40% of each FFN matrix stays nonzero
     trained, cfg, _ = load_model(tmp_path / "runs" / "sparsegpt")
     assert cfg.train.keep_zero_weights
+    rows = {r["run"]: r for r in table["rows"]}
+    ffn_weights = 2 * 3 * 32 * 48  # two layers of three 32 × 48 matrices
+    assert rows["continued"]["active_params"] - rows["sparsegpt"]["active_params"] == pytest.approx(0.6 * ffn_weights, abs=8)
     for block in trained.blocks:
         for proj in (block.ffn.mlp.gate_proj, block.ffn.mlp.up_proj, block.ffn.mlp.down_proj):
             assert abs((proj.weight != 0).float().mean().item() - 0.4) < 0.02
