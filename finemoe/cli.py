@@ -336,8 +336,6 @@ def convert(
 
     if active_share is not None and not 0 < active_share <= 1:
         raise typer.BadParameter("must be in (0, 1]", param_hint="--active-share")
-    if to == "moe" and (top_k is None) == (active_share is None):
-        raise typer.BadParameter("give --top-k or --active-share", param_hint="--top-k")
     if to == "prune" and active_share is None:
         raise typer.BadParameter("prune needs the share of channels to keep", param_hint="--active-share")
     if to == "sparsegpt" and (active_share is None) == (pattern is None):
@@ -348,19 +346,18 @@ def convert(
         shards = TokenShards(data_path or cfg.data.path or _no_calibration_data(run))
         check_data_compatible(run, cfg.model.vocab_size, tokenizer, shards)
         batches = calibration_batches(shards, calibration_tokens, window)
-    if to == "moe" and top_k is None:
-        top_k = max(1, round(active_share * experts))
     report: dict = {}
-    model_cfg, sd = convert_model(model, cfg.model, to, num_experts=experts, top_k=top_k, keep_fraction=active_share,
+    model_cfg, sd = convert_model(model, cfg.model, to, num_experts=experts, top_k=top_k, active_share=active_share,
+                                  keep_fraction=active_share,
                                   threshold=threshold, straight_through=straight_through,
                                   sparsity_loss_coef=sparsity_loss, criterion=criterion, calibration=batches,
                                   num_sublayers=sublayers, seed=seed, pattern=pattern, report=report)
     new_cfg = dataclasses.replace(cfg, model=model_cfg, train=dataclasses.replace(cfg.train, **train_settings_after(to)))
     typer.echo("before:\n" + "\n".join(accounting_table(cfg).splitlines()[-3:]))
     typer.echo("after:\n" + "\n".join(accounting_table(new_cfg).splitlines()[-3:]))
-    if to == "dsmoe":
-        typer.echo("(DSMoE counts every block: the share switched on is learned per token; "
-                   "`finemoe analyze` measures it)")
+    notes = {f.conversion_note for f in model_cfg.layer_ffns() if f.conversion_note}
+    for note in sorted(notes):
+        typer.echo(f"({note})")
     if report:
         typer.echo(f"FFN weights nonzero: {report['nonzero_before']:,.0f} -> {report['nonzero_after']:,.0f} of "
                    f"{report['ffn_weights']:,.0f} ({report['nonzero_after'] / report['ffn_weights']:.1%}; shapes "

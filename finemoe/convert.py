@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from finemoe.config import ConfigError
-from finemoe.layers import DenseConfig, DSMoEConfig, FFNConfig, FinedeepConfig, MoEConfig
+from finemoe.layers import FFN_KINDS, DenseConfig, FFNConfig, MoEConfig
 from finemoe.model import ModelConfig, Transformer
 
 __all__ = [
@@ -288,74 +288,15 @@ def from_hf(hf_model: Any) -> Transformer:
 
 
 def moe_config_for_split(dense: DenseConfig, num_experts: int, top_k: int, **options: Any) -> MoEConfig:
-    """The LLaMA-MoE baseline of DSMoE: the same n contiguous blocks as experts and a
-    softmax top-k router. Weights are renormalised over the k kept experts and the
-    routed output is scaled by n, so that with k = n and a uniform router the layer is
-    the dense FFN again (and in general the output keeps the dense FFN's scale, as
-    DSMoE's n/#active rescaling does)."""
-    if dense.intermediate_size % num_experts:
-        raise ConfigError("num_experts", f"the dense width {dense.intermediate_size} is not divisible by {num_experts}")
-    settings: dict[str, Any] = dict(
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        expert_intermediate_size=dense.intermediate_size // num_experts,
-        norm_topk_prob=True,
-        routed_scaling_factor=float(num_experts),
-        norm_eps=dense.norm_eps,
-    )
-    settings.update(options)
-    return MoEConfig(**settings)
+    """The LLaMA-MoE baseline of DSMoE (``MoEConfig.from_dense``)."""
+    return MoEConfig.from_dense(dense, num_experts=num_experts, top_k=top_k, **options)
 
 
-def split_dense_ffn(
-    dense_sd: Mapping[str, Tensor], target: FFNConfig, *, generator: torch.Generator | None = None, gate_std: float = 0.02
-) -> dict[str, Tensor]:
-    """Split a dense FFN's weights (``DenseFFN`` keys: ``norm.weight``,
-    ``mlp.{gate,up,down}_proj.weight``) into a ``dsmoe`` or ``moe`` layer's state dict.
-
-    Block i takes columns ``[i·b, (i+1)·b)`` of W_g and W_u and the same rows of W_d
-    (b = F/n). The new gate Y (DSMoE) or router (MoE) is drawn from N(0, gate_std²)
-    with ``generator``, as the paper initialises it randomly.
-    """
-    w_g, w_u, w_d = (dense_sd[f"mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
-    F_width, D = w_g.shape
-    n = getattr(target, "num_experts", 1)  # blocks of a dsmoe / moe split
-
-    def fresh_gate() -> Tensor:
-        return torch.randn(n, D, generator=generator, dtype=torch.float32).mul_(gate_std).to(w_g.dtype)
-
-    if isinstance(target, DSMoEConfig):
-        if target.intermediate_size != F_width:
-            raise ConfigError("intermediate_size", f"is {target.intermediate_size}, the dense FFN has {F_width}")
-        # The blocks are contiguous slices, so the dense matrices are the DSMoE matrices.
-        return {"norm.weight": dense_sd["norm.weight"], "mlp.gate_proj.weight": w_g, "mlp.up_proj.weight": w_u,
-                "mlp.down_proj.weight": w_d, "gate.weight": fresh_gate()}
-    if isinstance(target, MoEConfig):
-        if target.granularity != 1 or target.num_shared_experts or target.num_routed_experts * target.routed_expert_width != F_width:
-            raise ConfigError("ffn", "a split needs num_experts × expert_intermediate_size = the dense width, "
-                                     "granularity 1 and no shared experts")
-        b = F_width // n
-        return {
-            "norm.weight": dense_sd["norm.weight"],
-            "router.weight": fresh_gate(),
-            "experts.w_gate": w_g.view(n, b, D).transpose(1, 2).contiguous(),  # (n, D, b)
-            "experts.w_up": w_u.view(n, b, D).transpose(1, 2).contiguous(),
-            "experts.w_down": w_d.t().reshape(n, b, D).contiguous(),  # rows of W_d (b, D) per block
-        }
-    if isinstance(target, FinedeepConfig):
-        M, K, f = target.num_sublayers, target.experts_per_sublayer, target.expert_intermediate_size
-        if M * K * f != F_width:
-            raise ConfigError("ffn", f"M·K·f = {M * K * f} must equal the dense width {F_width}")
-        # sub-layer m takes blocks m·K … (m+1)·K − 1; each gets the dense FFN's norm; a zero
-        # router gives equal sigmoid gates, which gate_sum = experts turns into exactly 1
-        return {
-            **{f"norms.{m}.weight": dense_sd["norm.weight"].clone() for m in range(M)},
-            "w_gate": w_g.t().reshape(D, M, K * f).permute(1, 0, 2).contiguous(),  # (M, D, K·f)
-            "w_up": w_u.t().reshape(D, M, K * f).permute(1, 0, 2).contiguous(),
-            "w_down": w_d.t().reshape(M, K, f, D).contiguous(),
-            "router": torch.zeros(M, K, D, dtype=w_g.dtype),
-        }
-    raise ConfigError("ffn.kind", f"cannot split a dense FFN into {target.kind!r}; supported: dsmoe, moe, finedeep")
+def split_dense_ffn(dense_sd: Mapping[str, Tensor], target: FFNConfig, *, generator: torch.Generator | None = None
+                    ) -> dict[str, Tensor]:
+    """A dense FFN's weights (``DenseFFN`` keys) as the state dict of ``target``, a kind
+    that can be made from a dense FFN: each design says how (``FFNConfig.weights_from_dense``)."""
+    return target.weights_from_dense(dict(dense_sd), generator=generator)
 
 
 def convert_dense_ffns(
@@ -478,7 +419,17 @@ def prune_dense_ffns(
 # -- one interface for convert, study ---------------------------------------------------------------------
 
 
-CONVERSIONS = ("dsmoe", "moe", "finedeep", "prune", "sparsegpt")
+WEIGHT_PRUNINGS = ("prune", "sparsegpt")
+"""Conversions that keep the dense FFN and prune its weights (channels, or single weights)."""
+
+
+def conversions() -> tuple[str, ...]:
+    """Every conversion target: the FFN kinds that can be made from a dense FFN (in the
+    registry; a kind registered later joins), then the prunings."""
+    return tuple(k for k, c in FFN_KINDS.items() if c.converts_from_dense()) + WEIGHT_PRUNINGS
+
+
+CONVERSIONS = conversions()
 
 
 def needs_calibration(to: str, criterion: str = "activation") -> bool:
@@ -504,42 +455,30 @@ def calibration_batches(shards, tokens: int, window: int, batch_size: int = 8):
 
 
 def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_experts: int = 8, top_k: int | None = None,
-                  keep_fraction: float | None = None, threshold: float = 0.5, straight_through: bool = True,
+                  active_share: float | None = None, keep_fraction: float | None = None, threshold: float = 0.5, straight_through: bool = True,
                   sparsity_loss_coef: float = 1.0, criterion: str = "activation", calibration=(),
                   num_sublayers: int = 1, seed: int = 0, pattern: str | None = None,
                   report: dict | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Every dense FFN of a trained model converted (DSMoE and its baselines, METHODS.md
-    §2): ``dsmoe`` (n blocks, sigmoid gates, τ, STE, λ), ``moe`` (LLaMA-MoE: the same n
-    blocks as experts, softmax top-k), ``finedeep`` (the n blocks as M sub-layers of n/M
-    experts, ``gate_sum = experts`` and zero routers: with M = 1 exactly the dense FFN at
-    conversion; with M > 1 the later sub-layers see the earlier ones' output, so it is
-    not), or channel ``prune`` keeping ``keep_fraction`` of
-    the channels by ``criterion`` (``channel_importance``; ``activation`` reads the
-    ``calibration`` batches), or ``sparsegpt`` (one-shot unstructured pruning of the FFN
-    weights keeping ``keep_fraction`` of them, or the n:m ``pattern`` such as ``"2:4"``,
-    on the ``calibration`` batches; ``finemoe.sparsegpt``: shapes unchanged, the counts of
+    §2): to a design ``to`` that can be made from a dense FFN (``dsmoe``, ``moe`` as
+    LLaMA-MoE, ``finedeep``: each says how in its ``from_dense`` / ``weights_from_dense``,
+    taking the options it needs: ``num_experts`` blocks, ``top_k`` or ``active_share``,
+    ``threshold``, ``straight_through``, ``sparsity_loss_coef``, ``num_sublayers``), or by
+    channel ``prune`` keeping ``keep_fraction`` of the channels by ``criterion``
+    (``channel_importance``; ``activation`` reads the ``calibration`` batches), or by
+    ``sparsegpt`` (one-shot unstructured pruning of the FFN weights keeping
+    ``keep_fraction`` of them, or the n:m ``pattern`` such as ``"2:4"``, on the
+    ``calibration`` batches; ``finemoe.sparsegpt``: shapes unchanged, the counts of
     nonzero FFN weights go to ``report``). ``finemoe convert`` and ``finemoe study`` both
     call this. Returns the new model config and state dict."""
     dense = next((f for f in config.layer_ffns() if isinstance(f, DenseConfig)), None)
     if dense is None:
         raise ConfigError("model.ffn", "the model has no dense FFN to convert")
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    if to == "dsmoe":
-        target = DSMoEConfig(intermediate_size=dense.intermediate_size, num_experts=num_experts, threshold=threshold,
-                             straight_through=straight_through, sparsity_loss_coef=sparsity_loss_coef,
-                             norm_eps=dense.norm_eps)
-        return convert_dense_ffns(state, config, target, seed=seed)
-    if to == "moe":
-        if top_k is None:
-            raise ConfigError("top_k", "a moe conversion needs the experts per token")
-        return convert_dense_ffns(state, config, moe_config_for_split(dense, num_experts, top_k), seed=seed)
-    if to == "finedeep":
-        if num_experts % num_sublayers or dense.intermediate_size % num_experts:
-            raise ConfigError("num_experts", f"{num_experts} blocks must split into {num_sublayers} sub-layers and "
-                                             f"divide the dense width {dense.intermediate_size}")
-        target = FinedeepConfig(num_sublayers=num_sublayers, experts_per_sublayer=num_experts // num_sublayers,
-                                expert_intermediate_size=dense.intermediate_size // num_experts, gate_sum="experts",
-                                norm_eps=dense.norm_eps)
+    if to in FFN_KINDS:  # a design made from the dense FFN: each design says how
+        target = FFN_KINDS[to].from_dense(dense, num_experts=num_experts, top_k=top_k, active_share=active_share,
+                                          threshold=threshold, straight_through=straight_through,
+                                          sparsity_loss_coef=sparsity_loss_coef, num_sublayers=num_sublayers)
         return convert_dense_ffns(state, config, target, seed=seed)
     if to == "prune":
         if keep_fraction is None:
@@ -559,4 +498,4 @@ def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_exper
         if report is not None:
             report.update(counts)
         return config, {k: v.detach() for k, v in pruned.state_dict().items()}
-    raise ConfigError("convert", f"unknown conversion {to!r}; one of {', '.join(CONVERSIONS)}")
+    raise ConfigError("convert", f"unknown conversion {to!r}; one of {', '.join(conversions())}")

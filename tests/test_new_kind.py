@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from finemoe.layers import FFN_KINDS, CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
 from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
+from tests.test_interop import _cli
 from tests.test_study import TINY, shards  # noqa: F401  (the shards fixture)
 
 
@@ -35,6 +36,14 @@ class HalfGatedConfig(FFNConfig):
 
     def flops_per_token(self, d_model: int) -> int:
         return 2 * (d_model + swiglu_params(d_model, self.intermediate_size))
+
+    # its own dense conversion: the dense FFN's weights, and a gate that starts at 0.5
+    @classmethod
+    def from_dense(cls, dense, **_) -> "HalfGatedConfig":
+        return cls(intermediate_size=dense.intermediate_size)
+
+    def weights_from_dense(self, dense_sd, *, generator=None):
+        return {**dense_sd, "gate.weight": torch.zeros(1, dense_sd["norm.weight"].numel())}
 
 
 class HalfGatedFFN(FFN):
@@ -86,3 +95,34 @@ arms:
     assert any("layer0/gate_mean" in r for r in records)  # the trainer logged the layer's own statistic
     result = analyze_checkpoint(tmp_path / "runs" / "half", batches=1, batch_size=2, sources=(), progress=False)
     assert 0 < result["model"]["nsar_act"]["0.1"] <= 1  # its SwiGLU reported activations like every kind's
+
+
+def test_a_kind_defined_outside_finemoe_is_a_conversion_target(tmp_path, shards, registered):  # noqa: F811
+    """`finemoe convert --to KIND` and a study's `convert: KIND` reach the kind's own
+    ``from_dense`` / ``weights_from_dense``; the converted model is half the dense one."""
+    from finemoe.checkpoint import load_model
+    from finemoe.convert import conversions
+    from finemoe.study import run_study
+
+    assert "test-half-gated" in conversions()
+    study = tmp_path / "two.yaml"
+    study.write_text(f"""
+name: two
+claim: "converted by its own rule"
+common: [data.path={shards}, train.steps=2, {", ".join(TINY)}]
+arms:
+  - {{name: dense, preset: tiny}}
+  - {{name: half, init: {{from: dense, convert: test-half-gated}}, overrides: [train.steps=2]}}
+""")
+    run_study(str(study), tmp_path / "runs", progress=False)
+    result = _cli("convert", tmp_path / "runs" / "dense", "-o", tmp_path / "converted", "--to", "test-half-gated")
+    assert result.exit_code == 0, result.output
+    dense, _, _ = load_model(tmp_path / "runs" / "dense")
+    half, cfg, _ = load_model(tmp_path / "converted")
+    assert cfg.model.ffn.kind == "test-half-gated"
+    tokens = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():  # every FFN update halved: the outputs differ from dense, the FFN weights do not
+        assert torch.equal(half.blocks[0].ffn.mlp.up_proj.weight, dense.blocks[0].ffn.mlp.up_proj.weight)
+        assert not torch.allclose(half(tokens).logits, dense(tokens).logits)
+    bad = _cli("convert", tmp_path / "runs" / "dense", "-o", tmp_path / "x", "--to", "peer")
+    assert bad.exit_code == 2 and "cannot be made from a dense FFN" in bad.output

@@ -156,18 +156,17 @@ def _model_level(layers: dict, recorder: Recorder) -> dict:
 
 
 def _compute_spent(model: nn.Module, layers: dict) -> dict:
-    """Mean active parameters and forward FLOPs per token as measured: DSMoE layers
-    count only their active blocks (the sparse inference path)."""
+    """Mean active parameters and forward FLOPs per token as measured: each layer's
+    design says what its tokens spent (``FFNConfig.measured_cost``; DSMoE counts only its
+    active blocks, the sparse inference path)."""
     cfg = model.config
     d = cfg.d_model
     active = cfg.num_active_params()
     flops = cfg.flops_per_token()
     for i, ffn in enumerate(cfg.layer_ffns()):
-        stats = layers.get(f"layer{i}", {}).get("dsmoe")
-        if ffn.kind == "dsmoe" and stats:
-            skipped = (1 - stats["active_share"]) * 3 * d * ffn.intermediate_size
-            active -= skipped
-            flops -= 2 * skipped
+        spent_params, spent_flops = ffn.measured_cost(layers.get(f"layer{i}", {}), d)
+        active += spent_params - ffn.num_active_params(d)
+        flops += spent_flops - ffn.flops_per_token(d)
     return {"active_params_per_token": active, "configured_active_params": cfg.num_active_params(),
             "forward_flops_per_token": flops, "configured_forward_flops": cfg.flops_per_token()}
 
@@ -253,21 +252,29 @@ def analyze_model(model, tokenizer, shards, *, seq_len: int, batch_size: int = 1
     result = summarize(recorder, model)
     result["robustness"] = routing_robustness(model, shards, seq_len=seq_len, batch_size=batch_size,
                                               max_batches=max_batches, device=device, autocast=autocast)
-    has_dsmoe = any(f.kind == "dsmoe" for f in model.config.layer_ffns())
-    if has_dsmoe and sources:
-        per_source = {"val": _dsmoe_shares(result)}
+    if sources and _measures_active_share(model.config):
+        per_source = {"val": _active_shares(result, model.config)}
         for name, texts in sources.items():
             batches = text_batches(texts, tokenizer, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
             rec = record(model, batches, device=device, autocast=autocast, progress=progress, desc=f"analyze {name}")
-            shares = _dsmoe_shares(summarize(rec, model))
+            shares = _active_shares(summarize(rec, model), model.config)
             if shares:
                 per_source[name] = shares
         result["dsmoe_by_source"] = per_source
     return result
 
 
-def _dsmoe_shares(summary: dict) -> dict:
-    return {layer: v["dsmoe"]["active_share"] for layer, v in summary["layers"].items() if "dsmoe" in v}
+def _measures_active_share(model_config) -> bool:
+    """Whether any layer learns its activation per token (DSMoE), so that its active
+    share per text source is worth mapping."""
+    return any(f.measures_active_share() for f in model_config.layer_ffns())
+
+
+def _active_shares(summary: dict, model_config) -> dict:
+    """Active share per layer, of the layers that measure one."""
+    ffns = {f"layer{i}": f for i, f in enumerate(model_config.layer_ffns())}
+    return {layer: share for layer, v in summary["layers"].items()
+            if layer in ffns and (share := ffns[layer].measured_active_share(v)) is not None}
 
 
 def analyze_checkpoint(checkpoint, *, data_path=None, batches: int = 20, batch_size: int | None = None,
@@ -285,7 +292,7 @@ def analyze_checkpoint(checkpoint, *, data_path=None, batches: int = 20, batch_s
     check_data_compatible(checkpoint, cfg.model.vocab_size, tokenizer, shards)
     shards.check_window("val", cfg.train.seq_len or cfg.model.max_seq_len)
     extra = {}
-    if sources and evals_dir and Path(evals_dir).is_dir() and any(f.kind == "dsmoe" for f in cfg.model.layer_ffns()):
+    if sources and evals_dir and Path(evals_dir).is_dir() and _measures_active_share(cfg.model):
         extra = {s: list(task_texts(evals_dir, s, limit)) for s in sources}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and str(device).startswith("cuda") else None
     result = analyze_model(model, tokenizer, shards, seq_len=cfg.train.seq_len or cfg.model.max_seq_len,

@@ -164,6 +164,48 @@ class FFNConfig:
     def replace(self, **changes: Any) -> "FFNConfig":
         return dataclasses.replace(self, **changes)
 
+    # -- what tokens actually used (``finemoe analyze``) ----------------------------------------
+    def measured_active_share(self, layer_summary: dict) -> float | None:
+        """For designs whose activation is learned per token (DSMoE's gates): the share of
+        the layer's blocks that tokens switched on, read from its analysis summary; None
+        for designs that spend what their config says."""
+        return None
+
+    @classmethod
+    def measures_active_share(cls) -> bool:
+        return cls.measured_active_share is not FFNConfig.measured_active_share
+
+    def measured_cost(self, layer_summary: dict, d_model: int) -> tuple[float, float]:
+        """Active parameters and forward FLOPs per token as measured (by default as
+        configured)."""
+        return self.num_active_params(d_model), self.flops_per_token(d_model)
+
+    # -- made from a dense FFN (DSMoE and its baselines, METHODS.md §2) --------------------
+    conversion_note: ClassVar[str] = ""
+    """What ``finemoe convert`` tells the user after converting to this kind."""
+
+    @classmethod
+    def converts_from_dense(cls) -> bool:
+        """Whether this kind can be made from a trained dense SwiGLU FFN."""
+        return cls.from_dense.__func__ is not FFNConfig.from_dense.__func__
+
+    @classmethod
+    def from_dense(cls, dense: Any, *, num_experts: int = 8, top_k: int | None = None,
+                   active_share: float | None = None, **options: Any) -> "FFNConfig":
+        """This kind's config for a layer made from the dense SwiGLU FFN ``dense``
+        (a ``DenseConfig``): ``num_experts`` blocks of its hidden units, and whichever of
+        ``top_k``, ``active_share`` and the kind's own ``options`` (e.g. DSMoE's
+        ``threshold``) the kind takes; it ignores the others. Kinds that cannot be made
+        from a dense FFN keep this default."""
+        raise ConfigError("convert", f"a {cls.kind!r} FFN cannot be made from a dense FFN")
+
+    def weights_from_dense(self, dense_sd: dict[str, Tensor], *, generator: torch.Generator | None = None
+                           ) -> dict[str, Tensor]:
+        """This layer's state dict made from a dense FFN's (``DenseFFN`` keys:
+        ``norm.weight``, ``mlp.{gate,up,down}_proj.weight``); new parameters (gates,
+        routers) drawn with ``generator``."""
+        raise ConfigError("convert", f"a {self.kind!r} FFN cannot be made from a dense FFN")
+
 
 class FFN(nn.Module):
     """Base class of every FFN module: ``forward(h_BTD) -> FFNOutput``.

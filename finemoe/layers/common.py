@@ -50,6 +50,19 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def dense_swiglu_weights(dense_sd: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``W_g, W_u (F, D)`` and ``W_d (D, F)`` of a dense FFN's state dict (``DenseFFN``
+    keys), the input of every conversion from a dense FFN."""
+    return tuple(dense_sd[f"mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def fresh_gate(rows: int, d_model: int, like: Tensor, generator: torch.Generator | None = None,
+               std: float = 0.02) -> Tensor:
+    """A new gate or router ``(rows, D)`` for a layer converted from a dense FFN, drawn
+    from N(0, std²) as DSMoE initialises its gates (in ``like``'s dtype)."""
+    return torch.randn(rows, d_model, generator=generator, dtype=torch.float32).mul_(std).to(like.dtype)
+
+
 def swiglu_params(d_model: int, hidden: int) -> int:
     """Parameters of one SwiGLU MLP: W_gate, W_up (D×F) and W_down (F×D)."""
     return 3 * d_model * hidden

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.config import check
+from finemoe.config import ConfigError, check
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
-from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_hidden, swiglu_params
+from finemoe.layers.common import (RMSNorm, SwiGLU, at_least_float32, dense_swiglu_weights, fresh_gate, swiglu_hidden,
+                                    swiglu_params)
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.dsmoe_decode import dsmoe_decode, dsmoe_decode_applies
 from finemoe.layers.experts import ExpertsImpl, compute_dtype, run_swiglu_experts
@@ -77,6 +78,35 @@ class DSMoEConfig(FFNConfig):
     @property
     def block_width(self) -> int:
         return self.intermediate_size // self.num_experts
+
+    def measured_active_share(self, layer_summary):
+        stats = layer_summary.get("dsmoe")
+        return stats["active_share"] if stats else None
+
+    def measured_cost(self, layer_summary, d_model):
+        """Only the blocks switched on are computed (the sparse inference path)."""
+        share = self.measured_active_share(layer_summary)
+        skipped = 0.0 if share is None else (1 - share) * swiglu_params(d_model, self.intermediate_size)
+        return self.num_active_params(d_model) - skipped, self.flops_per_token(d_model) - 2 * skipped
+
+    conversion_note: ClassVar[str] = ("DSMoE counts every block: the share switched on is learned per token; "
+                                      "`finemoe analyze` measures it")
+
+    @classmethod
+    def from_dense(cls, dense, *, num_experts: int = 8, threshold: float = 0.5, straight_through: bool = True,
+                   sparsity_loss_coef: float = 1.0, **_) -> "DSMoEConfig":
+        """The paper's conversion: the dense FFN's hidden units cut into ``num_experts``
+        contiguous blocks, each switched by a fresh sigmoid gate."""
+        return cls(intermediate_size=dense.intermediate_size, num_experts=num_experts, threshold=threshold,
+                   straight_through=straight_through, sparsity_loss_coef=sparsity_loss_coef, norm_eps=dense.norm_eps)
+
+    def weights_from_dense(self, dense_sd, *, generator=None):
+        w_g, w_u, w_d = dense_swiglu_weights(dense_sd)
+        if self.intermediate_size != w_g.shape[0]:
+            raise ConfigError("intermediate_size", f"is {self.intermediate_size}, the dense FFN has {w_g.shape[0]}")
+        # the blocks are contiguous slices, so the dense matrices are the DSMoE matrices
+        return {"norm.weight": dense_sd["norm.weight"], "mlp.gate_proj.weight": w_g, "mlp.up_proj.weight": w_u,
+                "mlp.down_proj.weight": w_d, "gate.weight": fresh_gate(self.num_experts, w_g.shape[1], w_g, generator)}
 
     def build(self, d_model: int, context: LayerContext | None = None) -> "DSMoEFFN":
         return DSMoEFFN(self, d_model, (context or LayerContext()).n_layers_of_kind)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
-from finemoe.layers.common import RMSNorm, at_least_float32, swiglu_hidden, swiglu_params
+from finemoe.layers.common import RMSNorm, at_least_float32, dense_swiglu_weights, swiglu_hidden, swiglu_params
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.finedeep_gate import finedeep_gate
 from finemoe.layers.dense import DenseConfig
@@ -90,6 +90,35 @@ class FinedeepConfig(FFNConfig):
     @property
     def total_width(self) -> int:
         return self.num_sublayers * self.experts_per_sublayer * self.expert_intermediate_size
+
+    @classmethod
+    def from_dense(cls, dense, *, num_experts: int = 8, num_sublayers: int = 1, **_) -> "FinedeepConfig":
+        """The dense FFN's n blocks as M sub-layers of n/M experts, with zero routers and
+        ``gate_sum = experts``, so every gate is exactly 1 at conversion: with M = 1 the
+        layer is the dense FFN; with M > 1 the later sub-layers see the earlier ones'
+        output, so it is not."""
+        if num_experts % num_sublayers or dense.intermediate_size % num_experts:
+            raise ConfigError("num_experts", f"{num_experts} blocks must split into {num_sublayers} sub-layers and "
+                                             f"divide the dense width {dense.intermediate_size}")
+        return cls(num_sublayers=num_sublayers, experts_per_sublayer=num_experts // num_sublayers,
+                   expert_intermediate_size=dense.intermediate_size // num_experts, gate_sum="experts",
+                   norm_eps=dense.norm_eps)
+
+    def weights_from_dense(self, dense_sd, *, generator=None):
+        w_g, w_u, w_d = dense_swiglu_weights(dense_sd)
+        D = w_g.shape[1]
+        M, K, f = self.num_sublayers, self.experts_per_sublayer, self.expert_intermediate_size
+        if M * K * f != w_g.shape[0]:
+            raise ConfigError("ffn", f"M·K·f = {M * K * f} must equal the dense width {w_g.shape[0]}")
+        # sub-layer m takes blocks m·K … (m+1)·K − 1; each gets the dense FFN's norm; a zero
+        # router gives equal sigmoid gates, which gate_sum = experts turns into exactly 1
+        return {
+            **{f"norms.{m}.weight": dense_sd["norm.weight"].clone() for m in range(M)},
+            "w_gate": w_g.t().reshape(D, M, K * f).permute(1, 0, 2).contiguous(),  # (M, D, K·f)
+            "w_up": w_u.t().reshape(D, M, K * f).permute(1, 0, 2).contiguous(),
+            "w_down": w_d.t().reshape(M, K, f, D).contiguous(),
+            "router": torch.zeros(M, K, D, dtype=w_g.dtype),
+        }
 
     def build(self, d_model: int, context: LayerContext | None = None) -> "FinedeepFFN":
         return FinedeepFFN(self, d_model)

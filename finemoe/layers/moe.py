@@ -20,6 +20,7 @@ expert choice is balanced by construction) and ST-MoE router z-loss
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -28,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.config import check
+from finemoe.config import ConfigError, check
 from finemoe.layers import routing
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
-from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
+from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, dense_swiglu_weights, fresh_gate, swiglu_params
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, shared_experts_width,
                                      dispatch_expert_choice, dispatch_token_choice)
 
@@ -140,6 +141,42 @@ class MoEConfig(FFNConfig):
         return float(self.routed_top_k)
 
     # -- accounting --------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, dense, *, num_experts: int = 8, top_k: int | None = None, active_share: float | None = None,
+                   **options) -> "MoEConfig":
+        """The LLaMA-MoE baseline of DSMoE: the same n contiguous blocks as experts and a
+        softmax top-k router (``top_k``, or ``round(active_share · n)``). Weights are
+        renormalised over the k kept experts and the routed output is scaled by n, so
+        that with k = n and a uniform router the layer is the dense FFN again (and in
+        general the output keeps the dense FFN's scale, as DSMoE's n/#active rescaling
+        does). ``options``: other MoE fields."""
+        if (top_k is None) == (active_share is None):
+            raise ConfigError("top_k", "a moe conversion needs the experts per token (top_k) or the active share")
+        if dense.intermediate_size % num_experts:
+            raise ConfigError("num_experts", f"the dense width {dense.intermediate_size} is not divisible by {num_experts}")
+        settings = dict(num_experts=num_experts, num_experts_per_tok=top_k or max(1, round(active_share * num_experts)),
+                        expert_intermediate_size=dense.intermediate_size // num_experts, norm_topk_prob=True,
+                        routed_scaling_factor=float(num_experts), norm_eps=dense.norm_eps)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        settings.update({k: v for k, v in options.items() if k in fields})
+        return cls(**settings)
+
+    def weights_from_dense(self, dense_sd, *, generator=None):
+        w_g, w_u, w_d = dense_swiglu_weights(dense_sd)
+        F_width, D = w_g.shape
+        n = self.num_routed_experts
+        if self.granularity != 1 or self.num_shared_experts or n * self.routed_expert_width != F_width:
+            raise ConfigError("ffn", "a split needs num_experts × expert_intermediate_size = the dense width, "
+                                     "granularity 1 and no shared experts")
+        b = F_width // n
+        return {
+            "norm.weight": dense_sd["norm.weight"],
+            "router.weight": fresh_gate(n, D, w_g, generator),
+            "experts.w_gate": w_g.view(n, b, D).transpose(1, 2).contiguous(),  # (n, D, b): block i's columns
+            "experts.w_up": w_u.view(n, b, D).transpose(1, 2).contiguous(),
+            "experts.w_down": w_d.t().reshape(n, b, D).contiguous(),  # rows of W_d (b, D) per block
+        }
+
     def build(self, d_model: int, context: LayerContext | None = None) -> "MoEFFN":
         return MoEFFN(self, d_model)
 
