@@ -580,14 +580,8 @@ def analyze(
         if rob.get("routed_layers"):
             line += f"; ppl {rob['perplexity']:.2f} -> {rob['perplexity_top1_disabled']:.2f} with top-1 disabled"
         typer.echo(line)
-        if figures.plot_expert_load(result, out_dir / f"expert_load_{name}.png", f"{name}: expert load per layer"):
-            typer.echo(f"  wrote expert_load_{name}.png")
-        if figures.plot_dsmoe_sources(result, out_dir / f"dsmoe_sources_{name}.png", f"{name}: active experts"):
-            typer.echo(f"  wrote dsmoe_sources_{name}.png")
-    for fname, fn in (("nsar.png", figures.plot_nsar), ("activation_hist.png", figures.plot_activation_hist),
-                      ("robustness.png", figures.plot_robustness), ("product_key_usage.png", figures.plot_product_key_usage)):
-        if fn(summaries, out_dir / fname):
-            typer.echo(f"wrote {fname}")
+    for path in figures.write_analysis_figures(summaries, out_dir):
+        typer.echo(f"wrote {path.name}")
 
 
 @app.command()

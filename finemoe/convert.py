@@ -45,7 +45,7 @@ __all__ = [
     "prune_dense_ffns",
     "channel_importance",
     "PRUNING_CRITERIA",
-    "CONVERSIONS",
+    "conversions",
     "calibration_batches",
     "convert_model",
 ]
@@ -428,8 +428,6 @@ def conversions() -> tuple[str, ...]:
     registry; a kind registered later joins), then the prunings."""
     return tuple(k for k, c in FFN_KINDS.items() if c.converts_from_dense()) + WEIGHT_PRUNINGS
 
-
-CONVERSIONS = conversions()
 
 
 def needs_calibration(to: str, criterion: str = "activation") -> bool:

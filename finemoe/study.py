@@ -57,10 +57,10 @@ class InitSpec:
     """finedeep: M (1 is exactly the dense model at conversion)."""
 
     def __post_init__(self) -> None:
-        from finemoe.convert import CONVERSIONS
+        from finemoe.convert import conversions
 
-        check(self.convert in ("none", *CONVERSIONS), "convert",
-              f"must be none or one of {', '.join(CONVERSIONS)}; got {self.convert!r}")
+        known = conversions()  # read now: a kind registered after import joins
+        check(self.convert in ("none", *known), "convert", f"must be none or one of {', '.join(known)}; got {self.convert!r}")
 
 
 @dataclass

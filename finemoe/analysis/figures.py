@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_nsar", "plot_activation_hist", "plot_expert_load", "plot_dsmoe_sources", "plot_robustness",
+__all__ = ["write_analysis_figures", "plot_nsar", "plot_activation_hist", "plot_expert_load", "plot_dsmoe_sources", "plot_robustness",
            "plot_product_key_usage", "plot_perplexity_by_arm", "plot_perplexity_vs_active"]
 
 
@@ -222,3 +222,19 @@ def plot_perplexity_vs_active(rows: list[dict], out) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out)
+
+
+def write_analysis_figures(summaries: dict[str, dict], out_dir) -> list[Path]:
+    """Every figure of ``finemoe analyze`` that the summaries (name → ``analyze_model``
+    result) have data for: per model its expert load and, for layers that learn their
+    activation (DSMoE), the active share per layer and source; then NSAR, the activation
+    histogram, routing robustness and PEER/PKM usage with the models side by side."""
+    out_dir = Path(out_dir)
+    written = []
+    for name, result in summaries.items():
+        written.append(plot_expert_load(result, out_dir / f"expert_load_{name}.png", f"{name}: expert load per layer"))
+        written.append(plot_dsmoe_sources(result, out_dir / f"dsmoe_sources_{name}.png", f"{name}: active experts"))
+    for fname, draw in (("nsar.png", plot_nsar), ("activation_hist.png", plot_activation_hist),
+                        ("robustness.png", plot_robustness), ("product_key_usage.png", plot_product_key_usage)):
+        written.append(draw(summaries, out_dir / fname))
+    return [p for p in written if p]
