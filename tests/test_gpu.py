@@ -266,3 +266,51 @@ def test_chunked_linear_cross_entropy_on_cuda_matches_the_plain_form(chunk_rows)
     assert _rel(got[0], ref) < 1e-3
     assert _rel(got[1], x.grad) < 2e-2
     assert _rel(got[2], w.grad) < 2e-2
+
+
+_COMPILED_KERNEL_LAYERS = {
+    "moe": None, "cartesian": None, "dsmoe": None, "finedeep-gate-kernel": ("finedeep", {"gate_kernel": True}),
+    "peer": ("peer", {"retrieval_impl": "triton", "experts_impl": "triton"}),
+    "pkm": ("pkm", {"retrieval_impl": "triton", "experts_impl": "triton"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_COMPILED_KERNEL_LAYERS))
+def test_compiled_layers_with_finemoe_kernels_equal_eager(name):
+    """Under ``torch.compile(fullgraph=True)`` finemoe's Triton operators are traced
+    (``torch.library.triton_op``: Inductor launches the kernels itself) or kept opaque
+    (``custom_op``, older torch): either way output and every gradient equal the eager
+    call of the same layer, in float32, to rounding."""
+    from tests.test_training import SMALL
+
+    kind, changes = _COMPILED_KERNEL_LAYERS[name] or (name, {})
+    torch.manual_seed(0)
+    eager = SMALL[kind].replace(**changes).build(48).cuda()
+    compiled = copy.deepcopy(eager)
+    run = torch.compile(compiled, fullgraph=True)
+    h = torch.randn(4, 64, 48, device="cuda")
+    results = []
+    for layer, call in ((eager, eager), (compiled, run)):
+        x = h.clone().requires_grad_(True)
+        out = call(x).update
+        (out * h).sum().backward()
+        results.append((out, x.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (out_e, gx_e, gp_e), (out_c, gx_c, gp_c) = results
+    torch.testing.assert_close(out_c, out_e, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx_c, gx_e, atol=1e-4, rtol=1e-4)
+    for param, grad in gp_e.items():
+        if grad is not None:
+            torch.testing.assert_close(gp_c[param], grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{param}: {m}")
+
+
+def test_finemoe_operators_pass_opcheck_on_cuda():
+    """The operators as registered on this torch (``triton_op`` or ``custom_op``):
+    schema, fake tensors, autograd registration."""
+    gate, up = torch.randn(8, 64, device="cuda"), torch.randn(8, 64, device="cuda")
+    torch.library.opcheck(torch.ops.finemoe.swiglu.default, (gate.requires_grad_(True), up, torch.rand(8, 4, device="cuda")))
+    gate_up = torch.randn(8, 128, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.finemoe.swiglu_packed.default, (gate_up, None))
+    order = torch.randperm(12, device="cuda")
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(12, device="cuda"))
+    y = torch.randn(12, 24, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.finemoe.sum_slots.default, (y, position, order, 3))

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finemoe.kernels.op import fake, kernel_op, launch
+
 try:
     import triton
     import triton.language as tl
@@ -125,7 +127,7 @@ def _sizes(K: int, f: int, softmax: bool, normalize: bool, scale: float) -> dict
                 SOFTMAX=softmax, NORMALIZE=normalize, C=scale)
 
 
-@torch.library.custom_op("finemoe::finedeep_gate", mutates_args=())
+@kernel_op("finemoe::finedeep_gate", mutates_args=())
 def _gate(hidden: Tensor, readout: Tensor, softmax: bool, normalize: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     hidden, readout = hidden.contiguous(), readout.float().contiguous()
     N, (K, f) = hidden.shape[0], readout.shape
@@ -133,18 +135,18 @@ def _gate(hidden: Tensor, readout: Tensor, softmax: bool, normalize: bool, scale
     gates = torch.empty(N, K, dtype=torch.float32, device=hidden.device)
     scores = torch.empty(N, K, dtype=torch.float32, device=hidden.device)
     if N:
-        _forward_kernel[(N,)](hidden, readout, out, gates, scores, **_sizes(K, f, softmax, normalize, scale))
+        launch(_forward_kernel)[(N,)](hidden, readout, out, gates, scores, **_sizes(K, f, softmax, normalize, scale))
     return out, gates, scores
 
 
-@_gate.register_fake
+@fake(_gate)
 def _(hidden, readout, softmax, normalize, scale):
     N, K = hidden.shape[0], readout.shape[0]
     return (torch.empty_like(hidden), hidden.new_empty(N, K, dtype=torch.float32),
             hidden.new_empty(N, K, dtype=torch.float32))
 
 
-@torch.library.custom_op("finemoe::finedeep_gate_backward", mutates_args=())
+@kernel_op("finemoe::finedeep_gate_backward", mutates_args=())
 def _gate_backward(grad_out: Tensor, grad_gates: Tensor, hidden: Tensor, readout: Tensor, scores: Tensor, softmax: bool,
                    normalize: bool, scale: float) -> tuple[Tensor, Tensor]:
     grad_out, hidden = grad_out.contiguous(), hidden.contiguous()
@@ -153,12 +155,12 @@ def _gate_backward(grad_out: Tensor, grad_gates: Tensor, hidden: Tensor, readout
     grad_hidden = torch.empty_like(hidden)
     grad_scores = torch.empty(N, K, dtype=torch.float32, device=hidden.device)
     if N:
-        _backward_kernel[(N,)](grad_out, hidden, readout, scores, grad_gates.float().contiguous(), grad_hidden,
+        launch(_backward_kernel)[(N,)](grad_out, hidden, readout, scores, grad_gates.float().contiguous(), grad_hidden,
                                grad_scores, **_sizes(K, f, softmax, normalize, scale))
     return grad_hidden, grad_scores
 
 
-@_gate_backward.register_fake
+@fake(_gate_backward)
 def _(grad_out, grad_gates, hidden, readout, scores, softmax, normalize, scale):
     return torch.empty_like(hidden), scores.new_empty(scores.shape)
 

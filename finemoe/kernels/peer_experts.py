@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finemoe.kernels.op import fake, kernel_op, launch
+
 try:
     import triton
     import triton.language as tl
@@ -169,7 +171,7 @@ def _sizes(D: int, J: int, activation: str) -> dict:
                 BLOCK_D=block_d, NUM_D=triton.cdiv(D, block_d))
 
 
-@torch.library.custom_op("finemoe::peer_experts", mutates_args=())
+@kernel_op("finemoe::peer_experts", mutates_args=())
 def _peer_experts(x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, expert_in: Tensor, expert_out: Tensor,
                   activation: str) -> tuple[Tensor, Tensor]:
     x_ND, idx_NJ, gates_NJ = x_ND.contiguous(), idx_NJ.contiguous(), gates_NJ.contiguous()
@@ -177,18 +179,18 @@ def _peer_experts(x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, expert_in: Ten
     y_ND = x_ND.new_empty(N, D)
     pre_NJ = torch.empty(N, J if activation != "none" else 0, dtype=torch.float32, device=x_ND.device)  # every entry written
     if N:
-        _peer_forward_kernel[(N,)](x_ND, idx_NJ, gates_NJ, expert_in.contiguous(), expert_out.contiguous(), y_ND,
+        launch(_peer_forward_kernel)[(N,)](x_ND, idx_NJ, gates_NJ, expert_in.contiguous(), expert_out.contiguous(), y_ND,
                                    pre_NJ, D, **_sizes(D, J, activation))
     return y_ND, pre_NJ
 
 
-@_peer_experts.register_fake
+@fake(_peer_experts)
 def _(x_ND, idx_NJ, gates_NJ, expert_in, expert_out, activation):
     J = idx_NJ.shape[1] if activation != "none" else 0
     return x_ND.new_empty(x_ND.shape), x_ND.new_empty(x_ND.shape[0], J, dtype=torch.float32)
 
 
-@torch.library.custom_op("finemoe::peer_experts_backward", mutates_args=())
+@kernel_op("finemoe::peer_experts_backward", mutates_args=())
 def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, pre_NJ: Tensor,
                            expert_in: Tensor, expert_out: Tensor, activation: str
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -204,20 +206,20 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
     d_in = torch.empty(expert_in.shape if has_u else (0,), dtype=expert_in.dtype, device=x_ND.device)
     d_out = torch.empty_like(expert_out)  # every row written, zero where never retrieved
     if N:
-        _peer_backward_kernel[(N,)](dy_ND, idx_NJ, gates_NJ, pre_NJ, expert_in.contiguous(), expert_out.contiguous(),
+        launch(_peer_backward_kernel)[(N,)](dy_ND, idx_NJ, gates_NJ, pre_NJ, expert_in.contiguous(), expert_out.contiguous(),
                                     dx_ND, dgates_NJ, dpre_NJ, D, **sizes)
     # The (token, slot) pairs grouped by the row they retrieved: a stable sort fixes each
     # row's order of summation; searchsorted gives the groups' bounds without a host sync.
     rows_sorted, order = idx_NJ.reshape(-1).sort(stable=True)
     offsets = torch.searchsorted(rows_sorted, torch.arange(P + 1, device=x_ND.device, dtype=rows_sorted.dtype))
     block_d = min(_ROW_BLOCK_D, triton.next_power_of_2(D))
-    _row_gradients_kernel[(P, triton.cdiv(D, block_d))](
+    launch(_row_gradients_kernel)[(P, triton.cdiv(D, block_d))](
         order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, D,
         J=J, HAS_U=sizes["HAS_U"], ACT=sizes["ACT"], BLOCK_D=block_d)
     return dx_ND, dgates_NJ.to(gates_NJ.dtype), d_in, d_out
 
 
-@_peer_experts_backward.register_fake
+@fake(_peer_experts_backward)
 def _(dy_ND, x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out, activation):
     d_in = torch.empty_like(expert_in) if activation != "none" else expert_in.new_empty(0)
     return torch.empty_like(x_ND), torch.empty_like(gates_NJ), d_in, torch.empty_like(expert_out)

@@ -42,6 +42,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finemoe.kernels.op import fake, kernel_op, launch
+
 try:
     import triton
     import triton.language as tl
@@ -153,18 +155,18 @@ def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tenso
         # the two (M, S) score matrices by cuBLAS in float32 (Triton's IEEE float32 dot
         # measured ten times slower); the kernel reads each once
         s1, s2 = q_MQ[:, :half] @ keys_1.t(), q_MQ[:, half:] @ keys_2.t()
-        _product_key_topk_kernel[(triton.cdiv(M, _ROWS),)](
+        launch(_product_key_topk_kernel)[(triton.cdiv(M, _ROWS),)](
             s1, s2, scores, idx, M, S, K=k, KP=max(2, triton.next_power_of_2(k)),
             SP=max(16, triton.next_power_of_2(S)), ROWS=_ROWS, num_warps=_NUM_WARPS)
     return scores, idx
 
 
-@torch.library.custom_op("finemoe::product_key_topk", mutates_args=())
+@kernel_op("finemoe::product_key_topk", mutates_args=())
 def _product_key_topk(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return _launch(q_MQ.float().contiguous(), keys_1.float().contiguous(), keys_2.float().contiguous(), k)
 
 
-@_product_key_topk.register_fake
+@fake(_product_key_topk)
 def _(q_MQ, keys_1, keys_2, k):
     M = q_MQ.shape[0]
     return q_MQ.new_empty(M, k, dtype=torch.float32), q_MQ.new_empty(M, k, dtype=torch.int64)
@@ -175,7 +177,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q_MQ, keys_1, keys_2, output[1])
 
 
-@torch.library.custom_op("finemoe::product_key_topk_backward", mutates_args=())
+@kernel_op("finemoe::product_key_topk_backward", mutates_args=())
 def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor,
                                idx_Mk: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q_MQ, keys_1, keys_2 = q_MQ.float().contiguous(), keys_1.float().contiguous(), keys_2.float().contiguous()
@@ -185,7 +187,7 @@ def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor,
     dq_MQ = torch.empty_like(q_MQ)  # every entry written
     dkeys = [torch.empty_like(keys_1), torch.empty_like(keys_2)]  # every sub-key written (zero if unused)
     if M:
-        _query_grad_kernel[(triton.cdiv(M, _ROWS),)](dscores_Mk, idx_Mk, keys_1, keys_2, dq_MQ, M, S, Q,
+        launch(_query_grad_kernel)[(triton.cdiv(M, _ROWS),)](dscores_Mk, idx_Mk, keys_1, keys_2, dq_MQ, M, S, Q,
                                                      HALF=half, HP=hp, K=k, ROWS=_ROWS)
     sub_keys = torch.arange(S + 1, device=q_MQ.device, dtype=idx_Mk.dtype)
     for half_index, sub_idx in enumerate((idx_Mk // S, idx_Mk % S)):
@@ -193,12 +195,12 @@ def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor,
         # sub-key's order of summation, searchsorted its bounds without a host sync
         sorted_sub, order = sub_idx.reshape(-1).sort(stable=True)
         offsets = torch.searchsorted(sorted_sub, sub_keys)
-        _sub_key_grad_kernel[(S,)](order, offsets, dscores_Mk, q_MQ, dkeys[half_index], Q, half_index * half,
+        launch(_sub_key_grad_kernel)[(S,)](order, offsets, dscores_Mk, q_MQ, dkeys[half_index], Q, half_index * half,
                                    HALF=half, HP=hp, K=k, BLOCK_P=_PAIRS)
     return dq_MQ, dkeys[0], dkeys[1]
 
 
-@_product_key_topk_backward.register_fake
+@fake(_product_key_topk_backward)
 def _(dscores_Mk, q_MQ, keys_1, keys_2, idx_Mk):
     return (q_MQ.new_empty(q_MQ.shape, dtype=torch.float32), keys_1.new_empty(keys_1.shape, dtype=torch.float32),
             keys_2.new_empty(keys_2.shape, dtype=torch.float32))

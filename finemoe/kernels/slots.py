@@ -27,6 +27,8 @@ from torch import Tensor
 
 from finemoe.kernels.swiglu import triton_kernels_available
 
+from finemoe.kernels.op import fake, kernel_op, launch
+
 try:
     import triton
     import triton.language as tl
@@ -57,18 +59,18 @@ if triton is not None:
         tl.store(out_ptr + n * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("finemoe::sum_slots", mutates_args=())
+@kernel_op("finemoe::sum_slots", mutates_args=())
 def _sum_slots(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tensor:
     y_SD = y_SD.contiguous()
     N, D = y_SD.shape[0] // K, y_SD.shape[1]
     out_ND = y_SD.new_empty(N, D)
     if out_ND.numel():
         block = min(_BLOCK_D, triton.next_power_of_2(D))
-        _sum_slots_kernel[(N, triton.cdiv(D, block))](y_SD, position_S.contiguous(), out_ND, D, K=K, BLOCK_D=block)
+        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](y_SD, position_S.contiguous(), out_ND, D, K=K, BLOCK_D=block)
     return out_ND
 
 
-@_sum_slots.register_fake
+@fake(_sum_slots)
 def _(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tensor:
     return y_SD.new_empty(y_SD.shape[0] // K, y_SD.shape[1])
 

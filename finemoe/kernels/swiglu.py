@@ -25,6 +25,8 @@ import os
 import torch
 from torch import Tensor
 
+from finemoe.kernels.op import fake, kernel_op, launch
+
 try:
     import triton
     import triton.language as tl
@@ -82,7 +84,11 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, s_ptr, dg_ptr, du_ptr, ds_ptr, C, b, n, IN_STRIDE, U_OFFSET,
-                                HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, NUM_TILES: tl.constexpr):
+                                HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, NUM_TILES: tl.constexpr,
+                                PACKED: tl.constexpr = False):
+        # PACKED: both gradients go to dg_ptr (du at U_OFFSET), du_ptr is not written. One
+        # output tensor passed once: a compiler that functionalises the kernel's writes
+        # (``triton_op``) must not see two arguments aliasing one buffer.
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         scale = 1.0
@@ -98,7 +104,11 @@ if triton is not None:
             u = tl.load(u_ptr + U_OFFSET + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(g)
             silu = g * sig
-            tl.store(du_ptr + U_OFFSET + row * IN_STRIDE + cols, (dh * silu * scale).to(du_ptr.dtype.element_ty), mask=mask)
+            du = (dh * silu * scale).to(dg_ptr.dtype.element_ty)
+            if PACKED:
+                tl.store(dg_ptr + U_OFFSET + row * IN_STRIDE + cols, du, mask=mask)
+            else:
+                tl.store(du_ptr + U_OFFSET + row * IN_STRIDE + cols, du, mask=mask)
             dg = dh * u * scale * sig * (1.0 + g * (1.0 - sig))
             tl.store(dg_ptr + row * IN_STRIDE + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
             if HAS_SCALE:
@@ -122,7 +132,7 @@ def _launch(C: int, R: int, scale: Tensor | None, packed: bool = False) -> tuple
     return (R, n), dict(C=C, b=b, n=n, IN_STRIDE=in_stride, U_OFFSET=u_offset, HAS_SCALE=True, BLOCK=block, NUM_TILES=triton.cdiv(b, block))
 
 
-@torch.library.custom_op("finemoe::swiglu", mutates_args=())
+@kernel_op("finemoe::swiglu", mutates_args=())
 def _swiglu(gate: Tensor, up: Tensor, scale: Tensor | None) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     grid, sizes = _launch(gate.shape[-1], gate.numel() // gate.shape[-1], scale)
@@ -130,16 +140,16 @@ def _swiglu(gate: Tensor, up: Tensor, scale: Tensor | None) -> Tensor:
     if hidden.numel() == 0:
         return hidden
     s = scale.contiguous() if scale is not None else gate  # a placeholder pointer when there is no scale
-    _swiglu_forward_kernel[grid](gate, up, s, hidden, **sizes)
+    launch(_swiglu_forward_kernel)[grid](gate, up, s, hidden, **sizes)
     return hidden
 
 
-@_swiglu.register_fake
+@fake(_swiglu)
 def _(gate: Tensor, up: Tensor, scale: Tensor | None) -> Tensor:
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("finemoe::swiglu_backward", mutates_args=())
+@kernel_op("finemoe::swiglu_backward", mutates_args=())
 def _swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
     grid, sizes = _launch(gate.shape[-1], gate.numel() // gate.shape[-1], scale)
@@ -148,11 +158,11 @@ def _swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor, scale: Tensor | Non
     if grad.numel() == 0:
         return d_gate, d_up, d_scale
     s = scale.contiguous() if scale is not None else gate
-    _swiglu_backward_kernel[grid](grad, gate, up, s, d_gate, d_up, d_scale, **sizes)
+    launch(_swiglu_backward_kernel)[grid](grad, gate, up, s, d_gate, d_up, d_scale, **sizes)
     return d_gate, d_up, d_scale
 
 
-@_swiglu_backward.register_fake
+@fake(_swiglu_backward)
 def _(grad: Tensor, gate: Tensor, up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     n = 1 if scale is None else scale.shape[-1]
     return torch.empty_like(gate), torch.empty_like(up), gate.new_empty(gate.numel() // gate.shape[-1], n,
@@ -174,7 +184,7 @@ def _backward(ctx, grad: Tensor):
 _swiglu.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("finemoe::swiglu_packed", mutates_args=())
+@kernel_op("finemoe::swiglu_packed", mutates_args=())
 def _swiglu_packed(gate_up: Tensor, scale: Tensor | None) -> Tensor:
     gate_up = gate_up.contiguous()
     C = gate_up.shape[-1] // 2
@@ -183,16 +193,16 @@ def _swiglu_packed(gate_up: Tensor, scale: Tensor | None) -> Tensor:
     if hidden.numel() == 0:
         return hidden
     s = scale.contiguous() if scale is not None else gate_up
-    _swiglu_forward_kernel[grid](gate_up, gate_up, s, hidden, **sizes)
+    launch(_swiglu_forward_kernel)[grid](gate_up, gate_up, s, hidden, **sizes)
     return hidden
 
 
-@_swiglu_packed.register_fake
+@fake(_swiglu_packed)
 def _(gate_up: Tensor, scale: Tensor | None) -> Tensor:
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
-@torch.library.custom_op("finemoe::swiglu_packed_backward", mutates_args=())
+@kernel_op("finemoe::swiglu_packed_backward", mutates_args=())
 def _swiglu_packed_backward(grad: Tensor, gate_up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
     grad, gate_up = grad.contiguous(), gate_up.contiguous()
     C = gate_up.shape[-1] // 2
@@ -202,11 +212,12 @@ def _swiglu_packed_backward(grad: Tensor, gate_up: Tensor, scale: Tensor | None)
     if grad.numel() == 0:
         return d_gate_up, d_scale
     s = scale.contiguous() if scale is not None else gate_up
-    _swiglu_backward_kernel[grid](grad, gate_up, gate_up, s, d_gate_up, d_gate_up, d_scale, **sizes)
+    launch(_swiglu_backward_kernel)[grid](grad, gate_up, gate_up, s, d_gate_up, grad, d_scale, **sizes,
+                                          PACKED=True)
     return d_gate_up, d_scale
 
 
-@_swiglu_packed_backward.register_fake
+@fake(_swiglu_packed_backward)
 def _(grad: Tensor, gate_up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
     n = 1 if scale is None else scale.shape[-1]
     return torch.empty_like(gate_up), gate_up.new_empty(gate_up.numel() // gate_up.shape[-1], n, dtype=torch.float32)
