@@ -85,10 +85,11 @@ if triton is not None:
     @triton.jit
     def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, s_ptr, dg_ptr, du_ptr, ds_ptr, C, b, n, IN_STRIDE, U_OFFSET,
                                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, NUM_TILES: tl.constexpr,
-                                PACKED: tl.constexpr = False):
+                                PACKED: tl.constexpr):
         # PACKED: both gradients go to dg_ptr (du at U_OFFSET), du_ptr is not written. One
         # output tensor passed once: a compiler that functionalises the kernel's writes
-        # (``triton_op``) must not see two arguments aliasing one buffer.
+        # (``triton_op``) must not see two arguments aliasing one buffer. (No default
+        # values for kernel arguments: Inductor's launcher of traced kernels miscounts them.)
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         scale = 1.0
@@ -158,7 +159,7 @@ def _swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor, scale: Tensor | Non
     if grad.numel() == 0:
         return d_gate, d_up, d_scale
     s = scale.contiguous() if scale is not None else gate
-    launch(_swiglu_backward_kernel)[grid](grad, gate, up, s, d_gate, d_up, d_scale, **sizes)
+    launch(_swiglu_backward_kernel)[grid](grad, gate, up, s, d_gate, d_up, d_scale, **sizes, PACKED=False)
     return d_gate, d_up, d_scale
 
 
