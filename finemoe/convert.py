@@ -1,4 +1,4 @@
-"""Weight conversion between Hugging Face LLaMA / Mixtral checkpoints and finemoe.
+"""Weight conversion between Hugging Face checkpoints (LLaMA, Mixtral) and finemoe.
 
 These are pure functions on configs and state dicts, so they work on a checkpoint
 read from disk as well as on a live ``transformers`` model (``transformers`` is only
@@ -10,12 +10,15 @@ Mapping (HF → finemoe, layer i):
     model.embed_tokens                      → embed
     model.layers.i.input_layernorm          → blocks.i.attn_norm
     model.layers.i.self_attn.{q,k,v,o}_proj → blocks.i.attn.{q,k,v,o}_proj
-    model.layers.i.post_attention_layernorm → blocks.i.ffn.norm
-    model.layers.i.mlp.{gate,up,down}_proj  → blocks.i.ffn.mlp.{gate,up,down}_proj   (LLaMA)
-    model.layers.i.mlp.gate                 → blocks.i.ffn.router                      (Mixtral)
-    model.layers.i.mlp.experts              → blocks.i.ffn.experts.w_{gate,up,down}    (Mixtral)
+    model.layers.i.post_attention_layernorm, mlp / block_sparse_moe → blocks.i.ffn (the FFN kind's own
+        mapping: ``FFNConfig.weights_from_hf`` / ``weights_to_hf``; dense ↔ LLaMA's MLP,
+        moe ↔ Mixtral's sparse-MoE block)
     model.norm                              → norm
     lm_head                                 → lm_head (absent when tied)
+
+Which architectures exist is read from the registry: a kind declares its
+``hf_model_type`` (``llama``, ``mixtral``), the FFN fields of its ``config.json`` and how
+its weights map; nothing here names a design.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 from torch import Tensor
 
 from finemoe.config import ConfigError
-from finemoe.layers import FFN_KINDS, DenseConfig, FFNConfig, MoEConfig
+from finemoe.layers import FFN_KINDS, FFNConfig
+from finemoe.layers.moe import mixtral_experts_from_hf
 from finemoe.model import ModelConfig, Transformer
 
 __all__ = [
@@ -40,7 +44,6 @@ __all__ = [
     "from_hf",
     "mixtral_experts_from_hf",
     "split_dense_ffn",
-    "moe_config_for_split",
     "convert_dense_ffns",
     "prune_dense_ffns",
     "channel_importance",
@@ -69,12 +72,20 @@ def _rope_theta(hf_config: Any) -> float:
 # does not change what the model computes, or accepted only at the value finemoe
 # implements. Any other field is refused by name: dropping one silently (Mixtral's
 # ``sliding_window``, say) would give a model that computes something else.
-_READ_FIELDS = {
+_MODEL_FIELDS = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
     "rope_theta", "rope_parameters", "rope_scaling", "hidden_act", "attention_bias", "mlp_bias",
-    "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
 }
+
+
+def _hf_kinds() -> dict[str, type[FFNConfig]]:
+    """transformers ``model_type`` → the FFN kind of that architecture (the registry's)."""
+    return {cls.hf_model_type: cls for cls in FFN_KINDS.values() if cls.hf_model_type}
+
+
+def _read_fields() -> set[str]:
+    return _MODEL_FIELDS.union(*(cls.hf_config_fields for cls in _hf_kinds().values()))
 _IGNORED_FIELDS = {  # metadata, token ids, and settings of initialisation, caching, outputs and generation
     "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "id2label", "label2id",
     "problem_type", "return_dict", "output_attentions", "output_hidden_states", "output_router_logits",
@@ -86,9 +97,6 @@ _NEUTRAL_VALUES = {  # supported only at these values
     "attention_dropout": (0, 0.0),
     "router_jitter_noise": (0, 0.0),
 }
-_SUPPORTED_TYPES = ("llama", "mixtral")
-
-
 def _config_fields(hf_config: Any) -> dict[str, Any]:
     if isinstance(hf_config, Mapping):
         return dict(hf_config)
@@ -97,7 +105,8 @@ def _config_fields(hf_config: Any) -> dict[str, Any]:
         from transformers import PretrainedConfig
 
         generic = PretrainedConfig().to_dict()
-        fields = {k: v for k, v in fields.items() if k not in generic or k in _READ_FIELDS or k in _NEUTRAL_VALUES}
+        read = _read_fields()
+        fields = {k: v for k, v in fields.items() if k not in generic or k in read or k in _NEUTRAL_VALUES}
     except ImportError:
         pass
     return fields
@@ -107,15 +116,15 @@ def check_hf_config(hf_config: Any) -> None:
     """Refuse, by name, any field of a HF config that finemoe cannot reproduce."""
     fields = _config_fields(hf_config)
     model_type = fields.get("model_type")
-    if model_type not in _SUPPORTED_TYPES:
-        raise ConfigError("model_type", f"cannot convert {model_type!r}; supported: {', '.join(_SUPPORTED_TYPES)}")
+    if model_type not in _hf_kinds():
+        raise ConfigError("model_type", f"cannot convert {model_type!r}; supported: {', '.join(sorted(_hf_kinds()))}")
     for name in ("attention_bias", "mlp_bias"):
         if fields.get(name):
             raise ConfigError(name, "biases in attention or MLP are not supported")
     if fields.get("hidden_act", "silu") != "silu":
         raise ConfigError("hidden_act", f"only SwiGLU (silu) FFNs are supported, got {fields['hidden_act']!r}")
     for name, value in fields.items():
-        if name in _READ_FIELDS or name in _IGNORED_FIELDS:
+        if name in _read_fields() or name in _IGNORED_FIELDS:
             continue
         if name in _NEUTRAL_VALUES:
             if value not in _NEUTRAL_VALUES[name]:
@@ -135,18 +144,7 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     eps = float(_get(hf_config, "rms_norm_eps"))
     d_model = int(_get(hf_config, "hidden_size"))
     n_heads = int(_get(hf_config, "num_attention_heads"))
-    if model_type == "llama":
-        ffn = DenseConfig(intermediate_size=int(_get(hf_config, "intermediate_size")), norm_eps=eps)
-    else:
-        ffn = MoEConfig(
-            num_experts=int(_get(hf_config, "num_local_experts")),
-            num_experts_per_tok=int(_get(hf_config, "num_experts_per_tok")),
-            expert_intermediate_size=int(_get(hf_config, "intermediate_size")),
-            norm_topk_prob=True,  # Mixtral renormalises its top-k weights
-            router_aux_loss_coef=float(_get(hf_config, "router_aux_loss_coef", 0.01)),
-            router_z_loss_coef=0.0,
-            norm_eps=eps,
-        )
+    ffn = _hf_kinds()[model_type].from_hf_config(_config_fields(hf_config), eps)
     return ModelConfig(
         vocab_size=int(_get(hf_config, "vocab_size")),
         d_model=d_model,
@@ -162,26 +160,9 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     )
 
 
-def mixtral_experts_from_hf(hf_sd: Mapping[str, Tensor], prefix: str, num_experts: int) -> dict[str, Tensor]:
-    """Router and expert weights of one Mixtral sparse-MoE block (``prefix`` ends with
-    ``.``), as finemoe ``MoEFFN`` keys: ``router.weight`` and ``experts.w_{gate,up,down}``."""
-    out = {"router.weight": hf_sd[prefix + "gate.weight"]}
-    if prefix + "experts.gate_up_proj" in hf_sd:  # transformers >= 5: fused (E, 2F, D) and (E, D, F)
-        gate_up_EFD = hf_sd[prefix + "experts.gate_up_proj"]
-        F = gate_up_EFD.shape[1] // 2
-        out["experts.w_gate"] = gate_up_EFD[:, :F, :].transpose(1, 2)
-        out["experts.w_up"] = gate_up_EFD[:, F:, :].transpose(1, 2)
-        out["experts.w_down"] = hf_sd[prefix + "experts.down_proj"].transpose(1, 2)
-    else:  # transformers 4.x: w1 = gate, w3 = up, w2 = down, as nn.Linear (out, in)
-        e = range(num_experts)
-        out["experts.w_gate"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w1.weight"].t() for j in e])
-        out["experts.w_up"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w3.weight"].t() for j in e])
-        out["experts.w_down"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w2.weight"].t() for j in e])
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def state_dict_from_hf(hf_sd: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """A finemoe state dict from a HF LLaMA / Mixtral state dict."""
+    """A finemoe state dict from a HF checkpoint's (LLaMA, Mixtral: each FFN kind maps its own
+    layer's weights)."""
     sd: dict[str, Tensor] = {"embed.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd["model.norm.weight"]}
     if not config.tie_embeddings:
         sd["lm_head.weight"] = hf_sd["lm_head.weight"]
@@ -190,42 +171,31 @@ def state_dict_from_hf(hf_sd: Mapping[str, Tensor], config: ModelConfig) -> dict
         sd[dst + "attn_norm.weight"] = hf_sd[src + "input_layernorm.weight"]
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             sd[f"{dst}attn.{proj}.weight"] = hf_sd[f"{src}self_attn.{proj}.weight"]
-        sd[dst + "ffn.norm.weight"] = hf_sd[src + "post_attention_layernorm.weight"]
-        if isinstance(ffn, DenseConfig):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                sd[f"{dst}ffn.mlp.{proj}.weight"] = hf_sd[f"{src}mlp.{proj}.weight"]
-        else:
-            moe_prefix = src + ("mlp." if src + "mlp.gate.weight" in hf_sd else "block_sparse_moe.")
-            for key, value in mixtral_experts_from_hf(hf_sd, moe_prefix, ffn.num_experts).items():
-                sd[dst + "ffn." + key] = value
+        sd.update({f"{dst}ffn.{key}": value for key, value in ffn.weights_from_hf(hf_sd, src).items()})
     return sd
 
 
-def _exportable_moe(ffn: FFNConfig) -> bool:
-    """A finemoe ``moe`` layer that computes exactly what Mixtral's sparse-MoE block does."""
-    return (isinstance(ffn, MoEConfig) and ffn.routing == "token_choice" and ffn.num_shared_experts == 0
-            and ffn.norm_topk_prob and ffn.routed_scaling_factor == 1.0 and not ffn.disable_top1)
-
-
-def hf_architecture(config: ModelConfig) -> str:
-    """``llama`` (every FFN dense) or ``mixtral`` (every FFN a Mixtral-equivalent ``moe``);
-    anything else is refused by name."""
+def hf_architecture(config: ModelConfig) -> type[FFNConfig]:
+    """The FFN kind whose transformers architecture computes ``config``'s model: every FFN
+    of that kind, computing what the architecture's FFN does, with one ``config.json``
+    for all layers (LLaMA: one width; Mixtral: one expert shape); anything else is
+    refused by name."""
     ffns = config.layer_ffns()
-    if all(isinstance(f, DenseConfig) for f in ffns) and len({f.intermediate_size for f in ffns}) == 1:
-        return "llama"
-    if all(_exportable_moe(f) for f in ffns) and len({(f.num_routed_experts, f.routed_top_k, f.routed_expert_width)
-                                                        for f in ffns}) == 1:
-        return "mixtral"
-    kinds = sorted({f.kind for f in ffns})
-    raise ConfigError("model.ffn", f"a model of {', '.join(kinds)} FFNs has no transformers architecture: export maps "
-                                   "an all-dense model (one width) to LLaMA and an all-moe model without shared experts, "
-                                   "expert choice or output scaling to Mixtral")
+    kinds = {type(f) for f in ffns}
+    problems = sorted({p for f in ffns if (p := f.hf_export_problem())})
+    if len(kinds) == 1 and not problems and all(f.hf_config() == ffns[0].hf_config() for f in ffns):
+        return kinds.pop()
+    names = ", ".join(sorted(f"{cls.kind} ({cls.hf_architecture})" for cls in _hf_kinds().values()))
+    why = f": {'; '.join(problems)}" if problems else ""
+    raise ConfigError("model.ffn", f"a model of {', '.join(sorted({f.kind for f in ffns}))} FFNs has no transformers "
+                                   f"architecture{why}; export maps a model whose every FFN is one of {names}, with "
+                                   "the same shape in every layer")
 
 
 def hf_config_for(config: ModelConfig) -> dict[str, Any]:
-    """The ``config.json`` of the equivalent ``LlamaForCausalLM`` / ``MixtralForCausalLM``."""
-    arch = hf_architecture(config)
-    ffn = config.layer_ffns()[0]
+    """The ``config.json`` of the equivalent transformers model (``LlamaForCausalLM``,
+    ``MixtralForCausalLM``: ``hf_architecture`` says which, or refuses)."""
+    kind = hf_architecture(config)
     common = {
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
@@ -233,51 +203,35 @@ def hf_config_for(config: ModelConfig) -> dict[str, Any]:
         "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
         "torch_dtype": "float32",
     }
-    if arch == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "intermediate_size": ffn.intermediate_size,
-                "attention_bias": False, "mlp_bias": False, **common}
-    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "intermediate_size": ffn.routed_expert_width,
-            "num_local_experts": ffn.num_routed_experts, "num_experts_per_tok": ffn.routed_top_k,
-            "router_aux_loss_coef": ffn.router_aux_loss_coef, "sliding_window": None, "router_jitter_noise": 0.0,
-            **common}
+    return {"architectures": [kind.hf_architecture], "model_type": kind.hf_model_type, "attention_bias": False,
+            **config.layer_ffns()[0].hf_config(), **common}
 
 
 def state_dict_to_hf(sd: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """The inverse of ``state_dict_from_hf``: LLaMA keys for an all-dense model, Mixtral's
-    Hub layout (``block_sparse_moe.experts.{j}.w1/w2/w3``, which transformers 4 and 5 both
-    read) for an all-``moe`` one (``hf_architecture`` says which, or refuses)."""
-    arch = hf_architecture(config)
+    """The inverse of ``state_dict_from_hf`` (``hf_architecture`` says which architecture,
+    or refuses); each FFN kind writes its own layer's keys."""
+    hf_architecture(config)
     hf = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     hf["lm_head.weight"] = sd["embed.weight"] if config.tie_embeddings else sd["lm_head.weight"]
-    for i in range(config.n_layers):
+    for i, ffn in enumerate(config.layer_ffns()):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         hf[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
-        hf[dst + "post_attention_layernorm.weight"] = sd[src + "ffn.norm.weight"]
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             hf[f"{dst}self_attn.{proj}.weight"] = sd[f"{src}attn.{proj}.weight"]
-        if arch == "llama":
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                hf[f"{dst}mlp.{proj}.weight"] = sd[f"{src}ffn.mlp.{proj}.weight"]
-            continue
-        hf[f"{dst}block_sparse_moe.gate.weight"] = sd[f"{src}ffn.router.weight"]
-        w_gate, w_up, w_down = (sd[f"{src}ffn.experts.w_{p}"] for p in ("gate", "up", "down"))
-        for j in range(w_gate.shape[0]):  # (E, D, F) / (E, F, D) → nn.Linear (out, in)
-            prefix = f"{dst}block_sparse_moe.experts.{j}."
-            hf[prefix + "w1.weight"] = w_gate[j].t()
-            hf[prefix + "w3.weight"] = w_up[j].t()
-            hf[prefix + "w2.weight"] = w_down[j].t()
+        layer_sd = {k[len(src) + 4:]: v for k, v in sd.items() if k.startswith(src + "ffn.")}
+        hf.update(ffn.weights_to_hf(layer_sd, dst))
     return {k: v.contiguous() for k, v in hf.items()}
 
 
 def state_dict_to_hf_llama(sd: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """``state_dict_to_hf`` for a model whose FFNs are all dense (refuses any other)."""
-    if hf_architecture(config) != "llama":
+    if hf_architecture(config).hf_model_type != "llama":
         raise ConfigError("model.ffn", "only a model whose every FFN is dense can be exported as LLaMA")
     return state_dict_to_hf(sd, config)
 
 
 def from_hf(hf_model: Any) -> Transformer:
-    """A finemoe ``Transformer`` holding the weights of a live HF LLaMA/Mixtral model."""
+    """A finemoe ``Transformer`` holding the weights of a live HF model (LLaMA, Mixtral)."""
     config = model_config_from_hf(hf_model.config)
     model = Transformer(config)
     model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), config), strict=True)
@@ -285,11 +239,6 @@ def from_hf(hf_model: Any) -> Transformer:
 
 
 # -- dense FFN → DSMoE / LLaMA-MoE (METHODS.md §2) ------------------------------------------
-
-
-def moe_config_for_split(dense: DenseConfig, num_experts: int, top_k: int, **options: Any) -> MoEConfig:
-    """The LLaMA-MoE baseline of DSMoE (``MoEConfig.from_dense``)."""
-    return MoEConfig.from_dense(dense, num_experts=num_experts, top_k=top_k, **options)
 
 
 def split_dense_ffn(dense_sd: Mapping[str, Tensor], target: FFNConfig, *, generator: torch.Generator | None = None
@@ -309,15 +258,15 @@ def convert_dense_ffns(
     generator = torch.Generator().manual_seed(seed)
     out = dict(state_dict)
     for i, ffn in enumerate(config.layer_ffns()):
-        if not isinstance(ffn, DenseConfig):
+        if not ffn.is_plain_swiglu:
             continue
         prefix = f"blocks.{i}.ffn."
         layer_sd = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix)}
         for key, value in split_dense_ffn(layer_sd, target, generator=generator).items():
             out[prefix + key] = value
-    dense_layers = [i for i, f in enumerate(config.layer_ffns()) if isinstance(f, DenseConfig)]
-    kept = [e for e in config.ffn_layers if not isinstance(e.ffn, DenseConfig)]
-    if isinstance(config.ffn, DenseConfig):
+    dense_layers = [i for i, f in enumerate(config.layer_ffns()) if f.is_plain_swiglu]
+    kept = [e for e in config.ffn_layers if not e.ffn.is_plain_swiglu]
+    if config.ffn.is_plain_swiglu:
         new_config = dataclasses.replace(config, ffn=target, ffn_layers=kept)
     else:
         from finemoe.model import FFNLayers
@@ -349,9 +298,7 @@ def channel_importance(model: Transformer, criterion: str, batches=(), *, seed: 
       on a pretrained LLM it can be worse than random (issue 14: SmolLM2 at 90% kept,
       perplexity 4,362 vs 41 for random channels).
     - ``random``: the sanity floor any criterion must beat."""
-    from finemoe.layers.dense import DenseFFN
-
-    dense = {i: block.ffn for i, block in enumerate(model.blocks) if isinstance(block.ffn, DenseFFN)}
+    dense = {i: block.ffn for i, block in enumerate(model.blocks) if block.ffn.config.is_plain_swiglu}
     if criterion == "random":
         generator = torch.Generator().manual_seed(seed)
         return {i: torch.rand(f.config.intermediate_size, generator=generator) for i, f in dense.items()}
@@ -399,7 +346,7 @@ def prune_dense_ffns(
     out = dict(state_dict)
     new_layers = []
     for i, ffn in enumerate(config.layer_ffns()):
-        if not isinstance(ffn, DenseConfig):
+        if not ffn.is_plain_swiglu:
             new_layers.append(ffn)
             continue
         prefix = f"blocks.{i}.ffn.mlp."
@@ -469,7 +416,7 @@ def convert_model(model: Transformer, config: ModelConfig, to: str, *, num_exper
     ``calibration`` batches; ``finemoe.sparsegpt``: shapes unchanged, the counts of
     nonzero FFN weights go to ``report``). ``finemoe convert`` and ``finemoe study`` both
     call this. Returns the new model config and state dict."""
-    dense = next((f for f in config.layer_ffns() if isinstance(f, DenseConfig)), None)
+    dense = next((f for f in config.layer_ffns() if f.is_plain_swiglu), None)
     if dense is None:
         raise ConfigError("model.ffn", "the model has no dense FFN to convert")
     state = {k: v.detach() for k, v in model.state_dict().items()}

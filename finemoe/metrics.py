@@ -7,24 +7,20 @@ import json
 import os
 from pathlib import Path
 
-import torch
+from finemoe.layers.records import Record, merged
 
 __all__ = ["MetricsLogger", "layer_stat_summary"]
 
 
-def layer_stat_summary(layer_stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Per-layer scalars for the log: load imbalance (max/mean) of every expert-load
-    vector, DSMoE's active share, router entropy; vectors stay out of the JSONL."""
+def layer_stat_summary(layer_stats: list[list[tuple[str, Record]]]) -> dict[str, float]:
+    """Per-layer scalars for the log, from what each layer's statistics records say they
+    mean for training (``Record.scalars``: load imbalance, router entropy, active share,
+    retrieved share...), named ``layer{i}[/part]/{scalar}``; vectors stay out of the JSONL."""
     out: dict[str, float] = {}
-    for i, stats in enumerate(layer_stats):
-        for name, value in stats.items():
-            value = value.detach().float()
-            if value.numel() == 1:
-                out[f"layer{i}/{name}"] = float(value)
-            elif name.endswith("expert_load"):
-                out[f"layer{i}/{name}_imbalance"] = float(value.max() / value.mean().clamp_min(1e-12))
-            elif name.endswith("gate_mass"):
-                out[f"layer{i}/{name.replace('gate_mass', 'retrieved_share')}"] = float((value > 0).float().mean())
+    for i, records in enumerate(layer_stats):
+        for (part, _), record in merged(records).items():
+            prefix = f"layer{i}/{part}/" if part else f"layer{i}/"
+            out.update({prefix + name: value for name, value in record.scalars().items()})
     return out
 
 

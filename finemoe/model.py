@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.layers import FFN, CallContext, DenseConfig, FFNConfig, LayerContext
+from finemoe.layers import FFN, CallContext, DenseConfig, FFNConfig, LayerContext, Record, Stats
 from finemoe.layers.common import RMSNorm
 from finemoe.loss import linear_cross_entropy
 
@@ -188,8 +188,9 @@ class ModelOutput:
     aux_loss: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     """Each auxiliary loss (weighted), summed over layers."""
-    layer_stats: list[dict[str, Tensor]] | None = None
-    """Per-layer routing statistics, when ``return_stats=True``."""
+    layer_stats: list[list[tuple[str, Record]]] | None = None
+    """Per layer, the statistics records its FFN added (``(part, record)``; part ``""``
+    for the layer itself), when ``return_stats=True``: ``finemoe.layers.records``."""
 
 
 def rope_cos_sin(positions_T: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -287,10 +288,12 @@ class Block(nn.Module):
         self.ffn: FFN = ffn_config.build(cfg.d_model, context)
 
     def forward(self, x_BTD: Tensor, cos_Td: Tensor, sin_Td: Tensor, return_stats: bool, cache: LayerCache | None = None,
-                context: CallContext | None = None):
+                context: CallContext | None = None, detailed_stats: bool = False):
+        """``(output, FFN output, the FFN's statistics records or None)``."""
         h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, cache)
-        out = self.ffn(h_BTD, return_stats=return_stats, context=context)
-        return h_BTD + out.update, out
+        stats = Stats(detailed=detailed_stats) if return_stats else None
+        out = self.ffn(h_BTD, stats=stats, context=context)
+        return h_BTD + out.update, out, None if stats is None else stats.records
 
 
 class Transformer(nn.Module):
@@ -328,11 +331,15 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, input_ids: Tensor, targets: Tensor | None = None, *, return_stats: bool = False, cache: KVCache | None = None
+        self, input_ids: Tensor, targets: Tensor | None = None, *, return_stats: bool = False, cache: KVCache | None = None,
+        detailed_stats: bool = False,
     ) -> ModelOutput:
         """``input_ids``: ``(B, T)``. ``targets``: ``(B, T)``, already aligned with the
         next token (``targets[:, t]`` is the token after ``input_ids[:, t]``);
-        ``-100`` is ignored. With a ``cache``, the tokens continue the cached ones."""
+        ``-100`` is ignored. With a ``cache``, the tokens continue the cached ones.
+        ``return_stats``: each layer's statistics records in ``layer_stats``;
+        ``detailed_stats``: the costly ones too (activation histograms, for
+        ``finemoe analyze``; the layers then take their reference paths)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.max_seq_len:
@@ -345,12 +352,12 @@ class Transformer(nn.Module):
         aux_losses: dict[str, Tensor] = {}
         layer_stats = [] if return_stats else None
         for i, block in enumerate(self.blocks):
-            x_BTD, ffn_out = block(x_BTD, cos_Td, sin_Td, return_stats, cache.layers[i] if cache is not None else None,
-                                   context)
+            x_BTD, ffn_out, records = block(x_BTD, cos_Td, sin_Td, return_stats,
+                                            cache.layers[i] if cache is not None else None, context, detailed_stats)
             for name, value in ffn_out.aux_losses.items():
                 aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
             if layer_stats is not None:
-                layer_stats.append(ffn_out.stats or {})
+                layer_stats.append(records)
         x_BTD = self.norm(x_BTD)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         aux_loss = sum(aux_losses.values()) if aux_losses else torch.zeros((), device=x_BTD.device)

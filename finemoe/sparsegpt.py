@@ -142,15 +142,13 @@ def sparsegpt_prune_dense_ffns(model, batches, *, sparsity: float = 0.5, pattern
     its pruned outputs become the next block's inputs, so calibration costs about three
     forward passes whatever the depth. Returns the FFN weights' counts: total and nonzero
     before and after."""
-    from finemoe.layers.dense import DenseFFN
-
     if pattern is None and not 0 <= sparsity < 1:
         raise ConfigError("sparsity", f"must be in [0, 1), got {sparsity}")
     device = next(model.parameters()).device
     batches = [torch.as_tensor(b, device=device) for b in batches]
     if not batches:
         raise ConfigError("calibration", "SparseGPT needs calibration data (no batch was given)")
-    ffns = [block_.ffn.mlp for block_ in model.blocks if isinstance(block_.ffn, DenseFFN)]
+    ffns = [block_.ffn.mlp for block_ in model.blocks if block_.ffn.config.is_plain_swiglu]
     if not ffns:
         raise ConfigError("model.ffn", "the model has no dense FFN to prune")
     weights = [lin.weight for mlp in ffns for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
@@ -167,7 +165,7 @@ def sparsegpt_prune_dense_ffns(model, batches, *, sparsity: float = 0.5, pattern
         finally:
             handle.remove()
         for block_ in model.blocks:
-            if isinstance(block_.ffn, DenseFFN):
+            if block_.ffn.config.is_plain_swiglu:
                 mlp = block_.ffn.mlp
                 H_x = _input_hessian(block_, mlp.gate_proj, inputs)  # gate and up read the same input
                 for linear in (mlp.gate_proj, mlp.up_proj):

@@ -401,7 +401,7 @@ def write_figures(study: StudySpec, out: Path, table: dict) -> list[Path]:
             pair = {f"{a} (ppl {mean_ppl[a]:.2f})": nsar[a] for a in (references[0], best)}
             written.append(figures.plot_nsar(pair, out / "nsar_reference_vs_best.png"))
     for r in first_seed:
-        if analyses.get(r["run"], {}).get("dsmoe_by_source"):
+        if analyses.get(r["run"], {}).get("active_share_by_source"):
             written.append(figures.plot_dsmoe_sources(analyses[r["run"]], out / f"dsmoe_sources_{r['run']}.png",
                                                       f"{r['run']}: share of active experts per layer and source"))
     return [p for p in written if p]

@@ -42,3 +42,13 @@ def randomise(layer):
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * (0.5 if p.ndim > 1 else 1.0) + (1.0 if p.ndim == 1 else 0.0))
     return layer
+
+
+def with_records(layer, h, *, detailed: bool = False, **kwargs):
+    """``(layer(h), {record name: record})``: the layer's output and the statistics
+    records it added, merged per kind (parts ignored)."""
+    from finemoe.layers.records import Stats, merged
+
+    stats = Stats(detailed=detailed)
+    out = layer(h, stats=stats, **kwargs)
+    return out, {name: record for (_, name), record in merged(stats.records).items()}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finemoe import ModelConfig, Transformer
-from finemoe.analysis import NSAR_THRESHOLDS, Recorder, disabled_top1, record, summarize
+from finemoe.analysis import NSAR_THRESHOLDS, disabled_top1, record, summarize
 from finemoe.layers import DenseConfig, DSMoEConfig, MoEConfig, PEERConfig
 
 D = 16
@@ -102,7 +102,7 @@ def test_dsmoe_active_share_and_compute_spent(threshold, share):
             block.ffn.gate.weight.zero_()
     s = summarize(record(model, _batches(), device="cpu", progress=False), model)
     for layer in s["layers"].values():
-        assert layer["dsmoe"]["active_share"] == share
+        assert layer["active_blocks"]["active_share"] == share
     skipped = 2 * (1 - share) * 3 * D * 32  # two layers
     assert s["compute"]["active_params_per_token"] == model.config.num_active_params() - skipped
     assert s["compute"]["forward_flops_per_token"] == model.config.flops_per_token() - 2 * skipped
@@ -150,13 +150,38 @@ def test_disabled_top1_switches_and_restores_routing():
     assert torch.equal(normal, again)
 
 
-def test_recorder_detaches_and_costs_nothing_when_absent():
-    model = _model(DenseConfig(intermediate_size=24))
-    rec = Recorder().attach(model)
-    rec.detach()
-    model(_batches(1)[0])
-    assert not rec.stats  # nothing was recorded after detach
-    assert all("recorder" not in m.__dict__ for m in model.modules())
+def test_statistics_are_collected_only_when_asked():
+    """No records without ``return_stats``; the cheap ones with it (what the trainer logs);
+    the activation histograms only with ``detailed_stats`` (what the analysis reads)."""
+    from finemoe.layers.records import Activations, Routing
+
+    model = _model(MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=8)).eval()
+    ids = _batches(1)[0]
+    with torch.no_grad():
+        assert model(ids).layer_stats is None
+        cheap = model(ids, return_stats=True).layer_stats
+        detailed = model(ids, return_stats=True, detailed_stats=True).layer_stats
+    assert [[type(r) for _, r in layer] for layer in cheap] == [[Routing], [Routing]]
+    assert all(Activations in {type(r) for _, r in layer} for layer in detailed)
+    routing = cheap[0][0][1]
+    assert float(routing.slot_counts.sum()) == ids.numel() * 2  # two slots per token
+
+
+def test_records_of_two_batches_merge_into_the_record_of_both():
+    from finemoe.layers.records import Activations, Routing
+
+    torch.manual_seed(0)
+    act, gated = torch.randn(10, 6), torch.randn(10, 6)
+    whole = Activations.of(act, gated)
+    halves = Activations.of(act[:4], gated[:4]).merge(Activations.of(act[4:], gated[4:]))
+    assert whole.summary() == halves.summary()
+    assert float(whole.count) == 60 and float(whole.exceed_act[0]) == float((act.abs() > 0.001).sum())
+    probs = torch.softmax(torch.randn(10, 3), -1)
+    slots = torch.randint(0, 3, (10, 2))
+    merged = Routing.of(probs[:4], slots[:4]).merge(Routing.of(probs[4:], slots[4:]))
+    assert merged.slot_counts.tolist() == [float((slots == e).sum()) for e in range(3)]
+    assert merged.summary()["routing"]["router_entropy"] == pytest.approx(
+        float(-(probs * probs.log()).sum(-1).mean()))
 
 
 def test_cli_analyze_writes_json_and_figures(tmp_path):
@@ -198,4 +223,4 @@ def test_cli_analyze_writes_json_and_figures(tmp_path):
         assert path.is_file() and path.stat().st_size > 1000, name
     moe = json.loads((tmp_path / "an" / "moe.json").read_text())
     assert moe["robustness"]["routed_layers"] == 2
-    assert set(json.loads((tmp_path / "an" / "dsmoe.json").read_text())["dsmoe_by_source"]) == {"val", "piqa"}
+    assert set(json.loads((tmp_path / "an" / "dsmoe.json").read_text())["active_share_by_source"]) == {"val", "piqa"}

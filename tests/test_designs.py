@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from finemoe.config import ConfigError
-from finemoe.convert import moe_config_for_split, split_dense_ffn
+from finemoe.convert import split_dense_ffn
 from finemoe.layers import (
     CallContext,
     CartesianConfig,
@@ -14,13 +14,14 @@ from finemoe.layers import (
     DSMoEConfig,
     FinedeepConfig,
     HashConfig,
+    MoEConfig,
     PEERConfig,
     PKMConfig,
     TopPConfig,
 )
 from finemoe.layers.routing import product_key_topk
 from tests import reference as ref
-from tests.helpers import D, compare_with_reference, randomise
+from tests.helpers import D, compare_with_reference, randomise, with_records
 
 # -- Finedeep ------------------------------------------------------------------------------------
 
@@ -166,12 +167,14 @@ def test_dsmoe_sparse_eval_path_equals_masked_path():
     cfg = DSMoEConfig(intermediate_size=48, num_experts=6)
     layer = randomise(cfg.build(D)).double().eval()
     h = torch.randn(4, 9, D, dtype=torch.float64)
-    out = layer(h, return_stats=True)  # eval: the sparse path
+    out, records = with_records(layer, h)  # eval: the sparse path
     u = layer.norm(h).reshape(-1, D)
     a, G, active = layer.gates(u)
-    assert 0 < out.stats["active_share"] < 1
+    share = records["active_blocks"].summary()["active_blocks"]["active_share"]
+    assert 0 < share < 1
     torch.testing.assert_close(out.update.reshape(-1, D), layer.masked_forward(u, a, G, active), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out.stats["active_share"], active.double().mean().float(), check_dtype=False)
+    assert share == pytest.approx(float(active.double().mean()))
+    assert layer.config.measured_active_share(records["active_blocks"].summary()) == share
 
 
 def test_dsmoe_no_active_block_gives_zero():
@@ -188,7 +191,7 @@ def test_moe_split_with_every_expert_and_uniform_router_is_the_dense_ffn():
     """The LLaMA-MoE baseline from the same partition: k = n, uniform router → dense."""
     dense_cfg = DenseConfig(intermediate_size=40)
     dense = randomise(dense_cfg.build(D)).double()
-    cfg = moe_config_for_split(dense_cfg, num_experts=8, top_k=8)
+    cfg = MoEConfig.from_dense(dense_cfg, num_experts=8, top_k=8)
     layer = cfg.build(D).double()
     layer.load_state_dict(split_dense_ffn(dense.state_dict(), cfg))
     with torch.no_grad():
@@ -311,8 +314,8 @@ def test_only_retrieved_experts_matter(kind):
     torch.manual_seed(0)
     layer = cfg.build(D).eval()
     h = torch.randn(2, 5, D)
-    out = layer(h, return_stats=True)
-    mass = out.stats["gate_mass"]
+    out, records = with_records(layer, h)
+    mass = records["product_keys"].mass.sum(0)
     unused, used = int((mass == 0).nonzero()[0]), int(mass.argmax())
     tables = [layer.expert_in, layer.expert_out] if kind == "peer" else [layer.values]
     with torch.no_grad():
@@ -351,9 +354,9 @@ def test_peer_never_materialises_a_tensor_of_tokens_times_experts():
 
 def test_peer_usage_stats_sum_to_the_gate_mass():
     cfg = PEERConfig(num_experts=64, num_heads=2, top_k=4, key_dim=8)
-    out = cfg.build(D)(torch.randn(3, 4, D), return_stats=True)
-    # softmax gates sum to 1 per head and token: total mass = tokens × heads
-    torch.testing.assert_close(out.stats["gate_mass"].sum(), torch.tensor(12.0 * 2))
+    _, records = with_records(cfg.build(D), torch.randn(3, 4, D))
+    # softmax gates sum to 1 per head and token: total mass = tokens × heads, each head's 12
+    torch.testing.assert_close(records["product_keys"].mass.sum(-1), torch.tensor([12.0, 12.0]))
 
 
 def test_channel_pruning_keeps_the_strongest_channels_and_their_function():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from finemoe.layers import DenseConfig, MoEConfig
 from tests import reference as ref
-from tests.helpers import B, D, T, compare_with_reference, randomise
+from tests.helpers import B, D, T, compare_with_reference, randomise, with_records
 
 
 def test_dense_matches_reference():
@@ -57,9 +59,9 @@ def test_moe_load_balancing_loss_is_one_when_uniform():
     layer = cfg.build(D)
     with torch.no_grad():
         layer.router.weight.zero_()
-    out = layer(torch.randn(2, 5, D), return_stats=True)
+    out, records = with_records(layer, torch.randn(2, 5, D))
     torch.testing.assert_close(out.aux_losses["load_balancing"], torch.tensor(1.0))
-    torch.testing.assert_close(out.stats["router_entropy"], torch.tensor(8.0).log())
+    assert records["routing"].scalars()["router_entropy"] == pytest.approx(math.log(8.0))
 
 
 def test_moe_statistics_for_a_router_that_sends_everything_to_one_expert():
@@ -72,8 +74,8 @@ def test_moe_statistics_for_a_router_that_sends_everything_to_one_expert():
     h = torch.ones(2, 5, D)
     with torch.no_grad():
         layer.router.weight[2, 0] = 100.0
-    out = layer(h, return_stats=True)
-    torch.testing.assert_close(out.stats["expert_load"], torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    _, records = with_records(layer, h)
+    assert records["routing"].summary()["routing"]["token_share"] == [0.0, 0.0, 1.0, 0.0]
 
 
 def test_disable_top1_never_uses_the_top1_expert():

@@ -79,9 +79,10 @@ def test_routing_stats_per_layer():
     model = Transformer(_cfg(ffn_layers=[FFNLayers("1::2", MOE)]))
     out = model(torch.randint(0, 61, (2, 10)), return_stats=True)
     assert len(out.layer_stats) == 4
-    assert out.layer_stats[0] == {}
-    load = out.layer_stats[1]["expert_load"]
-    assert load.shape == (4,) and torch.isclose(load.sum(), torch.tensor(1.0))
+    assert out.layer_stats[0] == []  # a dense layer has no cheap statistics
+    ((part, routing),) = out.layer_stats[1]
+    assert part == "" and routing.name == "routing"
+    assert routing.slot_counts.shape == (4,) and float(routing.slot_counts.sum()) == 20 * MOE.num_experts_per_tok
     assert model(torch.randint(0, 61, (2, 10))).layer_stats is None
 
 

@@ -12,10 +12,25 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from finemoe.layers import FFN_KINDS, CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers import FFN_KINDS, CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Record, Stats, register_ffn
 from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
 from tests.test_interop import _cli
 from tests.test_study import TINY, shards  # noqa: F401  (the shards fixture)
+
+
+@dataclass
+class OutputGate(Record):
+    """This kind's own statistic: its per-token gate, summed over tokens."""
+
+    name: ClassVar[str] = "output_gate"
+    gate_sum: Tensor
+    tokens: Tensor
+
+    def summary(self) -> dict:
+        return {"output_gate": {"mean": float(self.gate_sum / self.tokens)}}
+
+    def scalars(self) -> dict[str, float]:
+        return {"gate_mean": float(self.gate_sum / self.tokens)}
 
 
 @dataclass
@@ -54,11 +69,12 @@ class HalfGatedFFN(FFN):
         self.gate = nn.Linear(d_model, 1, bias=False)
         self.mlp = SwiGLU(d_model, config.intermediate_size)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         u = self.norm(h_BTD)
         g = torch.sigmoid(self.gate(u))
-        stats = {"gate_mean": g.detach().mean()} if return_stats else None  # its own statistic
-        return FFNOutput(update=g * self.mlp(u), stats=stats)
+        if stats is not None:  # its own statistic
+            stats.add(OutputGate(g.detach().double().sum(), torch.tensor(float(g.numel()), dtype=torch.float64)))
+        return FFNOutput(update=g * self.mlp(u, stats))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.norm.reset_parameters()
@@ -95,6 +111,7 @@ arms:
     assert any("layer0/gate_mean" in r for r in records)  # the trainer logged the layer's own statistic
     result = analyze_checkpoint(tmp_path / "runs" / "half", batches=1, batch_size=2, sources=(), progress=False)
     assert 0 < result["model"]["nsar_act"]["0.1"] <= 1  # its SwiGLU reported activations like every kind's
+    assert 0 < result["layers"]["layer0"]["output_gate"]["mean"] < 1  # and its own record, summarised by itself
 
 
 def test_a_kind_defined_outside_finemoe_is_a_conversion_target(tmp_path, shards, registered):  # noqa: F811

@@ -11,20 +11,21 @@
 - expert usage (PEER, PKM): usage and unevenness KL(z ‖ uniform) per layer and head,
   and the distribution of retrieval counts.
 
-Layers report through ``finemoe.layers.base.report`` to a ``Recorder``; see
-``recorder.py``. Usable from Python (``analyze_model``) and from the CLI.
+Layers add typed statistics records (``finemoe.layers.records``) when the model runs
+with ``return_stats=True``; a ``Recorder`` merges them over batches, and each record
+says what it means (``Record.summary``): nothing here knows a design. Usable from
+Python (``analyze_model``) and from the CLI.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from finemoe.analysis.recorder import HIST_BINS, HIST_RANGE, NSAR_THRESHOLDS, Recorder, kl_to_uniform
+from finemoe.analysis.recorder import NSAR_THRESHOLDS, Recorder
 
 __all__ = [
     "Recorder",
@@ -45,17 +46,17 @@ DSMOE_SOURCES = ("hellaswag", "piqa", "arc_easy", "sciq", "lambada")
 def record(model: nn.Module, batches: Iterable[Tensor], *, device, autocast=None, progress: bool = True,
            desc: str = "analyze") -> Recorder:
     """Run ``model`` over ``batches`` (token windows ``(B, T+1)`` or inputs ``(B, T)``) in
-    eval mode with a recorder attached; returns the filled recorder."""
+    eval mode, collecting every layer's detailed statistics; returns the filled recorder."""
     from tqdm import tqdm
 
     recorder = Recorder()
     was_training = model.training
     model.eval()
-    with recorder.attach(model), torch.no_grad():
+    with torch.no_grad():
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             batch = torch.as_tensor(batch).to(device)
             with autocast or _nullcontext():
-                model(batch)
+                recorder.add(model(batch, return_stats=True, detailed_stats=True).layer_stats)
     model.train(was_training)
     return recorder
 
@@ -73,56 +74,18 @@ def _f(x) -> float:
 
 
 def summarize(recorder: Recorder, model: nn.Module | None = None) -> dict:
-    """JSON-ready per-layer metrics from a filled recorder."""
+    """JSON-ready per-layer metrics from a filled recorder: each place's records' own
+    summaries, and the model-level summaries of each kind of record."""
     layers: dict[str, dict] = {}
-    edges = torch.linspace(*HIST_RANGE, HIST_BINS + 1).tolist()
-    for layer, st in sorted(recorder.stats.items(), key=lambda kv: _layer_key(kv[0])):
+    by_kind: dict[type, list] = {}
+    for place, store in sorted(recorder.records.items(), key=lambda kv: _layer_key(kv[0])):
         out: dict = {}
-        for name in ("act", "gated"):
-            if f"{name}/count" in st:
-                count = _f(st[f"{name}/count"])
-                out[f"nsar_{name}"] = {str(t): _f(e) / count for t, e in zip(recorder.thresholds, st[f"{name}/exceed"])}
-                out[f"hist_{name}"] = {"edges": edges, "counts": st[f"{name}/hist"].tolist(),
-                                       "below": _f(st[f"{name}/below"]), "above": _f(st[f"{name}/above"]),
-                                       "total": count}
-        if "route/slot_counts" in st:
-            counts = st["route/slot_counts"].cpu()
-            share = counts / counts.sum().clamp_min(1)
-            tokens = _f(st["route/tokens"])
-            out["routing"] = {
-                "token_share": share.tolist(),
-                "imbalance": _f(share.max() / share.mean()),
-                "router_entropy": _f(st["route/entropy_sum"]) / tokens,
-                "max_entropy": math.log(len(share)),
-                "unused_expert_share": _f((counts == 0).double().mean()),
-                "mean_router_prob": (st["route/prob_sum"].cpu() / tokens).tolist(),
-                "tokens": tokens,
-            }
-            if "route/dropped_tokens" in st:
-                out["routing"]["dropped_token_share"] = _f(st["route/dropped_tokens"]) / tokens
-        if "dsmoe/active_counts" in st:
-            per_block = (st["dsmoe/active_counts"].cpu() / _f(st["dsmoe/tokens"]))
-            out["dsmoe"] = {"active_share": _f(per_block.mean()), "active_share_per_block": per_block.tolist()}
-        fd = sorted(k for k in st if k.startswith("finedeep/gate_sum/"))
-        if fd:
-            out["finedeep"] = {"gate_mean": [
-                (st[k].cpu() / _f(st[k.replace("gate_sum", "tokens")])).tolist() for k in fd]}
-        if "pk/mass" in st:
-            mass = st["pk/mass"].cpu()
-            total = mass.sum(0)
-            counts = st["pk/count"].cpu()
-            out["product_keys"] = {
-                "num_experts": int(total.numel()),
-                "usage": _f((total > 0).double().mean()),
-                "unevenness_kl": kl_to_uniform(total),
-                "usage_per_head": [(m > 0).double().mean().item() for m in mass],
-                "unevenness_kl_per_head": [kl_to_uniform(m) for m in mass],
-                "retrieval_count_hist": _log_hist(counts),
-                "tokens": _f(st["pk/tokens"]),
-            }
-        layers[layer] = out
-    summary: dict = {"layers": layers, "thresholds": list(recorder.thresholds)}
-    summary["model"] = _model_level(layers, recorder)
+        for name in sorted(store):
+            out.update(store[name].summary())
+            by_kind.setdefault(type(store[name]), []).append(store[name])
+        layers[place] = out
+    summary: dict = {"layers": layers, "thresholds": list(NSAR_THRESHOLDS)}
+    summary["model"] = {k: v for kind, records in by_kind.items() for k, v in kind.model_summary(records).items()}
     if model is not None:
         summary["compute"] = _compute_spent(model, layers)
     return summary
@@ -131,28 +94,6 @@ def summarize(recorder: Recorder, model: nn.Module | None = None) -> dict:
 def _layer_key(name: str):
     head, _, sub = name.partition("/")
     return int(head.replace("layer", "")), sub
-
-
-def _log_hist(counts: Tensor) -> dict:
-    """How many experts were retrieved 0, 1, 2-3, 4-7, ... times."""
-    c = counts.double()
-    edges = [0, 1, 2]
-    while edges[-1] <= c.max().item():
-        edges.append(edges[-1] * 2)
-    hist = [int(((c >= lo) & (c < hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:])]
-    return {"edges": edges, "experts": hist}
-
-
-def _model_level(layers: dict, recorder: Recorder) -> dict:
-    out = {}
-    for name in ("act", "gated"):
-        counts = [(recorder.stats[l][f"{name}/count"], recorder.stats[l][f"{name}/exceed"]) for l in layers
-                  if f"{name}/count" in recorder.stats[l]]
-        if counts:
-            total = sum(_f(c) for c, _ in counts)
-            exceed = sum(e.cpu() for _, e in counts)
-            out[f"nsar_{name}"] = {str(t): _f(e) / total for t, e in zip(recorder.thresholds, exceed)}
-    return out
 
 
 def _compute_spent(model: nn.Module, layers: dict) -> dict:
@@ -245,7 +186,8 @@ def analyze_model(model, tokenizer, shards, *, seq_len: int, batch_size: int = 1
                   sources: dict[str, Iterable[str]] | None = None, device="cpu", autocast=None,
                   progress: bool = True) -> dict:
     """Everything for one model: the summary on the validation split, robustness,
-    and (for DSMoE layers) the active share per source."""
+    and, for layers whose activation is learned per token (DSMoE's), the active share
+    per text source."""
     val = shards.sequential("val", batch_size, seq_len, max_batches)
     recorder = record(model, (torch.from_numpy(b[:, :-1]) for b in val), device=device, autocast=autocast,
                       progress=progress, desc="analyze val")
@@ -260,7 +202,7 @@ def analyze_model(model, tokenizer, shards, *, seq_len: int, batch_size: int = 1
             shares = _active_shares(summarize(rec, model), model.config)
             if shares:
                 per_source[name] = shares
-        result["dsmoe_by_source"] = per_source
+        result["active_share_by_source"] = per_source
     return result
 
 

@@ -110,7 +110,7 @@ def plot_expert_load(summary: dict, out, title: str = "") -> Path | None:
 
 def plot_dsmoe_sources(summary: dict, out, title: str = "") -> Path | None:
     """Heat map: DSMoE layer × source, colour = share of active blocks (the paper's Fig. 3)."""
-    by_source = summary.get("dsmoe_by_source")
+    by_source = summary.get("active_share_by_source")
     if not by_source:
         return None
     plt = _plt()

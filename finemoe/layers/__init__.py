@@ -1,6 +1,7 @@
 """FFN kinds. Importing this package registers every built-in kind."""
 
 from finemoe.layers.base import CallContext, FFN, FFN_KINDS, FFNConfig, FFNOutput, LayerContext, intervention, register_ffn
+from finemoe.layers.records import Record, Stats
 from finemoe.layers.dense import DenseConfig, DenseFFN
 from finemoe.layers.moe import MoEConfig, MoEFFN
 from finemoe.layers.finedeep import FinedeepConfig, FinedeepFFN
@@ -18,6 +19,8 @@ __all__ = [
     "FFNConfig",
     "FFNOutput",
     "LayerContext",
+    "Record",
+    "Stats",
     "intervention",
     "register_ffn",
     "DenseConfig",

@@ -25,26 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError
+from finemoe.layers.records import Stats
 
-__all__ = ["CallContext", "FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "intervention", "register_ffn", "report"]
+__all__ = ["CallContext", "FFN", "FFNConfig", "FFNOutput", "FFN_KINDS", "LayerContext", "Stats", "intervention", "register_ffn"]
 
-
-def report(module: nn.Module, key: str, **values: Tensor) -> None:
-    """Hand tensors to the analysis recorder attached to ``module``, if any.
-
-    ``finemoe.analysis.Recorder.attach`` sets ``module.recorder``; without one this is
-    a dictionary lookup and nothing else, so a model that is not being analysed pays
-    nothing. Layers call it; nothing patches a layer from outside.
-    """
-    recorder = module.__dict__.get("recorder")
-    if recorder is not None:
-        recorder.observe(module.__dict__["record_name"], key, **values)
-
-
-def is_recorded(module: nn.Module | None) -> bool:
-    """Whether an analysis recorder is attached to ``module``: fast paths that do not
-    compute what the recorder reads (activations, router probabilities) step aside."""
-    return module is not None and module.__dict__.get("recorder") is not None
 
 # kind name -> config class
 FFN_KINDS: dict[str, type["FFNConfig"]] = {}
@@ -87,13 +71,13 @@ class FFNOutput:
     update: ``(B, T, D)``, added to the residual stream by the block.
     aux_losses: named auxiliary losses, *already multiplied by their coefficients*;
         the model sums them over layers into ``aux_loss``.
-    stats: routing statistics (only when asked for with ``return_stats=True``), each
-        a detached tensor, e.g. ``expert_load`` of shape ``(E,)``.
+
+    Statistics do not travel here: a caller that wants them passes a ``Stats`` to the
+    forward, and the layer adds typed records to it (``finemoe.layers.records``).
     """
 
     update: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
-    stats: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -167,7 +151,7 @@ class FFNConfig:
     # -- what tokens actually used (``finemoe analyze``) ----------------------------------------
     def measured_active_share(self, layer_summary: dict) -> float | None:
         """For designs whose activation is learned per token (DSMoE's gates): the share of
-        the layer's blocks that tokens switched on, read from its analysis summary; None
+        the layer's blocks that tokens switched on, read from its analysis summary (its records' summaries); None
         for designs that spend what their config says."""
         return None
 
@@ -181,6 +165,13 @@ class FFNConfig:
         return self.num_active_params(d_model), self.flops_per_token(d_model)
 
     # -- made from a dense FFN (DSMoE and its baselines, METHODS.md §2) --------------------
+    @property
+    def is_plain_swiglu(self) -> bool:
+        """Whether the layer is one pre-norm SwiGLU MLP of width ``intermediate_size``
+        (state dict ``norm.weight``, ``mlp.{gate,up,down}_proj.weight``; module ``.mlp``):
+        what conversions start from, and what channel pruning and SparseGPT prune."""
+        return False
+
     conversion_note: ClassVar[str] = ""
     """What ``finemoe convert`` tells the user after converting to this kind."""
 
@@ -207,6 +198,42 @@ class FFNConfig:
         raise ConfigError("convert", f"a {self.kind!r} FFN cannot be made from a dense FFN")
 
 
+    # -- the FFN of a transformers architecture (``finemoe import`` / ``export``) -----------
+    hf_model_type: ClassVar[str] = ""
+    """The transformers ``model_type`` whose every FFN is of this kind (``llama``: dense,
+    ``mixtral``: moe); empty for kinds with no such architecture (exported with remote
+    code instead)."""
+    hf_architecture: ClassVar[str] = ""
+    """Its model class, e.g. ``LlamaForCausalLM``."""
+    hf_config_fields: ClassVar[frozenset[str]] = frozenset()
+    """The FFN fields of its ``config.json`` this kind reads (besides ``intermediate_size``)."""
+
+    @classmethod
+    def from_hf_config(cls, fields: dict[str, Any], norm_eps: float) -> "FFNConfig":
+        """This kind's config from the fields of a ``config.json`` of ``hf_model_type``."""
+        raise ConfigError("model_type", f"a {cls.kind!r} FFN has no transformers architecture")
+
+    def hf_export_problem(self) -> str | None:
+        """Why this layer does not compute what its architecture's FFN computes (an option
+        the architecture lacks), or None when it does."""
+        return f"a {self.kind!r} FFN has no transformers architecture"
+
+    def hf_config(self) -> dict[str, Any]:
+        """The FFN fields of the architecture's ``config.json`` (equal for every layer of an
+        exported model)."""
+        raise NotImplementedError
+
+    def weights_from_hf(self, hf_sd: Any, prefix: str) -> dict[str, Tensor]:
+        """This layer's state dict from the architecture's checkpoint, whose keys of this
+        transformer layer start with ``prefix`` (``model.layers.3.``); the post-attention
+        norm there is the FFN's pre-norm."""
+        raise NotImplementedError
+
+    def weights_to_hf(self, sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+        """The inverse of ``weights_from_hf``: the architecture's keys (with ``prefix``)."""
+        raise NotImplementedError
+
+
 class FFN(nn.Module):
     """Base class of every FFN module: ``forward(h_BTD) -> FFNOutput``.
 
@@ -224,8 +251,11 @@ class FFN(nn.Module):
     def intervening(self, name: str) -> bool:
         return name in self.__dict__.get("_interventions", ())
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False,
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None,
                 context: CallContext | None = None) -> FFNOutput:  # pragma: no cover
+        """``stats``: where to add this call's statistics records, if the caller wants
+        them (``finemoe.layers.records``); ``context``: what the call may read besides
+        the hidden states."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.moe import MoEConfig, MoEFFN
 
 
@@ -102,14 +102,13 @@ class CartesianFFN(FFN):
         self.config = config
         self.sublayers = nn.ModuleList([MoEFFN(config.sublayer, d_model), MoEFFN(config.sublayer, d_model)])  # A, B
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
-        a = self.sublayers[0](h_BTD, return_stats=return_stats, context=context)            # MoE_A(RMSNorm_A(h))
-        b = self.sublayers[1](h_BTD + a.update, return_stats=return_stats, context=context)  # MoE_B(RMSNorm_B(h'))
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
+        # each sub-layer's statistics under its name: "A", "B" (analysis: layer3/A, layer3/B)
+        a_stats, b_stats = (None, None) if stats is None else (stats.within("A"), stats.within("B"))
+        a = self.sublayers[0](h_BTD, stats=a_stats, context=context)             # MoE_A(RMSNorm_A(h))
+        b = self.sublayers[1](h_BTD + a.update, stats=b_stats, context=context)  # MoE_B(RMSNorm_B(h'))
         aux = {name: a.aux_losses[name] + b.aux_losses[name] for name in a.aux_losses}
-        stats = None
-        if return_stats:
-            stats = {f"A/{k}": v for k, v in a.stats.items()} | {f"B/{k}": v for k, v in b.stats.items()}
-        return FFNOutput(update=a.update + b.update, aux_losses=aux, stats=stats)  # out − h
+        return FFNOutput(update=a.update + b.update, aux_losses=aux)  # out − h
 
     def init_weights(self, std: float, out_std: float) -> None:
         for sublayer in self.sublayers:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, fused_swiglu_wanted
-from finemoe.layers.base import is_recorded, report
+from finemoe.layers.records import Activations, Stats, wants
 
 __all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "swiglu_hidden", "swiglu_hidden_packed", "swiglu_params"]
 
@@ -68,39 +68,38 @@ def swiglu_params(d_model: int, hidden: int) -> int:
     return 3 * d_model * hidden
 
 
-def swiglu_hidden(gate: Tensor, up: Tensor, module: nn.Module | None = None, *,
+def swiglu_hidden(gate: Tensor, up: Tensor, stats: Stats | None = None, *,
                   block_scale: Tensor | None = None) -> Tensor:
     """The hidden units of SwiGLU, ``silu(x W_g) ⊙ (x W_u)``, from the two projections
     (Shazeer 2020), times ``block_scale[n, i]`` on block i of the columns if given
     (``(N, n)``, n dividing the width: DSMoE's gates). Every design computes them here,
-    so the activation statistics of ``finemoe analyze`` (reported to ``module``'s
-    recorder, before any scale) mean the same for all, and one fused kernel
-    (``finemoe.kernels.fused_swiglu``, used on the GPU in eager mode) speeds them all. This
-    formula is its reference, the path taken while a recorder is attached, and the one
-    ``torch.compile`` fuses with its neighbours."""
-    recording = is_recorded(module)
+    so the activation statistics of ``finemoe analyze`` (an ``Activations`` record added
+    to ``stats``, before any scale) mean the same for all, and one fused kernel
+    (``finemoe.kernels.fused_swiglu``) speeds them all. This formula is its reference,
+    the path taken when the activations are recorded, and the one ``torch.compile`` fuses
+    with its neighbours."""
+    recording = wants(stats, Activations)
     if not recording and fused_swiglu_wanted(gate, block_scale):
         return fused_swiglu(gate, up, block_scale)
     act = F.silu(gate)
     hidden = act * up
     if recording:
-        report(module, "activations", act=act, gated=hidden)
+        stats.add(Activations.of(act, hidden))
     if block_scale is not None:
         N, n = block_scale.shape
         hidden = (hidden.view(N, n, hidden.shape[-1] // n) * block_scale.to(hidden.dtype).unsqueeze(-1)).view(hidden.shape)
     return hidden
 
 
-def swiglu_hidden_packed(gate_up: Tensor, module: nn.Module | None = None, *,
+def swiglu_hidden_packed(gate_up: Tensor, stats: Stats | None = None, *,
                          block_scale: Tensor | None = None) -> Tensor:
     """``swiglu_hidden(gate, up)`` for ``gate_up = [gate | up]`` (last axis), the output
     of one GEMM against the two weights side by side: one wider product instead of two
     (measured faster for narrow experts), read in place by the fused kernel."""
-    recording = is_recorded(module)
-    if not recording and fused_swiglu_wanted(gate_up, block_scale):
+    if not wants(stats, Activations) and fused_swiglu_wanted(gate_up, block_scale):
         return fused_swiglu_packed(gate_up, block_scale)
     gate, up = gate_up.chunk(2, dim=-1)
-    return swiglu_hidden(gate, up, module, block_scale=block_scale)
+    return swiglu_hidden(gate, up, stats, block_scale=block_scale)
 
 
 class SwiGLU(nn.Module):
@@ -112,8 +111,8 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(swiglu_hidden(self.gate_proj(x), self.up_proj(x), self))
+    def forward(self, x: Tensor, stats: Stats | None = None) -> Tensor:
+        return self.down_proj(swiglu_hidden(self.gate_proj(x), self.up_proj(x), stats))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -7,13 +7,16 @@ Finedeep and DSMoE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from finemoe.config import check
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
+
+
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @register_ffn
@@ -32,6 +35,32 @@ class DenseConfig(FFNConfig):
     def build(self, d_model: int, context: LayerContext | None = None) -> "DenseFFN":
         return DenseFFN(self, d_model)
 
+    @property
+    def is_plain_swiglu(self) -> bool:
+        return True
+
+    # LLaMA's MLP is this layer: model.layers.i.mlp.{gate,up,down}_proj
+    hf_model_type: ClassVar[str] = "llama"
+    hf_architecture: ClassVar[str] = "LlamaForCausalLM"
+
+    @classmethod
+    def from_hf_config(cls, fields: dict[str, Any], norm_eps: float) -> "DenseConfig":
+        return cls(intermediate_size=int(fields["intermediate_size"]), norm_eps=norm_eps)
+
+    def hf_export_problem(self) -> str | None:
+        return None
+
+    def hf_config(self) -> dict[str, Any]:
+        return {"intermediate_size": self.intermediate_size, "mlp_bias": False}
+
+    def weights_from_hf(self, hf_sd, prefix: str) -> dict[str, Tensor]:
+        return {"norm.weight": hf_sd[prefix + "post_attention_layernorm.weight"],
+                **{f"mlp.{p}.weight": hf_sd[f"{prefix}mlp.{p}.weight"] for p in _PROJECTIONS}}
+
+    def weights_to_hf(self, sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+        return {prefix + "post_attention_layernorm.weight": sd["norm.weight"],
+                **{f"{prefix}mlp.{p}.weight": sd[f"mlp.{p}.weight"] for p in _PROJECTIONS}}
+
     def num_params(self, d_model: int) -> int:
         return d_model + swiglu_params(d_model, self.intermediate_size)
 
@@ -49,8 +78,8 @@ class DenseFFN(FFN):
         self.norm = RMSNorm(d_model, config.norm_eps)
         self.mlp = SwiGLU(d_model, config.intermediate_size)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
-        return FFNOutput(update=self.mlp(self.norm(h_BTD)), stats={} if return_stats else None)
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
+        return FFNOutput(update=self.mlp(self.norm(h_BTD), stats))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.norm.reset_parameters()

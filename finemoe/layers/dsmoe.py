@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
+from finemoe.layers.records import Activations, BlockActivity, wants
 from finemoe.layers.common import (RMSNorm, SwiGLU, at_least_float32, dense_swiglu_weights, fresh_gate, swiglu_hidden,
                                     swiglu_params)
 from finemoe.kernels import triton_kernels_available
@@ -80,8 +81,8 @@ class DSMoEConfig(FFNConfig):
         return self.intermediate_size // self.num_experts
 
     def measured_active_share(self, layer_summary):
-        stats = layer_summary.get("dsmoe")
-        return stats["active_share"] if stats else None
+        blocks = layer_summary.get(BlockActivity.name)
+        return blocks["active_share"] if blocks else None
 
     def measured_cost(self, layer_summary, d_model):
         """Only the blocks switched on are computed (the sparse inference path)."""
@@ -148,13 +149,14 @@ class DSMoEFFN(FFN):
         count_N1 = active_Nn.sum(-1, keepdim=True).to(dtype)
         return torch.where(count_N1 > 0, self.config.num_experts / count_N1.clamp_min(1), torch.zeros_like(count_N1))
 
-    def masked_forward(self, u_ND: Tensor, a_Nn: Tensor, G_Nn: Tensor, active_Nn: Tensor) -> Tensor:
+    def masked_forward(self, u_ND: Tensor, a_Nn: Tensor, G_Nn: Tensor, active_Nn: Tensor,
+                       stats: Stats | None = None) -> Tensor:
         """Every block computed, then weighted (training, and the reference for eval)."""
         cfg = self.config
         S_Nn = G_Nn.detach() + a_Nn - a_Nn.detach() if cfg.straight_through else G_Nn
         weights_Nn = S_Nn * self._scale(active_Nn, S_Nn.dtype)
         # Σ_i o_i · w_i = (hidden ⊙ w_i on block i's columns) W_d: one GEMM
-        weighted_NF = swiglu_hidden(self.mlp.gate_proj(u_ND), self.mlp.up_proj(u_ND), self, block_scale=weights_Nn)
+        weighted_NF = swiglu_hidden(self.mlp.gate_proj(u_ND), self.mlp.up_proj(u_ND), stats, block_scale=weights_Nn)
         return self.mlp.down_proj(weighted_NF)
 
     def block_weights(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,7 +169,7 @@ class DSMoEFFN(FFN):
         w_down = self.mlp.down_proj.weight.view(D, n, b).permute(1, 2, 0)
         return w_gate, w_up, w_down
 
-    def sparse_forward(self, u_ND: Tensor, G_Nn: Tensor, active_Nn: Tensor) -> Tensor:
+    def sparse_forward(self, u_ND: Tensor, G_Nn: Tensor, active_Nn: Tensor, stats: Stats | None = None) -> Tensor:
         """Only the active (token, block) pairs are computed (inference): they run as a
         bank of n experts, the blocks, each on the tokens that switched it on."""
         N, n = active_Nn.shape
@@ -178,14 +180,14 @@ class DSMoEFFN(FFN):
         block_S, token_S = pair_S // N, pair_S % N
         x_SD = u_ND.to(compute_dtype(u_ND))[token_S]
         y_SD = run_swiglu_experts(x_SD, count_per_expert(block_S, n), *self.block_weights(),
-                                  scale_S=weights_Nn[token_S, block_S], impl=self.config.experts_impl, module=self)
+                                  scale_S=weights_Nn[token_S, block_S], impl=self.config.experts_impl, stats=stats)
         return u_ND.new_zeros(u_ND.shape).index_add_(0, token_S, y_SD.to(u_ND.dtype))
 
-    def _decoding(self, u_ND: Tensor) -> bool:
+    def _decoding(self, u_ND: Tensor, stats: Stats | None) -> bool:
         """A few tokens at inference on a GPU: the decode kernels, which read only the
         switched-on blocks' weights (``finemoe.kernels.dsmoe_decode``)."""
         return (not self.training and self.config.eval_sparse and not torch.is_grad_enabled()
-                and not is_recorded(self) and triton_kernels_available(u_ND)
+                and not wants(stats, Activations) and triton_kernels_available(u_ND)
                 and dsmoe_decode_applies(u_ND, self.config.block_width))
 
     def supported_interventions(self) -> tuple[str, ...]:
@@ -194,35 +196,31 @@ class DSMoEFFN(FFN):
         of the active-share axis)."""
         return ("all_blocks_on",)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         if self.intervening("all_blocks_on"):  # every block on with weight 1: the dense FFN it was split from
-            y_ND = self.mlp(u_ND)
+            y_ND = self.mlp(u_ND, stats)
             G_Nn = torch.ones(B * T, cfg.num_experts, device=u_ND.device)
             active_Nn = G_Nn.bool()
-        elif self._decoding(u_ND):
+        elif self._decoding(u_ND, stats):
             y_ND, G_Nn = dsmoe_decode(u_ND, self.gate.weight, self.mlp.gate_proj.weight, self.mlp.up_proj.weight,
                                       self.mlp.down_proj.weight, threshold=cfg.threshold, rescale=cfg.rescale)
             active_Nn = G_Nn > 0
         else:
             a_Nn, G_Nn, active_Nn = self.gates(u_ND)
-            report(self, "block_gates", active=active_Nn)
             if not self.training and cfg.eval_sparse:
-                y_ND = self.sparse_forward(u_ND, G_Nn, active_Nn)
+                y_ND = self.sparse_forward(u_ND, G_Nn, active_Nn, stats)
             else:
-                y_ND = self.masked_forward(u_ND, a_Nn, G_Nn, active_Nn)
+                y_ND = self.masked_forward(u_ND, a_Nn, G_Nn, active_Nn, stats)
         aux = {}
         if cfg.sparsity_loss_coef > 0:
             per_token = G_Nn.sum(-1).mean()  # Σ_i G(a_i), averaged over tokens
             aux["sparsity"] = cfg.sparsity_loss_coef * per_token / (self.n_layers_of_kind * cfg.num_experts)
-        stats = None
-        if return_stats:
-            with torch.no_grad():
-                share_n = active_Nn.float().mean(0)
-                stats = {"expert_load": share_n, "active_share": share_n.mean()}
-        return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux, stats=stats)
+        if stats is not None:
+            stats.add(BlockActivity.of(active_Nn))
+        return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -39,6 +39,7 @@ from finemoe.config import check
 from finemoe.kernels import grouped_mm
 from finemoe.kernels.slots import sum_slots
 from finemoe.layers.common import swiglu_hidden, swiglu_hidden_packed
+from finemoe.layers.records import Stats
 from finemoe.layers.routing import count_per_expert
 
 __all__ = [
@@ -87,23 +88,24 @@ def run_swiglu_experts(
     *,
     scale_S: Tensor | None = None,
     impl: str = "auto",
-    module: nn.Module | None = None,
+    stats: Stats | None = None,
 ) -> Tensor:
     """Expert e computes ``SwiGLU_e(x) = (silu(x W_g,e) ⊙ (x W_u,e)) W_d,e`` on rows
     ``[offset_e, offset_e + counts_E[e])`` of ``x_SD`` (rows grouped by expert, groups
     in expert order, possibly empty), each row's result times ``scale_S`` if given (a
     routing weight: applied to the hidden units, where the fused SwiGLU kernel takes it
     for free, which by linearity is the same). Returns ``(S, D)``. The weights may be
-    strided views (DSMoE runs the blocks of a dense FFN this way)."""
+    strided views (DSMoE runs the blocks of a dense FFN this way). ``stats``: where the
+    experts' activations are recorded, when the caller wants them."""
     scale_S1 = None if scale_S is None else scale_S.reshape(-1, 1)
     if impl in ("auto", "grouped_mm"):
-        return _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module)
+        return _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats)
     if impl == "eager":
-        return _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module)
+        return _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats)
     raise ValueError(f"unknown experts implementation {impl!r}; one of {', '.join(EXPERTS_IMPLS)}")
 
 
-def _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module) -> Tensor:
+def _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats) -> Tensor:
     """The reference: one GEMM per expert on its slice."""
     splits = counts_E.tolist()  # host sync: sizes the slices
     scales = torch.split(scale_S1, splits) if scale_S1 is not None else [None] * len(splits)
@@ -111,21 +113,21 @@ def _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module
     for e, (x_cD, scale_c1) in enumerate(zip(torch.split(x_SD, splits), scales)):
         if x_cD.shape[0] == 0:
             continue
-        hidden_cF = swiglu_hidden(x_cD @ w_gate_EDF[e], x_cD @ w_up_EDF[e], module, block_scale=scale_c1)
+        hidden_cF = swiglu_hidden(x_cD @ w_gate_EDF[e], x_cD @ w_up_EDF[e], stats, block_scale=scale_c1)
         outputs.append(hidden_cF @ w_down_EFD[e])
     if not outputs:
         return x_SD.new_zeros(x_SD.shape[0], w_down_EFD.shape[-1])
     return torch.cat(outputs, dim=0)
 
 
-def _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, module) -> Tensor:
+def _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats) -> Tensor:
     """Two grouped GEMMs in the compute dtype, the gate and up projections as one of
     twice the width (weights side by side: copied once, as the cast to the compute
     dtype copies them anyway); group ends are the cumulative counts."""
     dtype = compute_dtype(x_SD)
     offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
     w_gate_up_ED2F = torch.cat([w_gate_EDF.to(dtype), w_up_EDF.to(dtype)], dim=-1)
-    hidden_SF = swiglu_hidden_packed(grouped_mm(x_SD.to(dtype), w_gate_up_ED2F, offs_E), module, block_scale=scale_S1)
+    hidden_SF = swiglu_hidden_packed(grouped_mm(x_SD.to(dtype), w_gate_up_ED2F, offs_E), stats, block_scale=scale_S1)
     return grouped_mm(hidden_SF, w_down_EFD.to(dtype), offs_E)
 
 
@@ -143,11 +145,12 @@ class SwiGLUExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.init_weights(std=0.02, out_std=0.02)  # usable standalone; the model re-initialises
 
-    def forward(self, x_SD: Tensor, counts_E: Tensor, scale_S: Tensor | None = None) -> Tensor:
+    def forward(self, x_SD: Tensor, counts_E: Tensor, scale_S: Tensor | None = None,
+                stats: Stats | None = None) -> Tensor:
         """Run expert e on rows ``[offset_e, offset_e + counts_E[e])`` of ``x_SD``
         (rows sorted by expert), each result times ``scale_S``. Returns ``(S, D)``."""
         return run_swiglu_experts(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, scale_S=scale_S, impl=self.impl,
-                                  module=self)
+                                  stats=stats)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
@@ -178,7 +181,8 @@ class _GatherSlots(torch.autograd.Function):
         return sum_slots(grad_SD, position_S, order_S, ctx.K), None, None, None
 
 
-def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tensor, idx_NK: Tensor) -> Tensor:
+def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tensor, idx_NK: Tensor,
+                          stats: Stats | None = None) -> Tensor:
     """``y_n = Σ_k weights[n, k] · expert_{idx[n, k]}(x_n)``, dropless.
 
     Slot ``n·K + k`` is row ``position[n·K + k]`` of the sorted buffer (row p holds slot
@@ -190,15 +194,16 @@ def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tens
     order_S = torch.argsort(flat_idx_S, stable=True)          # slots grouped by expert
     position_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(order_S.numel(), device=order_S.device))
     counts_E = count_per_expert(flat_idx_S, experts.num_experts)
-    y_SD = experts(_GatherSlots.apply(x_ND, order_S, position_S, K), counts_E, weights_NK.reshape(-1)[order_S])
+    y_SD = experts(_GatherSlots.apply(x_ND, order_S, position_S, K), counts_E, weights_NK.reshape(-1)[order_S], stats)
     return sum_slots(y_SD, position_S, order_S, K)
 
 
-def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Tensor, idx_EC: Tensor) -> Tensor:
+def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Tensor, idx_EC: Tensor,
+                           stats: Stats | None = None) -> Tensor:
     """``y_n = Σ_{e: n ∈ chosen(e)} weights[e, n] · expert_e(x_n)``; tokens no expert
     chose get zero update."""
     E, C = idx_EC.shape
     token_S = idx_EC.reshape(-1)                               # already grouped by expert
     counts_E = torch.full((E,), C, dtype=torch.long, device=x_ND.device)
-    y_SD = experts(x_ND[token_S], counts_E, weights_EC.reshape(-1))
+    y_SD = experts(x_ND[token_S], counts_E, weights_EC.reshape(-1), stats)
     return x_ND.new_zeros(x_ND.shape).index_add_(0, token_S, y_SD.to(x_ND.dtype))

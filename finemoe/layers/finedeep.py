@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
+from finemoe.layers.records import Gates
 from finemoe.layers.common import RMSNorm, at_least_float32, dense_swiglu_weights, swiglu_hidden, swiglu_params
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.finedeep_gate import finedeep_gate
@@ -151,8 +152,9 @@ class FinedeepFFN(FFN):
         self.router = nn.Parameter(torch.empty(M, K, d_model))  # w_{m,k} (or the rows of W_r)
         self.init_weights(std=0.02, out_std=0.02)
 
-    def sublayer(self, m: int, h_ND: Tensor, record: dict | None = None) -> Tensor:
-        """The update ``Σ_k g_k e_k`` of sub-layer m.
+    def sublayer(self, m: int, h_ND: Tensor, stats: Stats | None = None, gates: list | None = None) -> Tensor:
+        """The update ``Σ_k g_k e_k`` of sub-layer m (its ``(N, K)`` gates appended to
+        ``gates`` if given).
 
         Never builds the ``(N, K, D)`` expert outputs: with e_k = hidden_k W_{d,k},
         the output-guided score is ``w_k · e_k = hidden_k · (W_{d,k} w_k)``, so all K
@@ -165,7 +167,7 @@ class FinedeepFFN(FFN):
         K, f = cfg.experts_per_sublayer, cfg.expert_intermediate_size
         N, D = h_ND.shape
         u_ND = self.norms[m](h_ND)
-        hidden_NF = swiglu_hidden(u_ND @ self.w_gate[m], u_ND @ self.w_up[m], self)
+        hidden_NF = swiglu_hidden(u_ND @ self.w_gate[m], u_ND @ self.w_up[m], stats)
         if self._gate_kernel_applies(hidden_NF):
             weighted_NF, gates_NK = finedeep_gate(hidden_NF, self._readout(m), softmax=cfg.gate == "softmax",
                                                   normalize=cfg.normalize, scale=K if cfg.gate_sum == "experts" else 1.0)
@@ -185,11 +187,9 @@ class FinedeepFFN(FFN):
                         gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
                 if cfg.gate_sum == "experts":
                     gates_NK = gates_NK * K
-            if is_recorded(self):
-                report(self, "gates", gates=gates_NK, sublayer=torch.tensor(m))
             weighted_NF = (hidden_NF.view(N, K, f) * gates_NK.to(hidden_NF.dtype).unsqueeze(-1)).view(N, K * f)
-        if record is not None:
-            record.setdefault("gate_mean", []).append(gates_NK.detach().mean(0))
+        if gates is not None:
+            gates.append(gates_NK.detach())
         return weighted_NF @ self.w_down[m].reshape(K * f, D)
 
     def _readout(self, m: int) -> Tensor:
@@ -200,19 +200,18 @@ class FinedeepFFN(FFN):
 
     def _gate_kernel_applies(self, hidden_NF: Tensor) -> bool:
         cfg = self.config
-        return (cfg.gate_kernel and cfg.router_input == "expert_output" and triton_kernels_available(hidden_NF)
-                and not is_recorded(self))
+        return cfg.gate_kernel and cfg.router_input == "expert_output" and triton_kernels_available(hidden_NF)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         B, T, D = h_BTD.shape
         h_ND = h_BTD.reshape(B * T, D)
-        record: dict | None = {} if return_stats else None
+        gates: list | None = [] if stats is not None else None
         x_ND = h_ND
         for m in range(self.config.num_sublayers):
-            x_ND = x_ND + self.sublayer(m, x_ND, record)  # h_m = h_{m-1} + Σ_k g_k e_k
-        update_ND = x_ND - h_ND
-        stats = {"gate_mean": torch.stack(record["gate_mean"])} if record is not None else None  # (M, K)
-        return FFNOutput(update=update_ND.reshape(B, T, D), stats=stats)
+            x_ND = x_ND + self.sublayer(m, x_ND, stats, gates)  # h_m = h_{m-1} + Σ_k g_k e_k
+        if stats is not None:
+            stats.add(Gates.of(gates))
+        return FFNOutput(update=(x_ND - h_ND).reshape(B, T, D))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from finemoe.config import check
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
+from finemoe.layers.records import Routing
 from finemoe.layers.common import RMSNorm, SwiGLU, swiglu_params
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_token_choice,
                                      shared_experts_width)
-from finemoe.layers.routing import expert_load
 
 _KNUTH = 2654435761  # 2^32 / golden ratio, odd
 
@@ -99,7 +99,7 @@ class HashFFN(FFN):
         # can take the test
         return ("disable_top1",) if self.shared is not None else ()
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         if context is None or context.token_ids is None:
             raise ValueError("the hash layer routes by token id: call it with context=CallContext(token_ids=...)")
@@ -109,14 +109,12 @@ class HashFFN(FFN):
         if self.intervening("disable_top1"):
             y_ND = torch.zeros_like(u_ND)
         else:
-            y_ND = dispatch_token_choice(self.experts, u_ND, torch.ones(idx_N1.shape, device=u_ND.device), idx_N1)
+            y_ND = dispatch_token_choice(self.experts, u_ND, torch.ones(idx_N1.shape, device=u_ND.device), idx_N1, stats)
         if self.shared is not None:
-            y_ND = y_ND + self.shared(u_ND)
-        if is_recorded(self):  # a deterministic router: all mass on the hashed expert
-            report(self, "routing", probs=F.one_hot(idx_N1[:, 0], cfg.num_experts).float(), slots=idx_N1,
-                   chosen_tokens=None)
-        stats = {"expert_load": expert_load(idx_N1, cfg.num_experts)} if return_stats else None
-        return FFNOutput(update=y_ND.reshape(B, T, D), stats=stats)
+            y_ND = y_ND + self.shared(u_ND, stats)
+        if stats is not None:  # a deterministic router: all mass on the hashed expert
+            stats.add(Routing.of(F.one_hot(idx_N1[:, 0], cfg.num_experts).float(), idx_N1))
+        return FFNOutput(update=y_ND.reshape(B, T, D))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
 from finemoe.layers import routing
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
+from finemoe.layers.records import Routing
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, dense_swiglu_weights, fresh_gate, swiglu_params
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, shared_experts_width,
                                      dispatch_expert_choice, dispatch_token_choice)
@@ -180,6 +181,49 @@ class MoEConfig(FFNConfig):
     def build(self, d_model: int, context: LayerContext | None = None) -> "MoEFFN":
         return MoEFFN(self, d_model)
 
+    # -- Mixtral's sparse-MoE block is this layer with token choice, no shared expert ------
+    hf_model_type: ClassVar[str] = "mixtral"
+    hf_architecture: ClassVar[str] = "MixtralForCausalLM"
+    hf_config_fields: ClassVar[frozenset[str]] = frozenset({"num_local_experts", "num_experts_per_tok",
+                                                            "router_aux_loss_coef"})
+
+    @classmethod
+    def from_hf_config(cls, fields, norm_eps: float) -> "MoEConfig":
+        return cls(num_experts=int(fields["num_local_experts"]), num_experts_per_tok=int(fields["num_experts_per_tok"]),
+                   expert_intermediate_size=int(fields["intermediate_size"]),
+                   norm_topk_prob=True,  # Mixtral renormalises its top-k weights
+                   router_aux_loss_coef=float(fields.get("router_aux_loss_coef", 0.01)), router_z_loss_coef=0.0,
+                   norm_eps=norm_eps)
+
+    def hf_export_problem(self) -> str | None:
+        if self.routing != "token_choice" or self.num_shared_experts or not self.norm_topk_prob \
+                or self.routed_scaling_factor != 1.0 or self.disable_top1:
+            return ("Mixtral has no shared experts, expert choice, unnormalised top-k weights, output scaling "
+                    "or disabled top-1 expert")
+        return None
+
+    def hf_config(self) -> dict:
+        return {"intermediate_size": self.routed_expert_width, "num_local_experts": self.num_routed_experts,
+                "num_experts_per_tok": self.routed_top_k, "router_aux_loss_coef": self.router_aux_loss_coef,
+                "router_jitter_noise": 0.0, "sliding_window": None}
+
+    def weights_from_hf(self, hf_sd, prefix: str) -> dict[str, Tensor]:
+        moe_prefix = prefix + ("mlp." if prefix + "mlp.gate.weight" in hf_sd else "block_sparse_moe.")
+        return {"norm.weight": hf_sd[prefix + "post_attention_layernorm.weight"],
+                **mixtral_experts_from_hf(hf_sd, moe_prefix, self.num_experts)}
+
+    def weights_to_hf(self, sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+        """Mixtral's Hub layout, ``block_sparse_moe.experts.{j}.w1/w2/w3`` (transformers 4
+        and 5 both read it)."""
+        hf = {prefix + "post_attention_layernorm.weight": sd["norm.weight"],
+              prefix + "block_sparse_moe.gate.weight": sd["router.weight"]}
+        for j in range(sd["experts.w_gate"].shape[0]):  # (E, D, F) / (E, F, D) → nn.Linear (out, in)
+            expert = f"{prefix}block_sparse_moe.experts.{j}."
+            hf[expert + "w1.weight"] = sd["experts.w_gate"][j].t()
+            hf[expert + "w3.weight"] = sd["experts.w_up"][j].t()
+            hf[expert + "w2.weight"] = sd["experts.w_down"][j].t()
+        return hf
+
     def num_params(self, d_model: int) -> int:
         router = d_model * self.num_routed_experts
         experts = self.num_routed_experts * swiglu_params(d_model, self.routed_expert_width)
@@ -218,7 +262,7 @@ class MoEFFN(FFN):
         can_skip = cfg.routing == "expert_choice" or cfg.routed_top_k < cfg.num_routed_experts
         return ("disable_top1",) if can_skip else ()
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         skip_top1 = cfg.disable_top1 or self.intervening("disable_top1")
         B, T, D = h_BTD.shape
@@ -232,20 +276,25 @@ class MoEFFN(FFN):
             weights_NK, idx_NK = routing.topk_routing(
                 probs_NE, cfg.routed_top_k, renormalize=cfg.norm_topk_prob, skip_top1=skip_top1
             )
-            y_ND = dispatch_token_choice(self.experts, u_ND, weights_NK, idx_NK)
+            y_ND = dispatch_token_choice(self.experts, u_ND, weights_NK, idx_NK, stats)
             if cfg.router_aux_loss_coef > 0:
                 aux["load_balancing"] = cfg.router_aux_loss_coef * routing.load_balancing_loss(
                     probs_NE=probs_NE, idx_NK=idx_NK
                 )
+            dropped = None
             routed_idx = idx_NK
         else:
             weights_EC, idx_EC = routing.expert_choice_routing(
                 probs_NE, cfg.capacity(B * T), skip_top1=skip_top1
             )
-            y_ND = dispatch_expert_choice(self.experts, u_ND, weights_EC, idx_EC)
+            y_ND = dispatch_expert_choice(self.experts, u_ND, weights_EC, idx_EC, stats)
             routed_idx = torch.arange(cfg.num_routed_experts, device=u_ND.device).repeat_interleave(idx_EC.shape[1])
-        report(self, "routing", probs=probs_NE, slots=routed_idx,
-               chosen_tokens=idx_EC.reshape(-1) if cfg.routing == "expert_choice" else None)
+            dropped = None
+            if stats is not None:  # tokens that no expert took
+                chosen = torch.zeros(B * T, device=u_ND.device).index_fill_(0, idx_EC.reshape(-1), 1.0)
+                dropped = (B * T - chosen.sum()).double()
+        if stats is not None:
+            stats.add(Routing.of(probs_NE, routed_idx, dropped))
         if cfg.router_z_loss_coef > 0:
             aux["router_z"] = cfg.router_z_loss_coef * routing.router_z_loss(logits_NE=logits_NE)
         if cfg.routed_scaling_factor != 1.0:
@@ -257,22 +306,11 @@ class MoEFFN(FFN):
                              at_least_float32(self.shared_gate.bias)), dim=-1
                 )
             mix_N2 = mix_N2.to(y_ND.dtype)
-            y_ND = mix_N2[:, :1] * y_ND + mix_N2[:, 1:] * self.shared(u_ND)
+            y_ND = mix_N2[:, :1] * y_ND + mix_N2[:, 1:] * self.shared(u_ND, stats)
         elif self.shared is not None:
-            y_ND = y_ND + self.shared(u_ND)
+            y_ND = y_ND + self.shared(u_ND, stats)
 
-        stats = None
-        if return_stats:
-            with torch.no_grad():
-                stats = {
-                    "expert_load": routing.expert_load(routed_idx, cfg.num_routed_experts),
-                    "router_entropy": routing.router_entropy(probs_NE),
-                }
-                if cfg.routing == "expert_choice":
-                    chosen = torch.zeros(B * T, dtype=torch.bool, device=u_ND.device)
-                    chosen[idx_EC.reshape(-1)] = True
-                    stats["dropped_token_share"] = 1.0 - chosen.float().mean()
-        return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux, stats=stats)
+        return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.norm.reset_parameters()
@@ -283,3 +321,22 @@ class MoEFFN(FFN):
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=std)
             nn.init.zeros_(self.shared_gate.bias)
+
+
+def mixtral_experts_from_hf(hf_sd, prefix: str, num_experts: int) -> dict[str, Tensor]:
+    """Router and expert weights of one Mixtral sparse-MoE block (``prefix`` ends with
+    ``.``), as ``MoEFFN`` keys ``router.weight`` and ``experts.w_{gate,up,down}``; both the
+    4.x layout (``experts.{j}.w1/w2/w3``) and the fused 5.x one (``experts.gate_up_proj``)."""
+    out = {"router.weight": hf_sd[prefix + "gate.weight"]}
+    if prefix + "experts.gate_up_proj" in hf_sd:  # transformers >= 5: fused (E, 2F, D) and (E, D, F)
+        gate_up_EFD = hf_sd[prefix + "experts.gate_up_proj"]
+        F_width = gate_up_EFD.shape[1] // 2
+        out["experts.w_gate"] = gate_up_EFD[:, :F_width, :].transpose(1, 2)
+        out["experts.w_up"] = gate_up_EFD[:, F_width:, :].transpose(1, 2)
+        out["experts.w_down"] = hf_sd[prefix + "experts.down_proj"].transpose(1, 2)
+    else:  # transformers 4.x: w1 = gate, w3 = up, w2 = down, as nn.Linear (out, in)
+        e = range(num_experts)
+        out["experts.w_gate"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w1.weight"].t() for j in e])
+        out["experts.w_up"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w3.weight"].t() for j in e])
+        out["experts.w_down"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w2.weight"].t() for j in e])
+    return {k: v.contiguous() for k, v in out.items()}

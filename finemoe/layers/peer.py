@@ -34,7 +34,8 @@ from finemoe.config import check
 from finemoe.kernels.peer_experts import peer_experts, peer_experts_available
 from finemoe.kernels.product_keys import fused_product_key_topk, fused_product_key_topk_supported
 from finemoe.kernels.swiglu import triton_kernels_available
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
+from finemoe.layers.records import Activations, Retrieval, wants
 from finemoe.layers.common import RMSNorm, at_least_float32
 from finemoe.layers.routing import product_key_topk
 
@@ -64,8 +65,8 @@ class ProductKeyConfig(FFNConfig):
     """How the retrieved experts run: ``eager`` gathers their rows with PyTorch (the
     reference); ``triton`` is ``finemoe.kernels.peer_experts`` (one pass per token, no
     ``(N, H, k, D)`` gather; row gradients summed per row, deterministic); ``auto``
-    (default) takes Triton on a CUDA device. The eager path is also taken while an
-    analysis recorder is attached."""
+    (default) takes Triton on a CUDA device. The eager path is also taken when the
+    activations are recorded (``finemoe analyze``)."""
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "num_heads", "top_k", "key_dim"):
@@ -148,12 +149,13 @@ class ProductKeyRetrieval(nn.Module):
                 return fused_product_key_topk(q_NHQ, keys[0], keys[1], cfg.top_k)
             return product_key_topk(q_NHQ, keys[0], keys[1], cfg.top_k)
 
-    def route(self, u_ND: Tensor) -> tuple[Tensor, Tensor]:
+    def route(self, u_ND: Tensor, stats: Stats | None = None) -> tuple[Tensor, Tensor]:
         """``(idx_NHk, gates_NHk)`` of the normalised input: retrieval, then the gate, and
-        the report to an attached analysis recorder (shared by PEER and PKM)."""
+        a ``Retrieval`` record if statistics are wanted (shared by PEER and PKM)."""
         scores_NHk, idx_NHk = self(u_ND)
         gates_NHk = self.gates(scores_NHk)
-        report(self, "retrieval", idx=idx_NHk, gates=gates_NHk, num_experts=self.config.num_experts)
+        if stats is not None:
+            stats.add(Retrieval.of(idx_NHk, gates_NHk, self.config.num_experts))
         return idx_NHk, gates_NHk
 
     def gates(self, scores_NHk: Tensor) -> Tensor:
@@ -178,20 +180,10 @@ def uses_triton(impl: str, x: Tensor) -> bool:
     return peer_experts_available() and (impl == "triton" or (impl == "auto" and triton_kernels_available(x)))
 
 
-def runs_fused_experts(module: nn.Module, x: Tensor) -> bool:
+def runs_fused_experts(module: nn.Module, x: Tensor, stats: Stats | None) -> bool:
     """Whether a PEER/PKM layer runs its experts with the Triton kernel: chosen (see
-    ``uses_triton``) and no analysis recorder attached (it reads the eager path's
-    activations)."""
-    return uses_triton(module.config.experts_impl, x) and not is_recorded(module)
-
-
-def usage_stats(idx_NHk: Tensor, gates_NHk: Tensor, num_experts: int) -> dict[str, Tensor]:
-    """Per-batch expert usage: ``gate_mass`` z_i = Σ_x g_i(x) over heads and tokens,
-    shape (num_experts,), accumulated on the device; the analysis sums it over a held-out
-    set and derives usage and unevenness KL(z ‖ uniform)."""
-    mass = torch.zeros(num_experts, dtype=torch.float32, device=idx_NHk.device)
-    mass.index_add_(0, idx_NHk.reshape(-1), gates_NHk.detach().reshape(-1).float())
-    return {"gate_mass": mass, "retrieved_share": (mass > 0).float().mean()}
+    ``uses_triton``) and the activations not recorded (the eager path has them)."""
+    return uses_triton(module.config.experts_impl, x) and not wants(stats, Activations)
 
 
 class PEERFFN(FFN):
@@ -204,27 +196,27 @@ class PEERFFN(FFN):
         self.expert_out = nn.Parameter(torch.empty(config.num_experts, d_model))  # v_i
         self.init_weights(std=0.02, out_std=0.02)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
-        idx_NHk, gates_NHk = self.retrieval.route(u_ND)
-        if runs_fused_experts(self, u_ND):
+        idx_NHk, gates_NHk = self.retrieval.route(u_ND, stats)
+        if runs_fused_experts(self, u_ND, stats):
             y_ND = peer_experts(u_ND, idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1), self.expert_in,
                                 self.expert_out, cfg.activation)
         else:
-            y_ND = self.eager_experts(u_ND, idx_NHk, gates_NHk)
-        stats = usage_stats(idx_NHk, gates_NHk, cfg.num_experts) if return_stats else None
-        return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D), stats=stats)
+            y_ND = self.eager_experts(u_ND, idx_NHk, gates_NHk, stats)
+        return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D))
 
-    def eager_experts(self, u_ND: Tensor, idx_NHk: Tensor, gates_NHk: Tensor) -> Tensor:
+    def eager_experts(self, u_ND: Tensor, idx_NHk: Tensor, gates_NHk: Tensor, stats: Stats | None = None) -> Tensor:
         """``Σ_heads Σ_i g_i σ(u_i · x) v_i`` with PyTorch gathers: the reference."""
         N = u_ND.shape[0]
         # σ(u_i · x) for the retrieved experts only: gather (N, H, k, D), never (N, num_experts).
         u_NHkD = F.embedding(idx_NHk, self.expert_in)
         act_NHk = torch.einsum("nhkd,nd->nhk", u_NHkD.to(u_ND.dtype), u_ND)
         act_NHk = F.gelu(act_NHk) if self.config.activation == "gelu" else F.relu(act_NHk)
-        report(self, "activations", act=act_NHk, gated=gates_NHk * act_NHk)  # σ(u_i·x), and g_i σ(u_i·x) on v_i
+        if wants(stats, Activations):  # σ(u_i·x), and g_i σ(u_i·x) on v_i
+            stats.add(Activations.of(act_NHk, gates_NHk * act_NHk))
         # Σ g_i σ(·) v_i as a weighted bag: no (N, H, k, D) copy of v is materialised.
         weights_NS = (gates_NHk * act_NHk).reshape(N, -1)
         return F.embedding_bag(idx_NHk.reshape(N, -1), self.expert_out,

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.layers.base import CallContext, FFN, FFNOutput, LayerContext, register_ffn
+from finemoe.layers.base import CallContext, FFN, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.common import RMSNorm
 from finemoe.kernels.peer_experts import peer_experts
-from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, runs_fused_experts, usage_stats
+from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, runs_fused_experts
 
 
 @register_ffn
@@ -51,11 +51,11 @@ class PKMFFN(FFN):
         self.values = nn.Parameter(torch.empty(config.num_experts, d_model))
         self.init_weights(std=0.02, out_std=0.02)
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
-        idx_NHk, gates_NHk = self.retrieval.route(u_ND)
-        if runs_fused_experts(self, u_ND):
+        idx_NHk, gates_NHk = self.retrieval.route(u_ND, stats)
+        if runs_fused_experts(self, u_ND, stats):
             y_ND = peer_experts(u_ND, idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1), None, self.values,
                                 "none")
         else:
@@ -63,8 +63,7 @@ class PKMFFN(FFN):
                 idx_NHk.reshape(B * T, -1), self.values,
                 per_sample_weights=gates_NHk.reshape(B * T, -1).to(self.values.dtype), mode="sum",
             )
-        stats = usage_stats(idx_NHk, gates_NHk, self.config.num_experts) if return_stats else None
-        return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D), stats=stats)
+        return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.layers import routing
-from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, is_recorded, register_ffn, report
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
+from finemoe.layers.records import Routing
 from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_token_choice,
                                      shared_experts_width)
@@ -118,7 +119,7 @@ class TopPFFN(FFN):
     def supported_interventions(self) -> tuple[str, ...]:
         return ("disable_top1",) if self.config.max_experts_per_tok < self.config.num_experts else ()
 
-    def forward(self, h_BTD: Tensor, *, return_stats: bool = False, context: CallContext | None = None) -> FFNOutput:
+    def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
@@ -130,9 +131,9 @@ class TopPFFN(FFN):
         weights_NK = weights_NK * kept_NK
         if cfg.renormalize:
             weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
-        y_ND = dispatch_token_choice(self.experts, u_ND, weights_NK, idx_NK)
+        y_ND = dispatch_token_choice(self.experts, u_ND, weights_NK, idx_NK, stats)
         if self.shared is not None:
-            y_ND = y_ND + self.shared(u_ND)
+            y_ND = y_ND + self.shared(u_ND, stats)
         kept_per_expert_E = torch.zeros(cfg.num_experts, device=u_ND.device).scatter_add_(
             0, idx_NK.reshape(-1), kept_NK.reshape(-1).float())
         aux: dict[str, Tensor] = {}
@@ -141,15 +142,9 @@ class TopPFFN(FFN):
             aux["load_balancing"] = cfg.router_aux_loss_coef * cfg.num_experts * torch.sum(f_E * probs_NE.mean(0))
         if cfg.dynamic_loss_coef > 0:
             aux["dynamic"] = cfg.dynamic_loss_coef * routing.router_entropy(probs_NE)
-        if is_recorded(self):
-            report(self, "routing", probs=probs_NE, slots=idx_NK[kept_NK], chosen_tokens=None)
-        stats = None
-        if return_stats:
-            with torch.no_grad():
-                stats = {"expert_load": kept_per_expert_E / kept_per_expert_E.sum(),
-                         "experts_per_token": kept_NK.float().sum(-1).mean(),
-                         "router_entropy": routing.router_entropy(probs_NE)}
-        return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux, stats=stats)
+        if stats is not None:  # the slots kept, out of the max_experts_per_tok considered
+            stats.add(Routing.of(probs_NE, idx_NK, kept=kept_NK))
+        return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
