@@ -183,7 +183,7 @@ class DSMoEFFN(FFN):
                                   scale_S=weights_Nn[token_S, block_S], impl=self.config.experts_impl, stats=stats)
         return u_ND.new_zeros(u_ND.shape).index_add_(0, token_S, y_SD.to(u_ND.dtype))
 
-    def _decoding(self, u_ND: Tensor, stats: Stats | None) -> bool:
+    def _decoding(self, u_ND: Tensor, stats: Stats | None = None) -> bool:
         """A few tokens at inference on a GPU: the decode kernels, which read only the
         switched-on blocks' weights (``finemoe.kernels.dsmoe_decode``)."""
         return (not self.training and self.config.eval_sparse and not torch.is_grad_enabled()
