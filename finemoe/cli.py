@@ -143,43 +143,49 @@ def info(
 def smoke(
     config: ConfigOption = DEFAULT_PRESET,
     overrides: Overrides = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps on one fixed random batch.")] = 30,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps on one fixed batch.")] = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per batch.")] = 8,
     seq_len: Annotated[int, typer.Option(min=0, help="Tokens per sequence (default: model.max_seq_len, at most 128).")] = 0,
     device: Annotated[str, typer.Option(help="'cpu', 'cuda' or 'auto'.")] = "auto",
+    data: Annotated[Optional[str], typer.Option(help="Token shards (default: the corpus embedded in finemoe).")] = None,
 ) -> None:
-    """Overfit one random batch: checks that a model runs forward and backward and learns.
+    """Overfit one batch: checks that a model runs forward and backward and learns.
+
+    The trainer itself runs (its loss, optimizer, clipping and statistics), on one batch
+    repeated (``train.repeat_batch``) at a constant learning rate, in a temporary folder.
 
     Example: finemoe smoke -c tiny-moe --steps 20
     """
-    import torch
+    import dataclasses
+    import json
+    import tempfile
 
-    from finemoe.model import Transformer
+    from finemoe.data import embedded_shards
+    from finemoe.train import Trainer
 
     cfg = _load(config, overrides)
-    dev = _device(device)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model).to(dev)
     T = seq_len or min(cfg.model.max_seq_len, 128)
     if T > cfg.model.max_seq_len:
         _fail(f"--seq-len {T} exceeds model.max_seq_len ({cfg.model.max_seq_len})")
-    tokens = torch.randint(0, cfg.model.vocab_size, (batch_size, T + 1), device=dev)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    typer.echo(f"model: {model.num_params():,} params on {dev}; batch {batch_size}×{T}")
-    start = time.perf_counter()
-    first = last = float("nan")
-    for step in range(steps):
-        out = model(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        last = out.lm_loss.item()
-        if step == 0:
-            first = last
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            typer.echo(f"step {step:4d}  lm loss {last:.4f}  aux {out.aux_loss.item():.4f}")
-    elapsed = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        train = dataclasses.replace(
+            cfg.train, steps=steps, batch_size=batch_size, grad_accum=1, seq_len=T, repeat_batch=True, lr=3e-3,
+            warmup_steps=0, schedule="constant", weight_decay=0.0, eval_batches=0, final_eval=False, log_every=1,
+            checkpoint_every=steps, out_dir=tmp, init_from=None, tensorboard=False, compile=False,
+            device=device, keep_zero_weights=None)
+        run = dataclasses.replace(cfg, train=train, data=dataclasses.replace(
+            cfg.data, path=data or str(embedded_shards(progress=False))))
+        trainer = Trainer(run, overwrite=True, progress=False)
+        typer.echo(f"model: {cfg.model.num_params():,} params on {trainer.device}; batch {batch_size}×{T}")
+        start = time.perf_counter()
+        trainer.fit()
+        elapsed = time.perf_counter() - start
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["lm_loss"], r.get("aux_loss", 0.0)) for r in records if "lm_loss" in r]
+    for step, lm_loss, aux in losses:
+        if (step - 1) % max(1, steps // 10) == 0 or step == steps:
+            typer.echo(f"step {step:4d}  lm loss {lm_loss:.4f}  aux {aux:.4f}")
+    first, last = losses[0][1], losses[-1][1]
     typer.echo(f"lm loss {first:.4f} -> {last:.4f} in {steps} steps, {steps * batch_size * T / elapsed:,.0f} tokens/s")
     if not last < first:
         typer.echo("error: the loss did not fall", err=True)

@@ -78,6 +78,11 @@ class TrainConfig:
     checkpoint's zeros."""
     tensorboard: bool = True
     """Also write TensorBoard logs, when the tensorboard package is installed."""
+    final_eval: bool = True
+    """Evaluate on the whole validation split at the end."""
+    repeat_batch: bool = False
+    """Train every step on the first step's batch: overfitting one batch, the check
+    ``finemoe smoke`` runs (a model that cannot learn one batch has a bug)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):

@@ -303,6 +303,7 @@ class Trainer:
         ``[(m·world + r)·B, … + B)``: any split of one global batch over processes and
         accumulation steps trains on the same data (and a resumed run too)."""
         cfg = self.cfg
+        step = 0 if cfg.repeat_batch else step
         if getattr(self, "_global_step", None) != step:
             generator = np.random.default_rng([self.run_config.seed, step])
             rows = cfg.batch_size * self.world_size * cfg.grad_accum
@@ -463,7 +464,7 @@ class Trainer:
                 window_start = time.perf_counter()
             bar.update(1)
         bar.close()
-        final = self.evaluate(None) if self.data.num_tokens("val") > self.seq_len else last_eval
+        final = self.evaluate(None) if cfg.final_eval and self.data.num_tokens("val") > self.seq_len else last_eval
         summary = {"step": self.step, "final_val": final, "params": self.run_config.model.num_params()}
         if self._masks:  # train.keep_zero_weights: these weights are structurally zero, not active
             summary["weights_kept_zero"] = self.weights_kept_zero

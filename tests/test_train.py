@@ -309,3 +309,14 @@ def test_two_processes_with_moe_follow_the_one_process_loss_curve(shards, tmp_pa
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=2e-3), step
+
+
+def test_repeat_batch_trains_every_step_on_the_first_batch(shards, tmp_path):
+    """``train.repeat_batch`` (``finemoe smoke``): the same windows at every step; without
+    it, each step draws its own."""
+    repeated = Trainer(_config(shards, tmp_path / "a", "train.repeat_batch=true"), progress=False)
+    plain = Trainer(_config(shards, tmp_path / "b"), progress=False)
+    first = repeated.batch(0, 0)[0]
+    assert torch.equal(repeated.batch(3, 0)[0], first)
+    assert torch.equal(plain.batch(0, 0)[0], first)  # step 0's batch is the same either way
+    assert not torch.equal(plain.batch(3, 0)[0], first)
