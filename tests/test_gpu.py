@@ -21,6 +21,16 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _assert_same_results(got, expected, tol: float = 1e-4) -> None:
+    """``(output, input gradient, {parameter: gradient})`` of two runs agree to ``tol``."""
+    (out, gx, gp), (out_ref, gx_ref, gp_ref) = got, expected
+    torch.testing.assert_close(out, out_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx, gx_ref, atol=tol, rtol=tol)
+    for name, grad in gp_ref.items():
+        if grad is not None:
+            torch.testing.assert_close(gp[name], grad, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_bf16_autocast_on_cuda_matches_float32_cpu(kind):
     torch.manual_seed(0)
@@ -135,12 +145,7 @@ def test_fast_paths_in_float32_on_cuda_equal_the_eager_reference(kind):
         finally:
             os.environ.pop("FINEMOE_KERNELS")
         results.append((out.update, x.grad, {n: p.grad for n, p in layer.named_parameters()}))
-    (out_f, gx_f, gp_f), (out_r, gx_r, gp_r) = results
-    torch.testing.assert_close(out_f, out_r, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(gx_f, gx_r, atol=1e-4, rtol=1e-4)
-    for name, grad in gp_r.items():
-        if grad is not None:
-            torch.testing.assert_close(gp_f[name], grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    _assert_same_results(*results)
 
 
 def test_dsmoe_sparse_inference_bf16_matches_the_masked_float32_path():
@@ -295,12 +300,7 @@ def test_compiled_layers_with_finemoe_kernels_equal_eager(name):
         out = call(x).update
         (out * h).sum().backward()
         results.append((out, x.grad, {n: p.grad for n, p in layer.named_parameters()}))
-    (out_e, gx_e, gp_e), (out_c, gx_c, gp_c) = results
-    torch.testing.assert_close(out_c, out_e, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(gx_c, gx_e, atol=1e-4, rtol=1e-4)
-    for param, grad in gp_e.items():
-        if grad is not None:
-            torch.testing.assert_close(gp_c[param], grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{param}: {m}")
+    _assert_same_results(results[1], results[0])
 
 
 def test_finemoe_operators_pass_opcheck_on_cuda():

@@ -25,7 +25,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from finemoe.analysis.recorder import NSAR_THRESHOLDS, Recorder
+from finemoe.analysis.recorder import Recorder
+from finemoe.layers.records import NSAR_THRESHOLDS
 
 __all__ = [
     "Recorder",
@@ -67,10 +68,6 @@ def _nullcontext():
 
 
 # -- summaries --------------------------------------------------------------------------------------
-
-
-def _f(x) -> float:
-    return float(x) if not isinstance(x, Tensor) else float(x.item())
 
 
 def summarize(recorder: Recorder, model: nn.Module | None = None) -> dict:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from finemoe.layers.records import HIST_BINS, HIST_RANGE, NSAR_THRESHOLDS, Record, kl_to_uniform, merged
+from finemoe.layers.records import Record, merged
 
-__all__ = ["Recorder", "NSAR_THRESHOLDS", "HIST_RANGE", "HIST_BINS", "kl_to_uniform"]
+__all__ = ["Recorder"]
 
 
 class Recorder:

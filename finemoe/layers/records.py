@@ -137,8 +137,8 @@ class Activations(Record):
         parts = {}
         for which, value in (("act", act), ("gated", gated)):
             v = value.detach().float().reshape(-1)
-            thresholds = torch.tensor(NSAR_THRESHOLDS, device=v.device)
-            parts[f"exceed_{which}"] = (v.abs().unsqueeze(-1) > thresholds).sum(0).double()
+            magnitude = v.abs()  # one comparison per threshold: no (values × thresholds) tensor
+            parts[f"exceed_{which}"] = torch.stack([(magnitude > t).sum() for t in NSAR_THRESHOLDS]).double()
             parts[f"hist_{which}"] = torch.histc(v, HIST_BINS, *HIST_RANGE).double()
             parts[f"outside_{which}"] = torch.stack([(v < HIST_RANGE[0]).sum(), (v > HIST_RANGE[1]).sum()]).double()
         return cls(count=torch.tensor(float(act.numel()), dtype=torch.float64, device=act.device), **parts)
@@ -192,7 +192,9 @@ class Routing(Record):
             used = (torch.ones(flat.shape, dtype=torch.float64, device=probs.device) if kept is None
                     else kept.reshape(-1).double())
             counts = torch.zeros(E, dtype=torch.float64, device=probs.device).index_add_(0, flat, used)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).sum().double()
+            from finemoe.layers.routing import router_entropy  # routing imports common, which imports this module
+
+            entropy = (router_entropy(probs) * N).double()
             tokens = torch.tensor(float(N), dtype=torch.float64, device=probs.device)
             return cls(counts, probs.sum(0).double(), entropy, tokens,
                        None if dropped_tokens is None else dropped_tokens.double())
