@@ -240,6 +240,21 @@ def forward_only(layer, h, autocast):
     return step
 
 
+def cuda_graph_forward(layer, h, autocast):
+    """The inference forward captured once as a CUDA graph (possible where nothing
+    synchronises with the host); each call replays it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad(), autocast:
+        for _ in range(3):
+            layer(h)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad(), autocast:
+        layer(h)
+    return graph.replay
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -259,7 +274,7 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
     dense_ms = None
 
     def add(name, config_spec, flops, fn, *, baseline=None, kind="fwd+bwd", extra=None):
-        if only and name != "dense" and not any(part in name for part in only.split(",")):
+        if only and not name.startswith("dense") and not any(part in name for part in only.split(",")):
             return
         if compile:
             name = f"{name} [compiled{', CUDA graphs' if cuda_graphs else ''}]"
@@ -324,13 +339,25 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
     with torch.no_grad(), autocast:
         u = dsmoe.norm(h).reshape(-1, d)
         share = float(dsmoe.gates(u)[2].float().mean())
+    dsmoe_reference = dsmoe_cfg.replace(experts_impl="eager").build(d).to(device).eval()
+    dsmoe_reference.load_state_dict(dsmoe.state_dict())
+    dsmoe_spec = layer_configs(d)["dsmoe n=8 (training path)"] | {"active_share": share}
     for label, x in (("prefill", h.detach()), ("decode, batch 1", h.detach()[:1, :1])):
         n = x.shape[0] * x.shape[1]
         dense_fwd = add(f"dense forward ({label})", layer_configs(d)["dense"], dense_flops, forward_only(dense, x, autocast),
                         baseline="self", kind="fwd", extra={"tokens": n})
-        add(f"dsmoe sparse inference ({label})", layer_configs(d)["dsmoe n=8 (training path)"] | {"active_share": share},
-            dense_flops, forward_only(dsmoe, x, autocast), baseline=dense_fwd, kind="fwd",
-            extra={"tokens": n, "active_share": share})
+        add(f"dsmoe sparse inference ({label})", dsmoe_spec, dense_flops, forward_only(dsmoe, x, autocast),
+            baseline=dense_fwd, kind="fwd", extra={"tokens": n, "active_share": share})
+        if label == "prefill":
+            add(f"dsmoe sparse inference ({label}) [experts_impl=eager: exact sizes, one host sync]",
+                dsmoe_spec | {"experts_impl": "eager"}, dense_flops, forward_only(dsmoe_reference, x, autocast),
+                baseline=dense_fwd, kind="fwd", extra={"tokens": n, "active_share": share})
+        if device == "cuda":  # without the host's launch cost: each forward replayed as one CUDA graph
+            dense_graph = add(f"dense forward ({label}) [CUDA graph]", layer_configs(d)["dense"], dense_flops,
+                              cuda_graph_forward(dense, x, autocast), baseline="self", kind="fwd", extra={"tokens": n})
+            add(f"dsmoe sparse inference ({label}) [CUDA graph]", dsmoe_spec, dense_flops,
+                cuda_graph_forward(dsmoe, x, autocast), baseline=dense_graph, kind="fwd",
+                extra={"tokens": n, "active_share": share})
     return rows
 
 

@@ -148,20 +148,46 @@ def test_fast_paths_in_float32_on_cuda_equal_the_eager_reference(kind):
     _assert_same_results(*results)
 
 
-def test_dsmoe_sparse_inference_bf16_matches_the_masked_float32_path():
+def _dsmoe_and_its_masked_output(d_model: int, width: int, h_shape: tuple[int, int]):
+    """A DSMoE layer at inference, an input, and the float32 masked path's output (every
+    block computed, then weighted), with the gates that produced it."""
     from finemoe.layers import DSMoEConfig
 
     torch.manual_seed(0)
-    layer = DSMoEConfig(intermediate_size=1024, num_experts=8).build(256).cuda().eval()
-    h = torch.randn(8, 256, 256, device="cuda")
+    layer = DSMoEConfig(intermediate_size=width, num_experts=8).build(d_model).cuda().eval()
+    h = torch.randn(*h_shape, d_model, device="cuda")
     with torch.no_grad():
-        u = layer.norm(h).reshape(-1, 256)
+        u = layer.norm(h).reshape(-1, d_model)
         a, G, active = layer.gates(u)
-        ref = layer.masked_forward(u, a, G, active)
+        return layer, h, u, G, active, layer.masked_forward(u, a, G, active)
+
+
+def test_dsmoe_sparse_inference_bf16_matches_the_masked_float32_path():
+    layer, h, u, G, active, ref = _dsmoe_and_its_masked_output(256, 1024, (8, 256))
+    with torch.no_grad():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             sparse = layer.sparse_forward(u, G, active)
     assert 0.2 < float(active.float().mean()) < 0.8
     assert _rel(sparse, ref) < 1e-2
+
+
+def test_dsmoe_prefill_forward_in_kernels_equals_the_masked_float32_path():
+    """The layer's inference forward under bf16 autocast takes the kernel path (norm and
+    gates, pair layout, gathered SwiGLU, grouped down products, per-token sums) and equals
+    the masked float32 path; so does the same forward replayed as a CUDA graph."""
+    layer, h, u, G, active, ref = _dsmoe_and_its_masked_output(512, 2048, (4, 300))
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert layer._prefilling(h.reshape(-1, 512), None)
+            out = layer(h).update.reshape(-1, 512)
+            graph = torch.cuda.CUDAGraph()
+            layer(h)  # warm-up outside the capture (kernels compiled, weights cast)
+            with torch.cuda.graph(graph):
+                captured = layer(h).update
+            graph.replay()
+    assert 0.2 < float(active.float().mean()) < 0.8
+    assert _rel(out, ref) < 1e-2
+    assert _rel(captured.reshape(-1, 512), out) < 1e-6
 
 
 @pytest.mark.parametrize("tokens", [1, 4])
@@ -174,7 +200,7 @@ def test_dsmoe_decoding_on_cuda_equals_the_masked_path(tokens):
     h = torch.randn(1, tokens, 1024, device="cuda")
     with torch.no_grad():
         u = layer.norm(h).reshape(-1, 1024)
-        assert layer._decoding(u)
+        assert layer._decoding(h.reshape(-1, 1024))
         out = layer(h).update.reshape(-1, 1024)
         a, G, active = layer.gates(u)
         ref = layer.masked_forward(u, a, G, active)

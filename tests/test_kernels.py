@@ -276,3 +276,108 @@ def test_fused_product_key_retrieval_passes_opcheck():
     args = (torch.randn(20, 16, device=DEVICE, requires_grad=True), torch.randn(9, 8, device=DEVICE, requires_grad=True),
             torch.randn(9, 8, device=DEVICE, requires_grad=True), 4)
     torch.library.opcheck(torch.ops.finemoe.product_key_topk.default, args)
+
+
+# Triton's interpreter multiplies bfloat16 tiles in tl.dot as if they were integers: float16 on the CPU
+HALF_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("counts", [[5, 0, 17, 3], [0, 0, 0, 0], [40, 0, 0, 1]])
+def test_gathered_swiglu_equals_the_gather_and_the_formula(counts, dtype):
+    """Groups of awkward sizes (empty ones, one over two row tiles), rows past the groups'
+    end; weights as strided views, the way DSMoE passes the blocks of a dense FFN. Against
+    a loop over rows written here, in float32 on the same half-precision inputs."""
+    from finemoe.kernels import gathered_swiglu as kernel
+
+    torch.manual_seed(len(counts))
+    N, D, E, Fe = 23, 2 * kernel._BLOCK_K, len(counts), kernel._BLOCK_N  # the tiles' multiples
+    S = sum(counts) + 7
+    x = torch.randn(N, D, device=DEVICE).to(dtype)
+    dense_gate, dense_up = (torch.randn(E * Fe, D, device=DEVICE) / D**0.5 for _ in range(2))
+    w_gate, w_up = (w.to(dtype).view(E, Fe, D).transpose(1, 2) for w in (dense_gate, dense_up))  # (E, D, Fe) views
+    token = torch.randint(0, N, (S,), device=DEVICE)
+    scale = torch.rand(S, device=DEVICE)
+    out = kernel.gathered_swiglu(x, token, scale, torch.tensor(counts, device=DEVICE), w_gate, w_up)
+    assert out.shape == (S, Fe) and out.dtype == dtype
+    row = 0
+    for e, count in enumerate(counts):
+        for p in range(row, row + count):
+            xr = x[token[p]].float()
+            want = F.silu(xr @ w_gate[e].float()) * (xr @ w_up[e].float()) * scale[p]
+            torch.testing.assert_close(out[p].float(), want, atol=2e-2, rtol=2e-2)
+        row += count
+
+
+def test_sum_listed_rows_skips_unlisted_slots():
+    from finemoe.kernels.slots import sum_listed_rows
+
+    torch.manual_seed(0)
+    y = torch.randn(9, 40, device=DEVICE)
+    position = torch.tensor([[0, -1, 4], [-1, -1, -1], [8, 2, -1]], device=DEVICE)
+    want = torch.stack([y[0] + y[4], torch.zeros(40, device=DEVICE), y[8] + y[2]])
+    torch.testing.assert_close(sum_listed_rows(y, position), want)
+
+
+def test_dsmoe_sparse_inference_through_the_gathered_kernel_equals_the_masked_path():
+    """The layer's sparse path in half precision (the kernel, then the down product and the
+    per-token sum) against the float64 masked path: every block computed, then weighted."""
+    from finemoe.layers import DSMoEConfig
+
+    torch.manual_seed(0)
+    layer = DSMoEConfig(intermediate_size=64, num_experts=4).build(32).to(DEVICE).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    u = torch.randn(45, 32, device=DEVICE)
+    reference = layer.double()
+    a, G, active = reference.gates(u.double())
+    assert 0.2 < float(active.float().mean()) < 0.8
+    want = reference.masked_forward(u.double(), a, G, active)
+    half = reference.to(HALF_DTYPES[-1])
+    with torch.no_grad():
+        got = half.sparse_forward(u.to(HALF_DTYPES[-1]), G, active)
+    assert torch.linalg.norm(got.double() - want) / torch.linalg.norm(want) < 1e-2
+
+
+@pytest.mark.parametrize("tokens,blocks,rescale", [(37, 6, True), (700, 8, False), (5, 3, True), (0, 4, True), (300, 1, True)])
+def test_dsmoe_block_pairs_kernel_lays_out_the_pairs_as_the_layer_does(tokens, blocks, rescale):
+    """Over several 128-token tiles, tokens with no block on, odd block counts: the same rows,
+    tokens, scales, positions and counts as the layer's PyTorch layout."""
+    from finemoe.kernels.dsmoe_prefill import block_pairs
+    from finemoe.layers.dsmoe import _active_pairs_first
+
+    torch.manual_seed(tokens)
+    a = torch.rand(tokens, blocks, device=DEVICE)
+    a[:3] *= 0.4  # some tokens with every block off
+    G = a * (a > 0.5)
+    active = G > 0
+    count = active.sum(-1, keepdim=True).float()
+    weights = G * torch.where(count > 0, blocks / count.clamp_min(1), 0.0) if rescale else G
+    token, scale, position, counts, ends = block_pairs(G, rescale)
+    want_token, want_scale, want_position, want_counts = _active_pairs_first(active, weights)
+    total = int(want_counts.sum())
+    assert counts.tolist() == want_counts.tolist() and ends.tolist() == want_counts.cumsum(0).tolist()
+    assert torch.equal(position.long(), want_position)
+    assert torch.equal(token[:total].long(), want_token[:total])
+    torch.testing.assert_close(scale[:total], want_scale[:total])
+
+
+@pytest.mark.parametrize("tokens,width,blocks", [(19, 48, 8), (3, 64, 3), (0, 16, 4)])
+def test_dsmoe_norm_and_gates_kernel_equals_the_layer(tokens, width, blocks):
+    """RMSNorm, the cast and the thresholded gates in one pass, against the layer's norm
+    and gates; widths that are not a power of two, odd block counts."""
+    from finemoe.kernels.dsmoe_prefill import norm_and_gates
+    from finemoe.layers import DSMoEConfig
+
+    torch.manual_seed(tokens)
+    layer = DSMoEConfig(intermediate_size=blocks * 4, num_experts=blocks, threshold=0.4).build(width).to(DEVICE)
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.gate.weight.normal_(std=0.3)
+        h = torch.randn(tokens, width, device=DEVICE) * 3
+        x, G = norm_and_gates(h, layer.norm.weight, layer.gate.weight, layer.config.norm_eps, 0.4, torch.float16)
+        u = layer.norm(h)
+        _, want_G, _ = layer.gates(u)
+    assert x.dtype == torch.float16 and G.dtype == torch.float32
+    torch.testing.assert_close(x, u.half())
+    torch.testing.assert_close(G, want_G)

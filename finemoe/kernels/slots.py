@@ -35,7 +35,7 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["sum_slots", "sum_slots_reference"]
+__all__ = ["sum_listed_rows", "sum_slots", "sum_slots_reference"]
 
 _BLOCK_D = 1024
 
@@ -48,14 +48,19 @@ def sum_slots_reference(y_SD: Tensor, position_S: Tensor, K: int) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _sum_slots_kernel(y_ptr, position_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _sum_slots_kernel(y_ptr, position_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr,
+                          SKIP_NEGATIVE: tl.constexpr):
+        # SKIP_NEGATIVE: a position of -1 names no row (a slot that was not used)
         n = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for k in tl.static_range(K):
             row = tl.load(position_ptr + n * K + k).to(tl.int64)
-            acc += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            if SKIP_NEGATIVE:
+                acc += tl.load(y_ptr + row * D + cols, mask=mask & (row >= 0), other=0.0).to(tl.float32)
+            else:
+                acc += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + n * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -66,7 +71,8 @@ def _sum_slots(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Ten
     out_ND = y_SD.new_empty(N, D)
     if out_ND.numel():
         block = min(_BLOCK_D, triton.next_power_of_2(D))
-        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](y_SD, position_S.contiguous(), out_ND, D, K=K, BLOCK_D=block)
+        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](y_SD, position_S.contiguous(), out_ND, D, K=K, BLOCK_D=block,
+                                                                  SKIP_NEGATIVE=False)
     return out_ND
 
 
@@ -96,3 +102,32 @@ def sum_slots(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tens
     if triton_kernels_available(y_SD):
         return _sum_slots(y_SD, position_S, order_S, K)
     return sum_slots_reference(y_SD, position_S, K)
+
+
+@kernel_op("finemoe::sum_listed_rows", mutates_args=())
+def _sum_listed_rows(y_SD: Tensor, position_NK: Tensor) -> Tensor:
+    y_SD = y_SD.contiguous()
+    (N, K), D = position_NK.shape, y_SD.shape[1]
+    out_ND = y_SD.new_empty(N, D)
+    if out_ND.numel():
+        block = min(_BLOCK_D, triton.next_power_of_2(D))
+        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](y_SD, position_NK.contiguous(), out_ND, D, K=K,
+                                                              BLOCK_D=block, SKIP_NEGATIVE=True)
+    return out_ND
+
+
+@fake(_sum_listed_rows)
+def _(y_SD: Tensor, position_NK: Tensor) -> Tensor:
+    return y_SD.new_empty(position_NK.shape[0], y_SD.shape[1])
+
+
+def sum_listed_rows(y_SD: Tensor, position_NK: Tensor) -> Tensor:
+    """``out[n] = Σ_k y[position[n, k]]`` over the entries that are not -1, ``(N, D)``
+    (a token's variable number of rows, e.g. the DSMoE blocks it switched on); summed
+    in float32 in the order k = 0 … K−1. Forward only (inference)."""
+    if triton_kernels_available(y_SD):
+        return _sum_listed_rows(y_SD, position_NK)
+    listed_NK1 = (position_NK >= 0).unsqueeze(-1)
+    rows_NKD = y_SD.index_select(0, position_NK.clamp_min(0).reshape(-1)).view(*position_NK.shape, -1)
+    accumulate = torch.promote_types(y_SD.dtype, torch.float32)
+    return torch.where(listed_NK1, rows_NKD.to(accumulate), 0.0).sum(1).to(y_SD.dtype)

@@ -38,6 +38,10 @@ from finemoe.layers.common import (RMSNorm, SwiGLU, at_least_float32, dense_swig
                                     swiglu_params)
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.dsmoe_decode import dsmoe_decode, dsmoe_decode_applies
+from finemoe.kernels.dsmoe_prefill import block_pairs, norm_and_gates
+from finemoe.kernels.gathered_swiglu import gathered_swiglu, gathered_swiglu_applies
+from finemoe.kernels.grouped_mm import grouped_mm
+from finemoe.kernels.slots import sum_listed_rows
 from finemoe.layers.experts import ExpertsImpl, compute_dtype, run_swiglu_experts
 from finemoe.layers.routing import count_per_expert
 
@@ -171,11 +175,51 @@ class DSMoEFFN(FFN):
 
     def sparse_forward(self, u_ND: Tensor, G_Nn: Tensor, active_Nn: Tensor, stats: Stats | None = None) -> Tensor:
         """Only the active (token, block) pairs are computed (inference): they run as a
-        bank of n experts, the blocks, each on the tokens that switched it on."""
+        bank of n experts, the blocks, each on the tokens that switched it on, and each
+        token sums its blocks' outputs. Nothing synchronises with the host: the pairs
+        are laid out in a buffer of all n·N possible ones, the active first, and only
+        those rows are computed (``_sparse_forward_reference`` sizes the work exactly,
+        with one host sync). On a GPU in half precision the layout is one kernel
+        (``finemoe.kernels.dsmoe_prefill``) and the gather of the tokens, both input
+        products and the SwiGLU another (``finemoe.kernels.gathered_swiglu``)."""
+        if self.config.experts_impl == "eager" or wants(stats, Activations):  # rows past the active pairs are not
+            return self._sparse_forward_reference(u_ND, G_Nn, active_Nn, stats)  # computed: nothing to record there
+        x_ND = u_ND.to(compute_dtype(u_ND))
+        if not torch.is_grad_enabled() and gathered_swiglu_applies(x_ND, self.config.block_width):
+            return self._sparse_blocks(x_ND, G_Nn)
+        weights_Nn = G_Nn * self._scale(active_Nn, G_Nn.dtype)
+        token_S, scale_S, position_Nn, counts_n = _active_pairs_first(active_Nn, weights_Nn)
+        y_SD = run_swiglu_experts(x_ND[token_S], counts_n, *self.block_weights(), scale_S=scale_S,
+                                  impl=self.config.experts_impl)
+        return sum_listed_rows(y_SD, position_Nn)
+
+    def _sparse_blocks(self, x_ND: Tensor, G_Nn: Tensor) -> Tensor:
+        """``sparse_forward`` in four kernels: the layout of the pairs, the gathered gate
+        and up products with the SwiGLU, the down products (torch's grouped GEMM), and
+        each token's sum over its blocks."""
+        w_gate, w_up, w_down = self.block_weights()
+        token_S, scale_S, position_Nn, counts_n, ends_n = block_pairs(G_Nn, self.config.rescale)
+        hidden_Sb = gathered_swiglu(x_ND, token_S, scale_S, counts_n, w_gate, w_up)
+        return sum_listed_rows(grouped_mm(hidden_Sb, w_down.to(x_ND.dtype), ends_n), position_Nn)
+
+    def _prefilling(self, h_ND: Tensor, stats: Stats | None) -> bool:
+        """Inference on a GPU in half precision (bf16 autocast) for more tokens than
+        decoding: the whole sparse path in kernels, from the norm and the gates
+        (``finemoe.kernels.dsmoe_prefill``) to the per-token sums, with no host sync
+        (a CUDA graph can capture it)."""
+        return (not self.training and self.config.eval_sparse and not torch.is_grad_enabled()
+                and self.config.experts_impl != "eager" and not wants(stats, Activations)
+                and triton_kernels_available(h_ND)
+                and gathered_swiglu_applies(h_ND.new_empty(0, h_ND.shape[-1], dtype=compute_dtype(h_ND)),
+                                            self.config.block_width))
+
+    def _sparse_forward_reference(self, u_ND: Tensor, G_Nn: Tensor, active_Nn: Tensor,
+                                  stats: Stats | None = None) -> Tensor:
+        """``sparse_forward`` sized exactly: the active pairs listed by ``nonzero`` (one
+        host sync), gathered, run as the block bank, and added back per token."""
         N, n = active_Nn.shape
         weights_Nn = G_Nn * self._scale(active_Nn, G_Nn.dtype)
-        # Pairs numbered block·N + token, so nonzero returns them grouped by block. One
-        # host sync sizes the work: acceptable at inference, which is the point of the path.
+        # Pairs numbered block·N + token, so nonzero returns them grouped by block.
         pair_S = active_Nn.t().reshape(-1).nonzero().squeeze(-1)
         block_S, token_S = pair_S // N, pair_S % N
         x_SD = u_ND.to(compute_dtype(u_ND))[token_S]
@@ -183,12 +227,12 @@ class DSMoEFFN(FFN):
                                   scale_S=weights_Nn[token_S, block_S], impl=self.config.experts_impl, stats=stats)
         return u_ND.new_zeros(u_ND.shape).index_add_(0, token_S, y_SD.to(u_ND.dtype))
 
-    def _decoding(self, u_ND: Tensor, stats: Stats | None = None) -> bool:
+    def _decoding(self, h_ND: Tensor, stats: Stats | None = None) -> bool:
         """A few tokens at inference on a GPU: the decode kernels, which read only the
         switched-on blocks' weights (``finemoe.kernels.dsmoe_decode``)."""
         return (not self.training and self.config.eval_sparse and not torch.is_grad_enabled()
-                and not wants(stats, Activations) and triton_kernels_available(u_ND)
-                and dsmoe_decode_applies(u_ND, self.config.block_width))
+                and not wants(stats, Activations) and triton_kernels_available(h_ND)
+                and dsmoe_decode_applies(h_ND, self.config.block_width))
 
     def supported_interventions(self) -> tuple[str, ...]:
         """``all_blocks_on``: every block on with weight 1 and no rescaling — exactly the
@@ -199,16 +243,22 @@ class DSMoEFFN(FFN):
     def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         cfg = self.config
         B, T, D = h_BTD.shape
-        u_ND = self.norm(h_BTD).reshape(B * T, D)
+        h_ND = h_BTD.reshape(B * T, D)
         if self.intervening("all_blocks_on"):  # every block on with weight 1: the dense FFN it was split from
-            y_ND = self.mlp(u_ND, stats)
-            G_Nn = torch.ones(B * T, cfg.num_experts, device=u_ND.device)
+            y_ND = self.mlp(self.norm(h_ND), stats)
+            G_Nn = torch.ones(B * T, cfg.num_experts, device=h_ND.device)
             active_Nn = G_Nn.bool()
-        elif self._decoding(u_ND, stats):
-            y_ND, G_Nn = dsmoe_decode(u_ND, self.gate.weight, self.mlp.gate_proj.weight, self.mlp.up_proj.weight,
-                                      self.mlp.down_proj.weight, threshold=cfg.threshold, rescale=cfg.rescale)
+        elif self._decoding(h_ND, stats):
+            y_ND, G_Nn = dsmoe_decode(self.norm(h_ND), self.gate.weight, self.mlp.gate_proj.weight,
+                                      self.mlp.up_proj.weight, self.mlp.down_proj.weight, threshold=cfg.threshold,
+                                      rescale=cfg.rescale)
             active_Nn = G_Nn > 0
+        elif self._prefilling(h_ND, stats):
+            x_ND, G_Nn = norm_and_gates(h_ND, self.norm.weight, self.gate.weight, cfg.norm_eps, cfg.threshold,
+                                        compute_dtype(h_ND))
+            y_ND, active_Nn = self._sparse_blocks(x_ND, G_Nn), G_Nn > 0
         else:
+            u_ND = self.norm(h_ND)
             a_Nn, G_Nn, active_Nn = self.gates(u_ND)
             if not self.training and cfg.eval_sparse:
                 y_ND = self.sparse_forward(u_ND, G_Nn, active_Nn, stats)
@@ -227,3 +277,23 @@ class DSMoEFFN(FFN):
         self.norm.reset_parameters()
         self.mlp.init_weights(std, out_std)
         nn.init.normal_(self.gate.weight, std=std)
+
+
+def _active_pairs_first(active_Nn: Tensor, weights_Nn: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The n·N (token, block) pairs, numbered q = block·N + token, laid out with the
+    active pairs first, grouped by block (their rank among the active pairs in q order),
+    then the inactive ones. Returns each row's token and weight ``(n·N,)``, each pair's
+    row ``(N, n)`` (-1 where inactive) and the active pairs per block ``(n,)``. Cumulative
+    sums on the device, no sort, no host sync (``finemoe.kernels.dsmoe_prefill`` does the
+    same in one kernel)."""
+    N, n = active_Nn.shape
+    active_q = active_Nn.t().reshape(-1)
+    q = torch.arange(n * N, device=active_Nn.device)
+    rank_q = torch.cumsum(active_q, 0) - 1                  # active pairs up to q, minus one
+    counts_n = active_Nn.sum(0)
+    # an inactive pair goes after all active ones, at its rank among the inactive
+    row_q = torch.where(active_q, rank_q, counts_n.sum() + q - rank_q - 1)
+    token_S = torch.empty_like(q).scatter_(0, row_q, q % N)
+    scale_S = torch.empty_like(weights_Nn.reshape(-1)).scatter_(0, row_q, weights_Nn.t().reshape(-1))
+    position_Nn = torch.where(active_q, rank_q, -1).view(n, N).t().contiguous()
+    return token_S, scale_S, position_Nn, counts_n
