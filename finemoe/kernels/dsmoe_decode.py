@@ -9,8 +9,11 @@ block's weights only if some token of the batch switched the block on:
    gates itself (``a = sigmoid(u Y)``, ``G(a) = a·[a > τ]``, the rescaling
    ``n / #active``: a D × n product, from L2), writes ``G`` (program 0), and if a token
    switched its block on, the tile's ``silu(u W_g) ⊙ (u W_u) · G·scale``.
-2. ``down``: one program per tile of ``BLOCK_D`` outputs; for each block some token
-   switched on, ``hidden_block W_d,block``. Blocks no token uses are never read.
+2. ``down``: one program per (tile of ``BLOCK_D`` outputs, block): if some token
+   switched the block on, ``hidden_block W_d,block``, else zero; the n partial sums are
+   then added in a fixed order. Blocks no token uses are never read. (One program per
+   tile of outputs looping over the blocks left 16 programs for d = 1024: replayed as
+   a CUDA graph the layer took 135 µs against the dense FFN's 55.)
 
 Float32 accumulation throughout; the weights are read in their own dtype. The layer's
 ``sparse_forward`` (tokens grouped by block, grouped GEMMs) is the reference; tests run
@@ -86,22 +89,23 @@ if triton is not None:
             tl.store(hidden_ptr + tokens[:, None] * (n * b) + fs[None, :], hidden, mask=token_ok[:, None])
 
     @triton.jit
-    def _down_kernel(hidden_ptr, g_ptr, wd_ptr, out_ptr, N: tl.constexpr, D: tl.constexpr, n: tl.constexpr,
+    def _down_kernel(hidden_ptr, g_ptr, wd_ptr, partial_ptr, N: tl.constexpr, D: tl.constexpr, n: tl.constexpr,
                      b: tl.constexpr, N_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid = tl.program_id(0)
+        # one program per (tile of outputs, block): block i's share of the outputs, zero if
+        # no token switched it on (then its rows of W_d are not read)
+        pid, i = tl.program_id(0), tl.program_id(1)
         tokens = tl.arange(0, N_PAD)
         token_ok = tokens < N
         dcols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
         acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-        for i in tl.static_range(n):
-            on = tl.load(g_ptr + tokens * n + i, mask=token_ok, other=0.0) > 0
-            if tl.sum(on.to(tl.int32), axis=0) > 0:  # some token switched block i on: read its rows of W_d
-                for f0 in tl.static_range(0, b, BLOCK_F):
-                    fs = i * b + f0 + tl.arange(0, BLOCK_F)
-                    hid = tl.load(hidden_ptr + tokens[:, None] * (n * b) + fs[None, :], mask=on[:, None], other=0.0)
-                    wd = tl.load(wd_ptr + dcols[:, None] * (n * b) + fs[None, :]).to(tl.float32)
-                    acc += tl.sum(hid[:, None, :] * wd[None, :, :], axis=2)
-        tl.store(out_ptr + tokens[:, None] * D + dcols[None, :], acc, mask=token_ok[:, None])
+        on = tl.load(g_ptr + tokens * n + i, mask=token_ok, other=0.0) > 0
+        if tl.sum(on.to(tl.int32), axis=0) > 0:
+            for f0 in tl.static_range(0, b, BLOCK_F):
+                fs = i * b + f0 + tl.arange(0, BLOCK_F)
+                hid = tl.load(hidden_ptr + tokens[:, None] * (n * b) + fs[None, :], mask=on[:, None], other=0.0)
+                wd = tl.load(wd_ptr + dcols[:, None] * (n * b) + fs[None, :]).to(tl.float32)
+                acc += tl.sum(hid[:, None, :] * wd[None, :, :], axis=2)
+        tl.store(partial_ptr + (i * N + tokens[:, None]) * D + dcols[None, :], acc, mask=token_ok[:, None])
 
 
 def dsmoe_decode(u_ND: Tensor, gate_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, *,
@@ -114,9 +118,9 @@ def dsmoe_decode(u_ND: Tensor, gate_weight: Tensor, w_gate: Tensor, w_up: Tensor
     u_ND = u_ND.contiguous()
     gates = torch.empty(N, n, dtype=torch.float32, device=u_ND.device)
     hidden = torch.empty(N, F, dtype=torch.float32, device=u_ND.device)
-    out = torch.empty(N, D, dtype=torch.float32, device=u_ND.device)
+    partial = torch.empty(n, N, D, dtype=torch.float32, device=u_ND.device)
     sizes = dict(N=N, D=D, n=n, b=F // n, N_PAD=max(2, triton.next_power_of_2(N)), BLOCK_F=_BLOCK_F, BLOCK_D=_BLOCK_D)
     _up_kernel[(F // _BLOCK_F,)](u_ND, gate_weight.contiguous(), w_gate.contiguous(), w_up.contiguous(), threshold, gates,
                                  hidden, RESCALE=rescale, n_PAD=max(2, triton.next_power_of_2(n)), **sizes)
-    _down_kernel[(D // _BLOCK_D,)](hidden, gates, w_down.contiguous(), out, **sizes)
-    return out.to(u_ND.dtype), gates
+    _down_kernel[(D // _BLOCK_D, n)](hidden, gates, w_down.contiguous(), partial, **sizes)
+    return partial.sum(0).to(u_ND.dtype), gates
