@@ -179,9 +179,8 @@ class DSMoEFFN(FFN):
         token sums its blocks' outputs. Nothing synchronises with the host: the pairs
         are laid out in a buffer of all n·N possible ones, the active first, and only
         those rows are computed (``_sparse_forward_reference`` sizes the work exactly,
-        with one host sync). On a GPU in half precision the layout is one kernel
-        (``finemoe.kernels.dsmoe_prefill``) and the gather of the tokens, both input
-        products and the SwiGLU another (``finemoe.kernels.gathered_swiglu``)."""
+        with one host sync). On a GPU in half precision it runs in kernels
+        (``_sparse_blocks``)."""
         if self.config.experts_impl == "eager" or wants(stats, Activations):  # rows past the active pairs are not
             return self._sparse_forward_reference(u_ND, G_Nn, active_Nn, stats)  # computed: nothing to record there
         x_ND = u_ND.to(compute_dtype(u_ND))
@@ -194,9 +193,10 @@ class DSMoEFFN(FFN):
         return sum_listed_rows(y_SD, position_Nn)
 
     def _sparse_blocks(self, x_ND: Tensor, G_Nn: Tensor) -> Tensor:
-        """``sparse_forward`` in four kernels: the layout of the pairs, the gathered gate
-        and up products with the SwiGLU, the down products (torch's grouped GEMM), and
-        each token's sum over its blocks."""
+        """``sparse_forward`` in kernels: the layout of the pairs
+        (``finemoe.kernels.dsmoe_prefill``), the gathered gate and up products with the
+        SwiGLU (``finemoe.kernels.gathered_swiglu``), the down products (torch's grouped
+        GEMM), and each token's sum over its blocks (``finemoe.kernels.slots``)."""
         w_gate, w_up, w_down = self.block_weights()
         token_S, scale_S, position_Nn, counts_n, ends_n = block_pairs(G_Nn, self.config.rescale)
         hidden_Sb = gathered_swiglu(x_ND, token_S, scale_S, counts_n, w_gate, w_up)
