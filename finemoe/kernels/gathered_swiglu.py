@@ -44,11 +44,11 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _WARPS, _STAGES = (16, 16, 16, 4, 1) if _INTERPRETED else (128, 128, 64, 8, 3)
 
 
-def gathered_swiglu_applies(x_ND: Tensor, hidden: int) -> bool:
-    """``x`` on a GPU (or under the interpreter) in half precision (float32 would run as
-    TF32 in ``tl.dot``), and widths the tiles divide."""
-    return (triton is not None and (x_ND.is_cuda or _INTERPRETED) and x_ND.dtype in (torch.bfloat16, torch.float16)
-            and x_ND.shape[-1] % _BLOCK_K == 0 and hidden % _BLOCK_N == 0)
+def gathered_swiglu_applies(device: torch.device, dtype: torch.dtype, width: int, hidden: int) -> bool:
+    """An ``x`` of ``width`` columns on a GPU (or under the interpreter) in half precision
+    (float32 would run as TF32 in ``tl.dot``), and widths the tiles divide."""
+    return (triton is not None and (device.type == "cuda" or _INTERPRETED) and dtype in (torch.bfloat16, torch.float16)
+            and width % _BLOCK_K == 0 and hidden % _BLOCK_N == 0)
 
 
 if triton is not None:
@@ -121,7 +121,7 @@ def gathered_swiglu(x_ND: Tensor, token_S: Tensor, scale_S: Tensor, counts_E: Te
     rows of group e (``counts_E`` on the device; rows past ``Σ counts`` unwritten),
     ``(S, F)`` in ``x``'s dtype. Weights ``(E, D, F)``, any strides (views of a dense
     FFN's weights do); ``w_gate`` and ``w_up`` have the same strides."""
-    if not gathered_swiglu_applies(x_ND, w_gate_EDF.shape[-1]):
+    if not gathered_swiglu_applies(x_ND.device, x_ND.dtype, x_ND.shape[1], w_gate_EDF.shape[-1]):
         raise ValueError(f"gathered_swiglu takes a half-precision x on a GPU with D a multiple of {_BLOCK_K} and F of "
                          f"{_BLOCK_N}; got {x_ND.dtype} on {x_ND.device}, D = {x_ND.shape[1]}, F = {w_gate_EDF.shape[-1]}")
     if w_gate_EDF.stride() != w_up_EDF.stride():

@@ -64,16 +64,21 @@ if triton is not None:
         tl.store(out_ptr + n * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@kernel_op("finemoe::sum_slots", mutates_args=())
-def _sum_slots(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tensor:
+def _launch_sum(y_SD: Tensor, position: Tensor, N: int, K: int, skip_negative: bool) -> Tensor:
+    """``out[n] = Σ_k y[position[n·K + k]]``, ``(N, D)``: one program per (token, tile of columns)."""
     y_SD = y_SD.contiguous()
-    N, D = y_SD.shape[0] // K, y_SD.shape[1]
+    D = y_SD.shape[1]
     out_ND = y_SD.new_empty(N, D)
     if out_ND.numel():
         block = min(_BLOCK_D, triton.next_power_of_2(D))
-        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](y_SD, position_S.contiguous(), out_ND, D, K=K, BLOCK_D=block,
-                                                                  SKIP_NEGATIVE=False)
+        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](y_SD, position.contiguous(), out_ND, D, K=K,
+                                                              BLOCK_D=block, SKIP_NEGATIVE=skip_negative)
     return out_ND
+
+
+@kernel_op("finemoe::sum_slots", mutates_args=())
+def _sum_slots(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tensor:
+    return _launch_sum(y_SD, position_S, y_SD.shape[0] // K, K, skip_negative=False)
 
 
 @fake(_sum_slots)
@@ -106,14 +111,7 @@ def sum_slots(y_SD: Tensor, position_S: Tensor, order_S: Tensor, K: int) -> Tens
 
 @kernel_op("finemoe::sum_listed_rows", mutates_args=())
 def _sum_listed_rows(y_SD: Tensor, position_NK: Tensor) -> Tensor:
-    y_SD = y_SD.contiguous()
-    (N, K), D = position_NK.shape, y_SD.shape[1]
-    out_ND = y_SD.new_empty(N, D)
-    if out_ND.numel():
-        block = min(_BLOCK_D, triton.next_power_of_2(D))
-        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](y_SD, position_NK.contiguous(), out_ND, D, K=K,
-                                                              BLOCK_D=block, SKIP_NEGATIVE=True)
-    return out_ND
+    return _launch_sum(y_SD, position_NK, *position_NK.shape, skip_negative=True)
 
 
 @fake(_sum_listed_rows)

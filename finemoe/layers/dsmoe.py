@@ -184,7 +184,8 @@ class DSMoEFFN(FFN):
         if self.config.experts_impl == "eager" or wants(stats, Activations):  # rows past the active pairs are not
             return self._sparse_forward_reference(u_ND, G_Nn, active_Nn, stats)  # computed: nothing to record there
         x_ND = u_ND.to(compute_dtype(u_ND))
-        if not torch.is_grad_enabled() and gathered_swiglu_applies(x_ND, self.config.block_width):
+        if not torch.is_grad_enabled() and gathered_swiglu_applies(x_ND.device, x_ND.dtype, x_ND.shape[1],
+                                                                    self.config.block_width):
             return self._sparse_blocks(x_ND, G_Nn)
         weights_Nn = G_Nn * self._scale(active_Nn, G_Nn.dtype)
         token_S, scale_S, position_Nn, counts_n = _active_pairs_first(active_Nn, weights_Nn)
@@ -207,11 +208,14 @@ class DSMoEFFN(FFN):
         decoding: the whole sparse path in kernels, from the norm and the gates
         (``finemoe.kernels.dsmoe_prefill``) to the per-token sums, with no host sync
         (a CUDA graph can capture it)."""
+        return (self._inference_in_kernels(h_ND, stats) and self.config.experts_impl != "eager"
+                and gathered_swiglu_applies(h_ND.device, compute_dtype(h_ND), h_ND.shape[1], self.config.block_width))
+
+    def _inference_in_kernels(self, h_ND: Tensor, stats: Stats | None) -> bool:
+        """Eval mode with the sparse path, no gradients, no activations to record, on a
+        device where finemoe's Triton kernels run."""
         return (not self.training and self.config.eval_sparse and not torch.is_grad_enabled()
-                and self.config.experts_impl != "eager" and not wants(stats, Activations)
-                and triton_kernels_available(h_ND)
-                and gathered_swiglu_applies(h_ND.new_empty(0, h_ND.shape[-1], dtype=compute_dtype(h_ND)),
-                                            self.config.block_width))
+                and not wants(stats, Activations) and triton_kernels_available(h_ND))
 
     def _sparse_forward_reference(self, u_ND: Tensor, G_Nn: Tensor, active_Nn: Tensor,
                                   stats: Stats | None = None) -> Tensor:
@@ -230,9 +234,7 @@ class DSMoEFFN(FFN):
     def _decoding(self, h_ND: Tensor, stats: Stats | None = None) -> bool:
         """A few tokens at inference on a GPU: the decode kernels, which read only the
         switched-on blocks' weights (``finemoe.kernels.dsmoe_decode``)."""
-        return (not self.training and self.config.eval_sparse and not torch.is_grad_enabled()
-                and not wants(stats, Activations) and triton_kernels_available(h_ND)
-                and dsmoe_decode_applies(h_ND, self.config.block_width))
+        return self._inference_in_kernels(h_ND, stats) and dsmoe_decode_applies(h_ND, self.config.block_width)
 
     def supported_interventions(self) -> tuple[str, ...]:
         """``all_blocks_on``: every block on with weight 1 and no rescaling — exactly the
