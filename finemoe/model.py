@@ -330,6 +330,10 @@ class Transformer(nn.Module):
         """Counted from the live parameters (a tied table counts once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def row_tables(self) -> list[nn.Parameter]:
+        """The FFN layers' parameters read by row index (``FFN.row_tables``)."""
+        return [p for block in self.blocks for p in block.ffn.row_tables()]
+
     def forward(
         self, input_ids: Tensor, targets: Tensor | None = None, *, return_stats: bool = False, cache: KVCache | None = None,
         detailed_stats: bool = False,

@@ -76,6 +76,10 @@ class TrainConfig:
     magnitude pruning). Their gradients and AdamW moments are still computed; only the
     weights are projected back onto the mask. A resumed run finds the same mask in its
     checkpoint's zeros."""
+    row_sparse_updates: bool = False
+    """Update the row tables the model declares (PEER's and PKM's expert tables) only in
+    the rows each step touched: lazy AdamW (``finemoe.optim.RowSparseAdamW``; how it
+    differs from AdamW is stated there). Not with FSDP."""
     tensorboard: bool = True
     """Also write TensorBoard logs, when the tensorboard package is installed."""
     final_eval: bool = True

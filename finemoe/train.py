@@ -149,13 +149,33 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         # Decay matrices and embeddings; not norms, biases or BatchNorm (1-D parameters).
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        tables = self._row_tables()
+        decay = [p for p in self.model.parameters() if p.ndim >= 2 and not any(p is t for t in tables)]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         kwargs = dict(lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
         if self.device.type == "cuda" and self.world_size == 1:
             kwargs["fused"] = True
-        return torch.optim.AdamW(groups, **kwargs)
+        if not tables:
+            return torch.optim.AdamW(groups, **kwargs)
+        from finemoe.optim import RowSparseAdamW
+
+        groups.append({"params": tables, "weight_decay": self.cfg.weight_decay, "row_sparse": True})
+        return RowSparseAdamW(groups, **kwargs)
+
+    def _row_tables(self) -> list:
+        """The model's row tables, when ``train.row_sparse_updates`` asks for lazy updates."""
+        if not self.cfg.row_sparse_updates:
+            return []
+        from finemoe.config import ConfigError
+
+        if self.world_size > 1 and self.cfg.parallel == "fsdp":
+            raise ConfigError("train.row_sparse_updates", "is not supported with FSDP; use train.parallel=ddp")
+        tables = self.model.row_tables()
+        if not tables:
+            raise ConfigError("train.row_sparse_updates", "no FFN layer of this model reads a table by row "
+                              "(product-key layers such as peer and pkm do)")
+        return tables
 
     def _zero_masks(self) -> tuple[list, list]:
         """``train.keep_zero_weights``: the parameters it names and, for each, a mask that is
@@ -275,6 +295,10 @@ class Trainer:
                 print(f"resume: no checkpoint in {self.out_dir}; starting from step 0", file=sys.stderr)
             return
         self._check_state(state, "resume with the same config")
+        saved_lazy = bool(state["config"].get("train", {}).get("row_sparse_updates", False))
+        if saved_lazy != self.cfg.row_sparse_updates:  # the optimizer's groups differ
+            raise CheckpointError(f"{state['path']}: saved with train.row_sparse_updates={str(saved_lazy).lower()}; "
+                                  "resume with the same setting")
         if self.world_size > 1 and self.cfg.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

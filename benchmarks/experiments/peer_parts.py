@@ -95,11 +95,13 @@ def main() -> None:
         rows["experts fwd"] = time_ms(experts_fwd, "cuda", 3, 10)
         rows["experts fwd+bwd"] = time_ms(experts_fwd_bwd, "cuda", 3, 10)
         if args.sweep:
-            default = experts_kernel._BLOCK_D, experts_kernel._ROW_BLOCK_D
-            for block_d in (16, 32, 128):
-                experts_kernel._BLOCK_D = block_d
-                rows[f"experts fwd [BLOCK_D {block_d}]"] = time_ms(experts_fwd, "cuda", 3, 10)
-            experts_kernel._BLOCK_D = default[0]
+            default = experts_kernel._BLOCK_D, experts_kernel._ROW_BLOCK_D, experts_kernel._NUM_WARPS
+            for warps in (4, 8):
+                for block_d in (16, 32, 64, 128):
+                    experts_kernel._BLOCK_D, experts_kernel._NUM_WARPS = block_d, warps
+                    rows[f"experts fwd [BLOCK_D {block_d}, {warps} warps]"] = time_ms(experts_fwd, "cuda", 3, 10)
+                    rows[f"experts fwd+bwd [BLOCK_D {block_d}, {warps} warps]"] = time_ms(experts_fwd_bwd, "cuda", 3, 10)
+            experts_kernel._BLOCK_D, experts_kernel._NUM_WARPS = default[0], default[2]
             for row_block in (256, 512):
                 experts_kernel._ROW_BLOCK_D = row_block
                 rows[f"experts fwd+bwd [ROW_BLOCK_D {row_block}]"] = time_ms(experts_fwd_bwd, "cuda", 3, 10)

@@ -50,6 +50,7 @@ __all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available"]
 ACTIVATIONS = ("gelu", "relu", "none")  # "none": PKM (w = g)
 _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 tile)
 _ROW_BLOCK_D = 1024  # columns per program of the per-row gradient pass
+_NUM_WARPS = 4  # of the per-token passes
 
 
 def peer_experts_available() -> bool:
@@ -168,7 +169,7 @@ if triton is not None:
 def _sizes(D: int, J: int, activation: str) -> dict:
     block_d = min(_BLOCK_D, triton.next_power_of_2(D))
     return dict(J=J, JP=triton.next_power_of_2(J), HAS_U=activation != "none", ACT=0 if activation == "gelu" else 1,
-                BLOCK_D=block_d, NUM_D=triton.cdiv(D, block_d))
+                BLOCK_D=block_d, NUM_D=triton.cdiv(D, block_d), num_warps=_NUM_WARPS)
 
 
 @kernel_op("finemoe::peer_experts", mutates_args=())

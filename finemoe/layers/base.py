@@ -251,6 +251,12 @@ class FFN(nn.Module):
     def intervening(self, name: str) -> bool:
         return name in self.__dict__.get("_interventions", ())
 
+    def row_tables(self) -> tuple[nn.Parameter, ...]:
+        """Parameters read by row index (tables of experts or values): a step's gradient
+        is zero in every row no token retrieved, so an optimizer may update only the
+        touched rows (``train.row_sparse_updates``). None by default."""
+        return ()
+
     def forward(self, h_BTD: Tensor, *, stats: Stats | None = None,
                 context: CallContext | None = None) -> FFNOutput:  # pragma: no cover
         """``stats``: where to add this call's statistics records, if the caller wants

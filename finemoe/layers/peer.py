@@ -208,6 +208,9 @@ class PEERFFN(FFN):
             y_ND = self.eager_experts(u_ND, idx_NHk, gates_NHk, stats)
         return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D))
 
+    def row_tables(self) -> tuple[nn.Parameter, ...]:
+        return (self.expert_in, self.expert_out)
+
     def eager_experts(self, u_ND: Tensor, idx_NHk: Tensor, gates_NHk: Tensor, stats: Stats | None = None) -> Tensor:
         """``Σ_heads Σ_i g_i σ(u_i · x) v_i`` with PyTorch gathers: the reference."""
         N = u_ND.shape[0]

@@ -65,6 +65,9 @@ class PKMFFN(FFN):
             )
         return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D))
 
+    def row_tables(self) -> tuple[nn.Parameter, ...]:
+        return (self.values,)
+
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
         self.norm.reset_parameters()

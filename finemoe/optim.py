@@ -1,0 +1,99 @@
+"""``RowSparseAdamW``: AdamW whose row tables are updated only in the rows a step touched.
+
+A PEER or PKM layer reads its expert tables (up to 1024² rows) through an index; each
+step's gradient is zero in every row no token retrieved, but dense AdamW still reads and
+writes the whole table and its two moments (7 passes over it). Parameter groups marked
+``row_sparse=True`` are updated lazily instead, as Lample et al.'s product-key memories
+were (with sparse gradients and ``torch.optim.SparseAdam``):
+
+- a row is *touched* when its gradient is non-zero somewhere; only touched rows change;
+- on a touched row the update is AdamW's, with the bias corrections of the optimizer's
+  own step count t (the steps on which the table had a gradient), as ``SparseAdam`` and
+  TensorFlow's ``LazyAdam`` count them;
+- an untouched row keeps its parameter and both moments: no weight decay, no decay of the
+  moments, no step along its old momentum (dense AdamW would do all three).
+
+So a row touched at every step follows AdamW exactly; on the first step (zero moments)
+every touched row equals AdamW's, and with weight decay 0 every untouched row does too
+(AdamW moves it by 0). A row first touched at step t ≫ 1 takes a smaller first step than
+a fresh AdamW would (its moments start at zero, its bias correction is that of step t).
+A row retrieved but given an exactly zero gradient (e.g. a ReLU expert that never fired)
+counts as untouched.
+
+The gradients stay dense tensors (``torch.compile`` cannot yet produce sparse
+gradients): the saving is the optimizer's, 1 + 6·(share touched) passes over the table
+instead of 7. Other groups are plain ``torch.optim.AdamW`` (fused where asked).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finemoe.kernels.row_sparse_adamw import row_sparse_adamw_
+
+__all__ = ["RowSparseAdamW"]
+
+
+class RowSparseAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW``, except that parameter groups with ``row_sparse=True`` (tables
+    of rows, ``ndim >= 2``) are updated lazily: see the module docstring. The state has
+    AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints load either way."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        row_sparse = bool(param_group.get("row_sparse", False))
+        if row_sparse:
+            # step counts stay on the host (their bias corrections are computed there)
+            param_group = {**param_group, "fused": False, "foreach": False, "capturable": False}
+        super().add_param_group({**param_group, "row_sparse": row_sparse})
+        if row_sparse:
+            self._check_row_group(self.param_groups[-1])
+
+    @staticmethod
+    def _check_row_group(group: dict) -> None:
+        for option in ("amsgrad", "maximize", "differentiable"):
+            if group.get(option):
+                raise ValueError(f"RowSparseAdamW: a row_sparse group does not support {option}=True")
+        for p in group["params"]:
+            if p.ndim < 2:
+                raise ValueError(f"RowSparseAdamW: row_sparse parameters must be tables (ndim >= 2), got shape "
+                                 f"{tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        lazy = [g for g in self.param_groups if g["row_sparse"]]
+        held = []  # the row tables' gradients, hidden from AdamW's own step below
+        for group in lazy:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("RowSparseAdamW takes dense gradients (zero in untouched rows)")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                row_sparse_adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1,
+                                  beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                  step=int(state["step"]))
+                held.append((p, p.grad))
+                p.grad = None
+        try:
+            _without_hooks(torch.optim.AdamW.step)(self)
+        finally:
+            for p, grad in held:
+                p.grad = grad
+        return loss
+
+
+def _without_hooks(step):
+    """``step`` without the wrapper ``torch.optim`` puts on the ``step`` of every optimizer
+    class it instantiates (it runs the step hooks, which ``RowSparseAdamW.step``'s own
+    wrapper has already run for this step)."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
