@@ -26,7 +26,6 @@ from finemoe.kernels import peer_experts as experts_kernel  # noqa: E402
 from finemoe.kernels import product_keys as retrieval_kernel  # noqa: E402
 from finemoe.kernels.peer_experts import peer_experts  # noqa: E402
 from finemoe.layers import FFNConfig  # noqa: E402
-from finemoe.layers.peer import usage_stats  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +56,7 @@ def main() -> None:
         with torch.no_grad(), autocast:
             u = layer.norm(h).reshape(-1, d)
             idx, gates = layer.retrieval.route(u)
-        share = float(usage_stats(idx, gates, layer.config.num_experts)["retrieved_share"])
+        share = torch.unique(idx).numel() / layer.config.num_experts
 
         probe = torch.randn(gates.shape, device="cuda")
 
