@@ -172,11 +172,12 @@ def _peer_reference(x, idx, gates, expert_in, expert_out, activation):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "none"])
-@pytest.mark.parametrize("tokens,retrieved,width", [(5, 6, 40), (3, 4, 130), (0, 4, 8)])
+@pytest.mark.parametrize("tokens,retrieved,width", [(5, 6, 40), (3, 4, 130), (0, 4, 8), (37, 3, 300)])
 def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, width):
     """Outputs and the gradients of x, the gates and both tables; an expert retrieved
-    twice by one token and by several tokens (summed in the per-row pass); experts never
-    retrieved get exactly zero gradient."""
+    twice by one token and by several tokens (summed in the per-row pass; with 37 tokens
+    one expert by all of them, over three steps of 16 pairs, and rows over two column
+    blocks); experts never retrieved get exactly zero gradient."""
     from finemoe.kernels.peer_experts import peer_experts
 
     torch.manual_seed(len(activation) + tokens)
@@ -184,6 +185,8 @@ def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, w
     idx = torch.randint(0, pool - 10, (tokens, retrieved), device=DEVICE)  # the last 10 never retrieved
     if tokens:
         idx[0, 1] = idx[0, 0]
+    if tokens > 32:
+        idx[:, 2] = 7
     x = torch.randn(tokens, width, device=DEVICE, requires_grad=True)
     gates = torch.rand(tokens, retrieved, device=DEVICE, requires_grad=True)
     expert_in = (torch.randn(pool, width, device=DEVICE) * 0.3).requires_grad_(activation != "none")

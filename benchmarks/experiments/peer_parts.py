@@ -70,10 +70,10 @@ def main() -> None:
             layer.retrieval.config = layer.retrieval.config.replace(retrieval_impl=impl)
             rows[f"retrieval [{impl}] fwd+bwd"] = time_ms(retrieval, "cuda", 3, 10)
         if args.sweep:
-            for rows_per_program in (16, 32):
-                retrieval_kernel._ROWS = rows_per_program
-                rows[f"retrieval [triton, {rows_per_program} rows] fwd+bwd"] = time_ms(retrieval, "cuda", 3, 10)
-            retrieval_kernel._ROWS = 16
+            for splits in (1, 4, 64):
+                retrieval_kernel._SPLITS = splits
+                rows[f"retrieval [triton, sub-key pass in {splits} parts] fwd+bwd"] = time_ms(retrieval, "cuda", 3, 10)
+            retrieval_kernel._SPLITS = 16
         expert_in = layer.expert_in if kind == "peer" else None
         expert_out = layer.expert_out if kind == "peer" else layer.values
         activation = layer.config.activation if kind == "peer" else "none"
@@ -101,10 +101,12 @@ def main() -> None:
                     rows[f"experts fwd [BLOCK_D {block_d}, {warps} warps]"] = time_ms(experts_fwd, "cuda", 3, 10)
                     rows[f"experts fwd+bwd [BLOCK_D {block_d}, {warps} warps]"] = time_ms(experts_fwd_bwd, "cuda", 3, 10)
             experts_kernel._BLOCK_D, experts_kernel._NUM_WARPS = default[0], default[2]
-            for row_block in (256, 512):
-                experts_kernel._ROW_BLOCK_D = row_block
-                rows[f"experts fwd+bwd [ROW_BLOCK_D {row_block}]"] = time_ms(experts_fwd_bwd, "cuda", 3, 10)
-            experts_kernel._ROW_BLOCK_D = default[1]
+            row_default = experts_kernel._ROW_PAIRS
+            for row_block, pairs in ((128, 32), (256, 8), (256, 32), (512, 8), (1024, 1)):
+                experts_kernel._ROW_BLOCK_D, experts_kernel._ROW_PAIRS = row_block, pairs
+                rows[f"experts fwd+bwd [ROW_BLOCK_D {row_block}, {pairs} pairs]"] = time_ms(experts_fwd_bwd, "cuda",
+                                                                                         3, 10)
+            experts_kernel._ROW_BLOCK_D, experts_kernel._ROW_PAIRS = default[1], row_default
         print(f"== {name}: {args.tokens} tokens, retrieved share of the pool in one batch {share:.3f}")
         for label, (ms, _, peak) in rows.items():
             print(f"  {label:56s} {ms:8.3f} ms   peak beyond parameters {peak:6.2f} GiB")

@@ -24,8 +24,9 @@ each retrieved index, two kernels and no ``(N·H, S)`` tensor (the eager backwar
 scatters ``ds`` into two dense ones and runs four float32 matrix products over them):
 
     dq¹_r = Σ_k ds_rk c_{a_rk}                 one program per block of query rows
-    dc_s  = Σ_{(r,k): a_rk = s} ds_rk q¹_r     one program per sub-key, over the pairs
-                                               sorted by sub-key (stable: fixed order)
+    dc_s  = Σ_{(r,k): a_rk = s} ds_rk q¹_r     over the pairs sorted by sub-key (stable:
+                                               fixed order), each sub-key's range in 16
+                                               parts summed after, in a fixed order
 
 and likewise for q², c'. Deterministic, no atomic adds.
 
@@ -55,6 +56,7 @@ __all__ = ["fused_product_key_topk", "fused_product_key_topk_supported"]
 _ROWS = 8  # query rows per program (measured: 8 rows, 4 warps fastest of 8/16/32 × 4/8)
 _NUM_WARPS = 4
 _PAIRS = 64  # (row, slot) pairs per step of the sub-key gradient pass
+_SPLITS = 16  # programs per sub-key in that pass (partial sums added after)
 _MAX_SUB_KEYS = 1024  # an (R, S) float32 tile in registers; S = 1024 is N = 1024² experts
 
 
@@ -125,15 +127,22 @@ if triton is not None:
         tl.store(dq_ptr + rows[:, None] * Q + HALF + cols[None, :], dq2, mask=tile)
 
     @triton.jit
-    def _sub_key_grad_kernel(order_ptr, offsets_ptr, ds_ptr, q_ptr, dkeys_ptr, Q, half_offset,
-                             HALF: tl.constexpr, HP: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
-        """dc_s = Σ_{(r,k) that used sub-key s} ds_rk q_r (one half), over the pairs sorted
-        by sub-key, BLOCK_P pairs at a time: each sub-key written once, in a fixed order."""
+    def _sub_key_grad_kernel(order_ptr, offsets_ptr, ds_ptr, q_ptr, partial_ptr, Q, half_offset, S,
+                             HALF: tl.constexpr, HP: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr,
+                             SPLITS: tl.constexpr):
+        """Part ``split`` of dc_s = Σ_{(r,k) that used sub-key s} ds_rk q_r (one half): the
+        pairs sorted by sub-key, each sub-key's range cut into SPLITS consecutive parts (a
+        sub-key is used by thousands of pairs: one program each left the GPU idle), walked
+        BLOCK_P pairs at a time; partial sums written to ``partial[split, s]``."""
         sub = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
         cols = tl.arange(0, HP)
         acc = tl.zeros((HP,), dtype=tl.float32)
-        o = tl.load(offsets_ptr + sub)
-        end = tl.load(offsets_ptr + sub + 1)
+        start = tl.load(offsets_ptr + sub)
+        stop = tl.load(offsets_ptr + sub + 1)
+        part = tl.cdiv(stop - start, SPLITS)
+        o = start + split * part
+        end = tl.minimum(stop, o + part)
         while o < end:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
             pos = o + tl.arange(0, BLOCK_P)
             pmask = pos < end
@@ -143,7 +152,7 @@ if triton is not None:
                         mask=pmask[:, None] & (cols[None, :] < HALF), other=0.0)
             acc += tl.sum(ds[:, None] * q, axis=0)
             o += BLOCK_P
-        tl.store(dkeys_ptr + sub * HALF + cols, acc, mask=cols < HALF)
+        tl.store(partial_ptr + (split * S + sub) * HALF + cols, acc, mask=cols < HALF)
 
 
 def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -185,7 +194,8 @@ def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor,
     (M, Q), (S, half), k = q_MQ.shape, keys_1.shape, idx_Mk.shape[1]
     hp = max(16, triton.next_power_of_2(half))
     dq_MQ = torch.empty_like(q_MQ)  # every entry written
-    dkeys = [torch.empty_like(keys_1), torch.empty_like(keys_2)]  # every sub-key written (zero if unused)
+    # per half, SPLITS partial sums of every sub-key (zero if unused), added in a fixed order
+    partial = torch.empty(2, _SPLITS, S, half, dtype=torch.float32, device=q_MQ.device)
     if M:
         launch(_query_grad_kernel)[(triton.cdiv(M, _ROWS),)](dscores_Mk, idx_Mk, keys_1, keys_2, dq_MQ, M, S, Q,
                                                      HALF=half, HP=hp, K=k, ROWS=_ROWS)
@@ -195,9 +205,10 @@ def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor,
         # sub-key's order of summation, searchsorted its bounds without a host sync
         sorted_sub, order = sub_idx.reshape(-1).sort(stable=True)
         offsets = torch.searchsorted(sorted_sub, sub_keys)
-        launch(_sub_key_grad_kernel)[(S,)](order, offsets, dscores_Mk, q_MQ, dkeys[half_index], Q, half_index * half,
-                                   HALF=half, HP=hp, K=k, BLOCK_P=_PAIRS)
-    return dq_MQ, dkeys[0], dkeys[1]
+        launch(_sub_key_grad_kernel)[(S, _SPLITS)](order, offsets, dscores_Mk, q_MQ, partial[half_index], Q,
+                                                   half_index * half, S, HALF=half, HP=hp, K=k, BLOCK_P=_PAIRS,
+                                                   SPLITS=_SPLITS)
+    return dq_MQ, partial[0].sum(dim=0), partial[1].sum(dim=0)
 
 
 @fake(_product_key_topk_backward)

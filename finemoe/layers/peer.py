@@ -37,6 +37,7 @@ from finemoe.kernels.swiglu import triton_kernels_available
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.records import Activations, Retrieval, wants
 from finemoe.layers.common import RMSNorm, at_least_float32
+from finemoe.layers.experts import compute_dtype
 from finemoe.layers.routing import product_key_topk
 
 
@@ -186,6 +187,13 @@ def runs_fused_experts(module: nn.Module, x: Tensor, stats: Stats | None) -> boo
     return uses_triton(module.config.experts_impl, x) and not wants(stats, Activations)
 
 
+def fused_experts_input(u_ND: Tensor) -> Tensor:
+    """The normalised input as the expert kernel takes it: in the compute dtype (bf16
+    under autocast, as the eager path's products run), so that the kernel's output, its
+    gradient, and the per-pair reads of both in the row-gradient pass are half the bytes."""
+    return u_ND.to(compute_dtype(u_ND))
+
+
 class PEERFFN(FFN):
     def __init__(self, config: PEERConfig, d_model: int):
         super().__init__()
@@ -202,8 +210,8 @@ class PEERFFN(FFN):
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND, stats)
         if runs_fused_experts(self, u_ND, stats):
-            y_ND = peer_experts(u_ND, idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1), self.expert_in,
-                                self.expert_out, cfg.activation)
+            y_ND = peer_experts(fused_experts_input(u_ND), idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1),
+                                self.expert_in, self.expert_out, cfg.activation)
         else:
             y_ND = self.eager_experts(u_ND, idx_NHk, gates_NHk, stats)
         return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D))
