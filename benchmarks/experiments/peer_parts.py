@@ -101,12 +101,10 @@ def main() -> None:
                     rows[f"experts fwd [BLOCK_D {block_d}, {warps} warps]"] = time_ms(experts_fwd, "cuda", 3, 10)
                     rows[f"experts fwd+bwd [BLOCK_D {block_d}, {warps} warps]"] = time_ms(experts_fwd_bwd, "cuda", 3, 10)
             experts_kernel._BLOCK_D, experts_kernel._NUM_WARPS = default[0], default[2]
-            row_default = experts_kernel._ROW_PAIRS
-            for row_block, pairs in ((128, 32), (256, 8), (256, 32), (512, 8), (1024, 1)):
-                experts_kernel._ROW_BLOCK_D, experts_kernel._ROW_PAIRS = row_block, pairs
-                rows[f"experts fwd+bwd [ROW_BLOCK_D {row_block}, {pairs} pairs]"] = time_ms(experts_fwd_bwd, "cuda",
-                                                                                         3, 10)
-            experts_kernel._ROW_BLOCK_D, experts_kernel._ROW_PAIRS = default[1], row_default
+            for row_block in (256, 512):
+                experts_kernel._ROW_BLOCK_D = row_block
+                rows[f"experts fwd+bwd [ROW_BLOCK_D {row_block}]"] = time_ms(experts_fwd_bwd, "cuda", 3, 10)
+            experts_kernel._ROW_BLOCK_D = default[1]
         print(f"== {name}: {args.tokens} tokens, retrieved share of the pool in one batch {share:.3f}")
         for label, (ms, _, peak) in rows.items():
             print(f"  {label:56s} {ms:8.3f} ms   peak beyond parameters {peak:6.2f} GiB")

@@ -50,8 +50,8 @@ __all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available"]
 
 ACTIVATIONS = ("gelu", "relu", "none")  # "none": PKM (w = g)
 _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 tile)
-_ROW_BLOCK_D = 256  # columns per program of the per-row gradient pass
-_ROW_PAIRS = 16  # pairs per step of that pass (a (16, 256) tile of x and of dy)
+_ROW_BLOCK_D = 1024  # columns per program of the per-row gradient pass (one pair at a time: loading
+# 16 pairs' (16, 256) tiles at once measured 10x slower on the H100, benchmarks/NOTES.md)
 _NUM_WARPS = 4  # of the per-token passes
 
 
@@ -142,11 +142,9 @@ if triton is not None:
 
     @triton.jit
     def _row_gradients_kernel(order_ptr, offsets_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, du_ptr, dv_ptr, D,
-                              J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr,
-                              PAIRS: tl.constexpr):
+                              J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr):
         """Pass 2, one program per (pool row, column block): the row's gradients summed
-        over the (token, slot) pairs that retrieved it, in sorted order, PAIRS at a time
-        (their x and dy rows loaded together: one pair at a time waited on each load)."""
+        over the (token, slot) pairs that retrieved it, in sorted order."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = cols < D
@@ -155,19 +153,16 @@ if triton is not None:
         o = tl.load(offsets_ptr + row)
         end = tl.load(offsets_ptr + row + 1)
         while o < end:  # a while loop: runtime bounds (also under TRITON_INTERPRET=1)
-            pos = o + tl.arange(0, PAIRS)
-            pmask = pos < end
-            pair = tl.load(order_ptr + pos, mask=pmask, other=0)  # n·J + j in the flattened (N, J)
+            pair = tl.load(order_ptr + o)  # n·J + j in the flattened (N, J)
             n = pair // J
-            tile = pmask[:, None] & dmask[None, :]
-            w = tl.load(gate_ptr + pair, mask=pmask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + n[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+            w = tl.load(gate_ptr + pair).to(tl.float32)
+            dy = tl.load(dy_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
             if HAS_U:
-                w = w * _act(tl.load(pre_ptr + pair, mask=pmask, other=0.0), ACT)
-                x = tl.load(x_ptr + n[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-                du += tl.sum(tl.load(dpre_ptr + pair, mask=pmask, other=0.0)[:, None] * x, axis=0)
-            dv += tl.sum(w[:, None] * dy, axis=0)
-            o += PAIRS
+                w = w * _act(tl.load(pre_ptr + pair), ACT)
+                x = tl.load(x_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
+                du += tl.load(dpre_ptr + pair) * x
+            dv += w * dy
+            o += 1
         tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
         if HAS_U:
             tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
@@ -223,7 +218,7 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
     block_d = min(_ROW_BLOCK_D, triton.next_power_of_2(D))
     launch(_row_gradients_kernel)[(P, triton.cdiv(D, block_d))](
         order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, D,
-        J=J, HAS_U=sizes["HAS_U"], ACT=sizes["ACT"], BLOCK_D=block_d, PAIRS=_ROW_PAIRS)
+        J=J, HAS_U=sizes["HAS_U"], ACT=sizes["ACT"], BLOCK_D=block_d)
     return dx_ND, dgates_NJ.to(gates_NJ.dtype), d_in, d_out
 
 
