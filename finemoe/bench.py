@@ -9,7 +9,8 @@ and MFU (from the model's own FLOP count) over the timed steps, the spread of st
 peak GPU memory, the first step's time (compilation included), the graphs compiled and
 those compiled after warm-up (recompiles: should be 0), graph breaks, and the last loss.
 
-    finemoe bench s120m s120m-moe --steps 30 --out results/bench_h100 train.compile=true
+    finemoe bench -p s120m,s120m-moe --steps 30 --out results/bench_h100
+    finemoe bench -p s120m-peer,s120m-peer+train.row_sparse_updates=true   # an option on and off
 """
 
 from __future__ import annotations

@@ -628,7 +628,8 @@ def study(
 @app.command()
 @one_line_errors
 def bench(
-    presets_: Annotated[str, typer.Option("--presets", "-p", help="Comma-separated presets or config files.")] = DEFAULT_PRESET,
+    presets_: Annotated[str, typer.Option("--presets", "-p", help="Comma-separated presets or config files, each "
+                                          "with its own overrides after '+' (NAME+key=value+...).")] = DEFAULT_PRESET,
     overrides: Overrides = None,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per preset.")] = 20,
     warmup: Annotated[int, typer.Option(min=2, help="Steps before timing (the first compiles).")] = 5,
@@ -638,11 +639,13 @@ def bench(
     profile: Annotated[bool, typer.Option(help="Also profile 3 steps per preset: top kernels (OUT.PRESET.profile.txt).")] = False,
 ) -> None:
     """Training speed of presets side by side in one process: tokens/s, MFU, step-time
-    spread, peak memory, first-step (compile) time, recompiles and graph breaks.
+    spread, peak memory, first-step (compile) time, recompiles and graph breaks. A preset
+    may carry its own overrides after "+": -p s120m-peer,s120m-peer+train.row_sparse_updates=true
 
     Example: finemoe bench -p s120m,s120m-moe --steps 30 --out results/bench_h100 train.batch_size=32
     """
     import json
+    import re
 
     from finemoe.bench import bench_markdown, bench_preset, rows_as_dicts
     from finemoe.environment import git_commit
@@ -652,13 +655,17 @@ def bench(
         extra.append(f"data.path={data_path}")
     rows = []
     for preset in presets_.split(","):
-        row = bench_preset(preset, steps=steps, warmup=warmup, overrides=extra, profile=profile)
+        # "NAME+key=value+...": the preset with its own overrides (e.g. an option on and off, side by side)
+        name, *own = preset.split("+")
+        row = bench_preset(name, steps=steps, warmup=warmup, overrides=extra + own, profile=profile)
+        row.preset = preset
         rows.append(row)
         if row.profile:
             typer.echo(f"== {preset}\n{row.profile}")
             if out:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
-                Path(f"{out}.{Path(preset).stem}.profile.txt").write_text(row.profile)
+                stem = re.sub(r"[^A-Za-z0-9._-]", "_", "+".join([Path(name).stem, *own]))
+                Path(f"{out}.{stem}.profile.txt").write_text(row.profile)
         mfu = f", MFU {row.mfu:.1%}" if row.mfu is not None else ""
         typer.echo(f"{preset}: {row.tokens_per_s:,.0f} tokens/s{mfu}, first step {row.first_step_s:.1f} s, "
                    f"{row.recompiles_after_warmup} recompiles after warm-up, {row.graph_breaks} graph breaks", err=True)

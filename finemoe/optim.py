@@ -36,8 +36,8 @@ __all__ = ["RowSparseAdamW"]
 
 class RowSparseAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW``, except that parameter groups with ``row_sparse=True`` (tables
-    of rows, ``ndim >= 2``) are updated lazily: see the module docstring. The state has
-    AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints load either way."""
+    of rows, ``ndim >= 2``) are updated lazily: see the module docstring. Their state has
+    AdamW's keys (``step`` on the host, ``exp_avg``, ``exp_avg_sq``)."""
 
     def add_param_group(self, param_group: dict) -> None:
         row_sparse = bool(param_group.get("row_sparse", False))

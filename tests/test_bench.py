@@ -25,10 +25,12 @@ def test_every_kind_compiled_per_block_has_no_recompiles_or_graph_breaks(preset,
 
 def test_bench_command_writes_its_table(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "-p", "tiny,tiny-moe", "--steps", "2", "--warmup", "2", "--no-compile", "--out", str(out),
-                 *SMALL]) == 0
+    assert main(["bench", "-p", "tiny,tiny-moe,tiny+train.batch_size=1", "--steps", "2", "--warmup", "2",
+                 "--no-compile", "--out", str(out), *SMALL]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    assert [r["preset"] for r in result["rows"]] == ["tiny", "tiny-moe"]
+    assert [r["preset"] for r in result["rows"]] == ["tiny", "tiny-moe", "tiny+train.batch_size=1"]
+    # the preset's own override comes after the command's (train.batch_size=2)
+    assert [r["tokens_per_step"] for r in result["rows"]] == [32, 32, 16]
     assert all(r["graphs"] == 0 and len(r["step_ms"]) == 2 for r in result["rows"])
     table = out.with_suffix(".md").read_text()
     assert "| tiny-moe |" in table and table in capsys.readouterr().out
