@@ -1,5 +1,6 @@
 """Experiment: product-key retrieval's forward at issue 12's size (16,384 tokens × 8
-heads = 131,072 queries, key width 256, 1024 sub-keys per table, k = 16), in one process:
+heads = 131,072 queries, key width 256, 1024 sub-keys per table, k = 16; other sizes by
+option, e.g. s120m-peer's: --tokens 32768 --sub-keys 512 --key-width 128), in one process:
 the eager path, the fused path at several tile settings, and the pieces apart — the
 float32 score product (cuBLAS), ``torch.topk`` vs ``torch.sort`` over its rows, and the
 kernel's k rounds of max-and-mask alone on precomputed scores.
@@ -41,13 +42,17 @@ def _rounds_only_kernel(s_ptr, out_ptr, M, S: tl.constexpr, K: tl.constexpr, KP:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--sub-keys", type=int, default=1024)
+    parser.add_argument("--key-width", type=int, default=256)
     args = parser.parse_args()
-    k, M, S, Q = args.k, 16384 * 8, 1024, 256
+    k, M, S, Q = args.k, args.tokens * 8, args.sub_keys, args.key_width
+    print(f"{args.tokens} tokens x 8 heads, {S} sub-keys per table, key width {Q}, k = {k}")
     torch.manual_seed(0)
-    q = torch.randn(16384, 8, Q, device="cuda")
+    q = torch.randn(args.tokens, 8, Q, device="cuda")
     keys = torch.randn(2, S, Q // 2, device="cuda")
     rows = {"eager (2 GEMMs, 3 topk)": lambda: product_key_topk(q, keys[0], keys[1], k)}
-    for rows_per_program, warps in ((8, 4), (16, 4), (16, 8)):
+    for rows_per_program, warps in ((4, 4), (8, 4), (16, 4), (16, 8), (32, 8)):
         def fused(r=rows_per_program, w=warps):
             product_keys._ROWS, product_keys._NUM_WARPS = r, w
             fused_product_key_topk(q, keys[0], keys[1], k)
