@@ -54,7 +54,7 @@ def main() -> None:
     rows = {"eager (2 GEMMs, 3 topk)": lambda: product_key_topk(q, keys[0], keys[1], k)}
     for rows_per_program, warps in ((4, 4), (8, 4), (16, 4), (16, 8), (32, 8)):
         def fused(r=rows_per_program, w=warps):
-            product_keys._ROWS, product_keys._NUM_WARPS = r, w
+            product_keys._TOPK_ROWS, product_keys._NUM_WARPS = r, w
             fused_product_key_topk(q, keys[0], keys[1], k)
         rows[f"fused (cuBLAS scores + rounds kernel), {rows_per_program} rows, {warps} warps"] = fused
     scores = q[..., :Q // 2].reshape(M, Q // 2) @ keys[0].t()

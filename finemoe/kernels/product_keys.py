@@ -53,7 +53,9 @@ except ImportError:
 
 __all__ = ["fused_product_key_topk", "fused_product_key_topk_supported"]
 
-_ROWS = 8  # query rows per program (measured: 8 rows, 4 warps fastest of 8/16/32 × 4/8)
+_TOPK_ROWS = 4  # query rows per program of the top-k kernel (H100, product_key_topk_ab.py: 4 rows, 4 warps
+# fastest of 4/8/16/32 × 4/8 at 1024 sub-keys and at 512, for k = 16 and 32)
+_ROWS = 8  # query rows per program of the query-gradient kernel
 _NUM_WARPS = 4
 _PAIRS = 64  # (row, slot) pairs per step of the sub-key gradient pass
 _SPLITS = 16  # programs per sub-key in that pass (partial sums added after)
@@ -164,9 +166,9 @@ def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tenso
         # the two (M, S) score matrices by cuBLAS in float32 (Triton's IEEE float32 dot
         # measured ten times slower); the kernel reads each once
         s1, s2 = q_MQ[:, :half] @ keys_1.t(), q_MQ[:, half:] @ keys_2.t()
-        launch(_product_key_topk_kernel)[(triton.cdiv(M, _ROWS),)](
+        launch(_product_key_topk_kernel)[(triton.cdiv(M, _TOPK_ROWS),)](
             s1, s2, scores, idx, M, S, K=k, KP=max(2, triton.next_power_of_2(k)),
-            SP=max(16, triton.next_power_of_2(S)), ROWS=_ROWS, num_warps=_NUM_WARPS)
+            SP=max(16, triton.next_power_of_2(S)), ROWS=_TOPK_ROWS, num_warps=_NUM_WARPS)
     return scores, idx
 
 
