@@ -62,15 +62,6 @@ class ProductKeyConfig(FFNConfig):
     kernel, no ``(N, H, S)`` score tensors; tables of up to 1024 sub-keys); ``auto``
     (default) takes Triton on a CUDA device when it applies, else eager. Same results
     (ties aside)."""
-    table_copies: Literal["auto", "on", "off"] = "auto"
-    """Under autocast, whether the Triton expert kernel reads the tables through copies in
-    the compute dtype (bf16), as autocast does with the weights of every matrix product:
-    half the bytes in the two per-token passes and in the tables' gradient writes, for a
-    cast of each table (and of its gradient) per step. ``auto``: when a table row is read
-    at least 8 times per pass on average (tokens · heads · k ≥ 8 · num_experts), as at
-    s120m-peer's 32,768 tokens into 512² experts (the passes saved 7.9 ms against a 0.8 ms
-    cast on an H100); not at 16,384 tokens into 1024² (3.0 ms saved, 4.3 ms of cast;
-    benchmarks/experiments/peer_bf16_tables.py)."""
     experts_impl: Literal["auto", "eager", "triton"] = "auto"
     """How the retrieved experts run: ``eager`` gathers their rows with PyTorch (the
     reference); ``triton`` is ``finemoe.kernels.peer_experts`` (one pass per token, no
@@ -96,8 +87,6 @@ class ProductKeyConfig(FFNConfig):
         for name in ("retrieval_impl", "experts_impl"):
             check(getattr(self, name) in ("auto", "eager", "triton"), name,
                   f"must be 'auto', 'eager' or 'triton', got {getattr(self, name)!r}")
-        check(self.table_copies in ("auto", "on", "off"), "table_copies",
-              f"must be 'auto', 'on' or 'off', got {self.table_copies!r}")
 
     @property
     def sub_keys(self) -> int:
@@ -205,19 +194,6 @@ def fused_experts_input(u_ND: Tensor) -> Tensor:
     return u_ND.to(compute_dtype(u_ND))
 
 
-def kernel_tables(config: ProductKeyConfig, tables: tuple[Tensor, ...], x_ND: Tensor) -> tuple[Tensor, ...]:
-    """The expert tables as the Triton kernel reads them: copies in the compute dtype
-    where ``config.table_copies`` asks for them (their gradients flow back through the
-    cast, in float32 to the parameters), else the tables themselves."""
-    dtype = compute_dtype(x_ND)
-    if dtype == tables[0].dtype or config.table_copies == "off":
-        return tables
-    reads = x_ND.shape[0] * config.num_heads * config.top_k
-    if config.table_copies == "on" or reads >= 8 * config.num_experts:
-        return tuple(t.to(dtype) for t in tables)
-    return tables
-
-
 class PEERFFN(FFN):
     def __init__(self, config: PEERConfig, d_model: int):
         super().__init__()
@@ -234,9 +210,8 @@ class PEERFFN(FFN):
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND, stats)
         if runs_fused_experts(self, u_ND, stats):
-            expert_in, expert_out = kernel_tables(cfg, (self.expert_in, self.expert_out), u_ND)
             y_ND = peer_experts(fused_experts_input(u_ND), idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1),
-                                expert_in, expert_out, cfg.activation)
+                                self.expert_in, self.expert_out, cfg.activation)
         else:
             y_ND = self.eager_experts(u_ND, idx_NHk, gates_NHk, stats)
         return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D))

@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from finemoe.layers.base import CallContext, FFN, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.common import RMSNorm
 from finemoe.kernels.peer_experts import peer_experts
-from finemoe.layers.peer import (ProductKeyConfig, ProductKeyRetrieval, fused_experts_input, kernel_tables,
-                                 runs_fused_experts)
+from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, fused_experts_input, runs_fused_experts
 
 
 @register_ffn
@@ -57,9 +56,8 @@ class PKMFFN(FFN):
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND, stats)
         if runs_fused_experts(self, u_ND, stats):
-            (values,) = kernel_tables(self.config, (self.values,), u_ND)
             y_ND = peer_experts(fused_experts_input(u_ND), idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1),
-                                None, values, "none")
+                                None, self.values, "none")
         else:
             y_ND = F.embedding_bag(
                 idx_NHk.reshape(B * T, -1), self.values,
