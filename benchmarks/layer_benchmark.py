@@ -193,6 +193,11 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> tuple[float, list[flo
     return statistics.median(times), times, peak
 
 
+def median_ms(fn, warmup: int = 3, repeats: int = 10, device: str = "cuda") -> float:
+    """The median time (ms) of ``fn`` (``time_ms`` without the spread and the memory)."""
+    return time_ms(fn, device, warmup, repeats)[0]
+
+
 def compiled(layer, cuda_graphs: bool = False):
     """``torch.compile(layer)``; with ``cuda_graphs``, ``mode="reduce-overhead"``."""
     return torch.compile(layer, mode="reduce-overhead") if cuda_graphs else torch.compile(layer)

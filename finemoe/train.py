@@ -150,7 +150,8 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         # Decay matrices and embeddings; not norms, biases or BatchNorm (1-D parameters).
         tables = self._row_tables()
-        decay = [p for p in self.model.parameters() if p.ndim >= 2 and not any(p is t for t in tables)]
+        table_ids = {id(t) for t in tables}
+        decay = [p for p in self.model.parameters() if p.ndim >= 2 and id(p) not in table_ids]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         kwargs = dict(lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))

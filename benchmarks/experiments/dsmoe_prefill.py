@@ -12,6 +12,7 @@ the kernel, a few tile shapes; then a profile of the kernel path's GPU time by k
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,11 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import finemoe.kernels.gathered_swiglu as kernel  # noqa: E402
 import finemoe.layers.dsmoe as dsmoe_module  # noqa: E402
 from finemoe.layers import DenseConfig, DSMoEConfig  # noqa: E402
-from layer_benchmark import cuda_graph_forward as graphed, time_ms  # noqa: E402
+from layer_benchmark import cuda_graph_forward as graphed, median_ms as shared_median_ms  # noqa: E402
 
 
-def median_ms(fn) -> float:
-    return time_ms(fn, "cuda", warmup=5, repeats=30)[0]
+median_ms = partial(shared_median_ms, warmup=5, repeats=30)
 
 
 def main() -> None:

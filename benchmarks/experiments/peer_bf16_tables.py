@@ -15,6 +15,7 @@ gradients in float32 either way.)
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finemoe.kernels import peer_experts as kernels  # noqa: E402
-from layer_benchmark import time_ms  # noqa: E402
+from layer_benchmark import median_ms as shared_median_ms  # noqa: E402
 
 
-def median_ms(fn) -> float:
-    return time_ms(fn, "cuda", warmup=3, repeats=10)[0]
+median_ms = partial(shared_median_ms, warmup=3, repeats=10)
 
 
 def shape(tokens: int, d: int, pool: int, J: int = 128) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from finemoe.environment import git_commit  # noqa: E402
 from finemoe.kernels.row_sparse_adamw import touched_rows  # noqa: E402
 from finemoe.layers import PEERConfig  # noqa: E402
 from finemoe.optim import RowSparseAdamW  # noqa: E402
-from layer_benchmark import time_ms  # noqa: E402
+from layer_benchmark import median_ms as shared_median_ms  # noqa: E402
 
 ROWS, D = 1024**2, 1024
 
@@ -42,8 +43,7 @@ def optimizers(params, tables):
     yield "RowSparseAdamW", RowSparseAdamW(groups, lr=1e-3, weight_decay=0.1, fused=True)
 
 
-def median_ms(fn) -> float:
-    return time_ms(fn, "cuda", warmup=2, repeats=10)[0]
+median_ms = partial(shared_median_ms, warmup=2, repeats=10)
 
 
 def layer_rows(tokens: int) -> list[dict]:

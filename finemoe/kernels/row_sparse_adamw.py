@@ -16,7 +16,7 @@ Per touched row, with t the optimizer's step count (``torch.optim.AdamW``'s form
     p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
 
 computed in float32 and stored in the tables' dtype. Kernel → launcher →
-``torch.library.custom_op`` (in place) ; ``row_sparse_adamw_reference`` is the same update
+``torch.library.custom_op`` (in place); ``row_sparse_adamw_reference`` is the same update
 in PyTorch (masked with ``torch.where``), used on the CPU and by the tests. Tested on the
 CPU under ``TRITON_INTERPRET=1``.
 """
