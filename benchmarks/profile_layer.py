@@ -2,6 +2,10 @@
 time (torch.profiler), for layers named as in ``layer_benchmark.py``.
 
     python benchmarks/profile_layer.py "finedeep 2x4" "moe E=8 k=2" --d 1024 --tokens 16384 [--compile] [--host]
+    python benchmarks/profile_layer.py --config 'sub={"kind": "moe", "num_experts": 8}' sub --d 768
+
+A name is one of ``layer_benchmark.py``'s layers or one given with ``--config NAME=JSON``
+(an FFN config, e.g. the layer of a preset at its own width).
 
 With ``--host``, also where the host's time goes: each call timed alone (synchronised
 after it, as ``layer_benchmark.py`` does), the same calls queued back to back (one
@@ -13,6 +17,7 @@ the host time to issue one call, and the top CPU-side operations (a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -77,17 +82,23 @@ def print_host_time(step, steps: int, rows: int, name_width: int = 70) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="+")
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
+                        help="A layer of your own: NAME=JSON, the JSON an FFN config (repeatable).")
     parser.add_argument("--d", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--compile", action="store_true", help="Profile each layer under torch.compile.")
     parser.add_argument("--host", action="store_true", help="Also the host side: alone/queued/issue times, CPU ops.")
     args = parser.parse_args()
+    configs = layer_configs(args.d)
+    for item in args.config:
+        name, _, text = item.partition("=")
+        configs[name] = json.loads(text)
     h = torch.randn(args.tokens // 512, 512, args.d, device="cuda", requires_grad=True)
     cotangent = torch.randn(h.shape, device="cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     for name in args.names:
-        layer = from_dict(FFNConfig, dict(layer_configs(args.d)[name])).build(args.d).cuda().train()
+        layer = from_dict(FFNConfig, dict(configs[name])).build(args.d).cuda().train()
         if args.compile:
             layer = torch.compile(layer)
         step = fwd_bwd(layer, h, cotangent, autocast)

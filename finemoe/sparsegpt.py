@@ -115,23 +115,23 @@ def _run_until_stopped(fn) -> None:
 
 
 @torch.no_grad()
-def _input_hessian(block: torch.nn.Module, linear: torch.nn.Module, block_inputs: list) -> Tensor:
-    """``Σ xᵀx`` over every calibration token of ``linear``'s input (accumulated in float64,
-    returned in float32 or the weight's float64), running ``block`` on its recorded
-    inputs up to ``linear``."""
-    H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
+def _input_hessian(block: torch.nn.Module, module: torch.nn.Module, weight: Tensor, block_inputs: list) -> Tensor:
+    """``Σ xᵀx`` over every calibration token of ``module``'s input, the input of the
+    products with ``weight`` (accumulated in float64, returned in float32 or the weight's
+    float64), running ``block`` on its recorded inputs up to ``module``."""
+    H = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
 
     def record(args, kwargs):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
         H.add_(x.t() @ x)
 
-    handle = _stop_at(linear, record)
+    handle = _stop_at(module, record)
     try:
         for args, kwargs in block_inputs:
             _run_until_stopped(lambda: block(*args, **kwargs))
     finally:
         handle.remove()
-    return H.to(torch.promote_types(linear.weight.dtype, torch.float32))
+    return H.to(torch.promote_types(weight.dtype, torch.float32))
 
 
 @torch.no_grad()
@@ -167,11 +167,13 @@ def sparsegpt_prune_dense_ffns(model, batches, *, sparsity: float = 0.5, pattern
         for block_ in model.blocks:
             if block_.ffn.config.is_plain_swiglu:
                 mlp = block_.ffn.mlp
-                H_x = _input_hessian(block_, mlp.gate_proj, inputs)  # gate and up read the same input
+                # gate and up read the MLP's input (one product against both weights)
+                H_x = _input_hessian(block_, mlp, mlp.gate_proj.weight, inputs)
                 for linear in (mlp.gate_proj, mlp.up_proj):
                     linear.weight.copy_(sparsegpt_prune_matrix(linear.weight, H_x, sparsity=sparsity, pattern=pattern,
                                                                block=block, damp=damp))
-                H_h = _input_hessian(block_, mlp.down_proj, inputs)  # the hidden units of the pruned gate and up
+                # the hidden units of the pruned gate and up
+                H_h = _input_hessian(block_, mlp.down_proj, mlp.down_proj.weight, inputs)
                 mlp.down_proj.weight.copy_(sparsegpt_prune_matrix(mlp.down_proj.weight, H_h, sparsity=sparsity,
                                                                   pattern=pattern, block=block, damp=damp))
             # the next block reads this one's output (a block returns (x, ffn output))

@@ -100,14 +100,14 @@ def test_block_by_block_calibration_equals_full_forward_passes():
     naive = copy.deepcopy(model)
     sparsegpt_prune_dense_ffns(model, batches, sparsity=0.5, block=16)
 
-    def hessian(linear):
-        H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+    def hessian(module, width):  # Σ xᵀx of module's input, over every calibration token
+        H = torch.zeros(width, width, dtype=torch.float64)
 
         def add(module, args):
             x = args[0].reshape(-1, args[0].shape[-1])
             H.add_(x.t() @ x)  # returns nothing: the layer's input is left as it is
 
-        handle = linear.register_forward_pre_hook(add)
+        handle = module.register_forward_pre_hook(add)
         with torch.no_grad():
             for b in batches:
                 naive(b)
@@ -117,10 +117,10 @@ def test_block_by_block_calibration_equals_full_forward_passes():
     with torch.no_grad():
         for block in naive.blocks:
             mlp = block.ffn.mlp
-            H_x = hessian(mlp.gate_proj)
+            H_x = hessian(mlp, mlp.gate_proj.in_features)  # gate and up read the MLP's input
             for linear in (mlp.gate_proj, mlp.up_proj):
                 linear.weight.copy_(sparsegpt_prune_matrix(linear.weight, H_x, sparsity=0.5, block=16))
-            mlp.down_proj.weight.copy_(sparsegpt_prune_matrix(mlp.down_proj.weight, hessian(mlp.down_proj),
-                                                              sparsity=0.5, block=16))
+            H_h = hessian(mlp.down_proj, mlp.down_proj.in_features)
+            mlp.down_proj.weight.copy_(sparsegpt_prune_matrix(mlp.down_proj.weight, H_h, sparsity=0.5, block=16))
     for (name, got), expected in zip(model.state_dict().items(), naive.state_dict().values()):
         torch.testing.assert_close(got, expected, msg=name)
