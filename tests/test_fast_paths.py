@@ -109,6 +109,23 @@ def test_grouped_experts_equal_the_eager_loop(name, dtype):
         torch.testing.assert_close(got[2][key], grad, **tol, msg=lambda m: f"gradient of {key}: {m}")
 
 
+@pytest.mark.parametrize("num_experts", [1, 7, 255, 256, 300, 40000])
+def test_sort_and_count_by_expert_equal_argsort_and_bincount(num_experts):
+    """The narrow sort keys (uint8 below 256 experts, int16, int32) give torch's stable
+    int64 argsort and bincount, experts without a slot included."""
+    from finemoe.layers.routing import count_per_expert, sort_by_expert
+
+    g = torch.Generator().manual_seed(num_experts)
+    idx = torch.randint(0, num_experts, (97, 3), generator=g)
+    idx[0, 0] = num_experts - 1  # the largest id occurs
+    sorted_ids, order = sort_by_expert(idx, num_experts)
+    assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
+    assert torch.equal(sorted_ids.long(), idx.reshape(-1)[order])
+    counts = count_per_expert(idx, num_experts)
+    assert counts.dtype == torch.long
+    assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=num_experts))
+
+
 def test_all_tokens_on_one_expert():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=4, num_experts_per_tok=1, expert_intermediate_size=12, norm_topk_prob=False)

@@ -340,6 +340,27 @@ def test_finemoe_operators_pass_opcheck_on_cuda():
     position = torch.empty_like(order).scatter_(0, order, torch.arange(12, device="cuda"))
     y = torch.randn(12, 24, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.finemoe.sum_slots.default, (y, position, order, 3))
+    torch.library.opcheck(torch.ops.finemoe.row_topk_indices.default, (torch.rand(64, 8, device="cuda"), 2))
+
+
+@pytest.mark.parametrize("experts,k", [(8, 2), (64, 8), (256, 3)])
+def test_router_topk_on_cuda_takes_the_kernel_and_equals_torch_topk(experts, k):
+    """At the s120m presets' size the routers' top-k runs the register kernel and keeps
+    torch.topk's experts; the weights (gathered) carry the probabilities' gradient."""
+    from finemoe.kernels.topk import row_topk_supported
+    from finemoe.layers.routing import topk_routing
+
+    torch.manual_seed(experts)
+    logits = torch.randn(32768, experts, device="cuda", requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    assert row_topk_supported(probs, k)
+    weights, idx = topk_routing(probs, k, renormalize=False)
+    ref_weights, ref_idx = probs.topk(k, dim=-1)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(weights, ref_weights, atol=0, rtol=0)
+    (grad,) = torch.autograd.grad(weights.sum(), [logits])
+    (ref_grad,) = torch.autograd.grad(ref_weights.sum(), [logits])
+    torch.testing.assert_close(grad, ref_grad)
 
 
 def test_row_sparse_adamw_on_cuda_takes_the_kernel_and_equals_the_reference():

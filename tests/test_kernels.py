@@ -408,3 +408,26 @@ def test_row_sparse_adamw_kernel_equals_the_reference(dtype, width):
     for a, b in zip(got, tables):
         assert torch.equal(a[[0, 4, 8]], b[[0, 4, 8]])
         assert not torch.equal(a[5], b[5])
+
+
+@pytest.mark.parametrize("rows,columns,k", [(37, 8, 2), (5, 64, 8), (3, 256, 9), (7, 5, 5), (40, 3, 1), (0, 8, 2)])
+def test_row_topk_kernel_equals_torch_topk(rows, columns, k):
+    """The router's top-k in registers: the indices of torch.topk (distinct values),
+    best first; ties go to the lower column."""
+    from finemoe.kernels.topk import _row_topk_indices
+
+    torch.manual_seed(columns)
+    probs = torch.softmax(torch.randn(rows, columns, device=DEVICE), dim=-1)
+    got = _row_topk_indices(probs, k)
+    assert got.dtype == torch.int64 and got.shape == (rows, k)
+    assert torch.equal(got, probs.topk(k, dim=-1).indices)
+    tied = torch.full((4, columns), 0.5, device=DEVICE)
+    tied[1, -1] = 0.9  # one larger entry, then the ties in column order
+    got = _row_topk_indices(tied, k).cpu()
+    assert got[0].tolist() == list(range(k))
+    assert got[1].tolist() == [columns - 1] + list(range(k - 1))
+
+
+def test_row_topk_passes_opcheck():
+    probs = torch.softmax(torch.randn(9, 8, device=DEVICE), dim=-1)
+    torch.library.opcheck(torch.ops.finemoe.row_topk_indices.default, (probs, 2))

@@ -48,6 +48,8 @@ from finemoe.kernels.op import fake, kernel_op, launch
 try:
     import triton
     import triton.language as tl
+
+    from finemoe.kernels.topk import top_k_rounds
 except ImportError:
     triton = None
 
@@ -70,22 +72,6 @@ def fused_product_key_topk_supported(sub_keys: int, k: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _top_k_rounds(scores, cols, K: tl.constexpr, KP: tl.constexpr):
-        """The K largest of each row of ``scores`` (R, C), best first, by K rounds of
-        max-and-mask: ``(values (R, KP), column (R, KP))``; padding columns hold -inf."""
-        kcols = tl.arange(0, KP)
-        values = tl.full((scores.shape[0], KP), float("-inf"), tl.float32)
-        where = tl.zeros((scores.shape[0], KP), dtype=tl.int32)
-        for t in range(K):  # a loop, not unrolled: k rounds over an (R, S) tile compile slowly unrolled
-            best = tl.max(scores, axis=1)
-            # the lowest column holding the maximum (ties to the lower index)
-            at = tl.min(tl.where(scores == best[:, None], cols[None, :], scores.shape[1]), axis=1)
-            values = tl.where(kcols[None, :] == t, best[:, None], values)
-            where = tl.where(kcols[None, :] == t, at[:, None], where)
-            scores = tl.where(cols[None, :] == at[:, None], float("-inf"), scores)
-        return values, where
-
-    @triton.jit
     def _product_key_topk_kernel(s1_ptr, s2_ptr, scores_ptr, idx_ptr, M, S,
                                  K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -93,12 +79,12 @@ if triton is not None:
         sub = tl.arange(0, SP)
         tile = rmask[:, None] & (sub[None, :] < S)
         s1 = tl.load(s1_ptr + rows[:, None] * S + sub[None, :], mask=tile, other=float("-inf"))
-        top1, a = _top_k_rounds(s1, sub, K, KP)
+        top1, a = top_k_rounds(s1, sub, K, KP)
         s2 = tl.load(s2_ptr + rows[:, None] * S + sub[None, :], mask=tile, other=float("-inf"))
-        top2, b = _top_k_rounds(s2, sub, K, KP)
+        top2, b = top_k_rounds(s2, sub, K, KP)
         # the k² pair sums, (ROWS, KP·KP): pair p = i·KP + j is (a_i, b_j); padding is -inf
         pairs = tl.reshape(top1[:, :, None] + top2[:, None, :], (ROWS, KP * KP))
-        best, p = _top_k_rounds(pairs, tl.arange(0, KP * KP), K, KP)
+        best, p = top_k_rounds(pairs, tl.arange(0, KP * KP), K, KP)
         kcols = tl.arange(0, KP)
         # a[p // KP] and b[p % KP], picked out of the registers by a one-hot sum
         out_a = tl.sum(tl.where((p // KP)[:, :, None] == kcols[None, None, :], a[:, None, :], 0), axis=2)
