@@ -120,20 +120,21 @@ def bench_preset(preset: str, *, steps: int, warmup: int, overrides: list[str] |
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        trainer.train_step()
-        trainer.check_finite()  # a host sync: the first step (and its compilation) is done
-        first_step_s = time.perf_counter() - started
-        for i in range(1, warmup):
-            trainer.train_step(want_stats=i == 1)
-        graphs_at_warmup = counter.graphs()
-        clock = _StepClock(device)
-        clock.mark()
-        for _ in range(steps):
-            result = trainer.train_step()
+        with trainer.scheduled_gc():  # as `finemoe train` runs its steps
+            started = time.perf_counter()
+            trainer.train_step()
+            trainer.check_finite()  # a host sync: the first step (and its compilation) is done
+            first_step_s = time.perf_counter() - started
+            for i in range(1, warmup):
+                trainer.train_step(want_stats=i == 1)
+            graphs_at_warmup = counter.graphs()
+            clock = _StepClock(device)
             clock.mark()
-        times = clock.step_ms()
-        trainer.check_finite()
+            for _ in range(steps):
+                result = trainer.train_step()
+                clock.mark()
+            times = clock.step_ms()
+            trainer.check_finite()
         table = _profile(trainer, device, steps=3) if profile else None
         final_loss = float(result["totals"]["lm_loss"])
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

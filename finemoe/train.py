@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import json
 import math
 import random
@@ -377,7 +378,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main),
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         try:
-            return self._loop(bar, logger)
+            with self.scheduled_gc():
+                return self._loop(bar, logger)
         finally:  # an error is then printed on a line of its own, not glued to the bar's
             bar.close()
             logger.close()
@@ -419,7 +421,25 @@ class Trainer:
                 torch._foreach_mul_(self._masked_params, self._masks)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if cfg.gc_every and self.step % cfg.gc_every == 0:
+            gc.collect(1)  # the young generations only: milliseconds (see scheduled_gc)
         return {"totals": totals, "grad_norm": grad_norm, "layer_stats": layer_stats}
+
+    @contextlib.contextmanager
+    def scheduled_gc(self):
+        """Python's automatic garbage collection paused for the block (when ``gc_every``
+        is set): ``train_step`` collects the young generations every ``gc_every`` steps
+        instead, so no full collection stalls a step at random. The collector's state is
+        restored after the block."""
+        if not self.cfg.gc_every or not gc.isenabled():
+            yield
+            return
+        gc.collect()
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.enable()
 
     def _remember_non_finite(self, step: int, loss: torch.Tensor) -> None:
         """Keep the first step whose loss is not finite, and that loss, on the device."""

@@ -358,7 +358,7 @@ def test_router_topk_on_cuda_takes_the_kernel_and_equals_torch_topk(experts, k):
     ref_weights, ref_idx = probs.topk(k, dim=-1)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(weights, ref_weights, atol=0, rtol=0)
-    (grad,) = torch.autograd.grad(weights.sum(), [logits])
+    (grad,) = torch.autograd.grad(weights.sum(), [logits], retain_graph=True)
     (ref_grad,) = torch.autograd.grad(ref_weights.sum(), [logits])
     torch.testing.assert_close(grad, ref_grad)
 

@@ -320,3 +320,27 @@ def test_repeat_batch_trains_every_step_on_the_first_batch(shards, tmp_path):
     assert torch.equal(repeated.batch(3, 0)[0], first)
     assert torch.equal(plain.batch(0, 0)[0], first)  # step 0's batch is the same either way
     assert not torch.equal(plain.batch(3, 0)[0], first)
+
+
+def test_training_collects_garbage_on_schedule_and_restores_the_collector(shards, tmp_path, monkeypatch):
+    """With ``gc_every`` the automatic collector is off while ``fit`` runs and the young
+    generations are collected every ``gc_every`` steps; afterwards the collector is as it
+    was. ``gc_every=0`` leaves it on."""
+    import gc
+
+    states, collections = [], []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collections.append(generation) or real_collect(generation))
+    trainer = Trainer(_config(shards, tmp_path / "run", "train.steps=7", "train.gc_every=3"), progress=False)
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **kw: states.append(gc.isenabled()) or step(*a, **kw))
+    assert gc.isenabled()
+    trainer.fit()
+    assert gc.isenabled() and states == [False] * 7
+    assert collections.count(1) == 2  # after steps 3 and 6
+    trainer = Trainer(_config(shards, tmp_path / "off", "train.steps=3", "train.gc_every=0"), progress=False)
+    step = trainer.train_step
+    states.clear()
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **kw: states.append(gc.isenabled()) or step(*a, **kw))
+    trainer.fit()
+    assert states == [True] * 3
