@@ -37,6 +37,7 @@ __all__ = ["MAX_TOKENS", "dsmoe_decode", "dsmoe_decode_applies"]
 
 MAX_TOKENS = 16
 _BLOCK_F, _BLOCK_D = 32, 64
+_NUM_WARPS = 4
 
 
 def dsmoe_decode_applies(u_ND: Tensor, block_width: int) -> bool:
@@ -121,6 +122,7 @@ def dsmoe_decode(u_ND: Tensor, gate_weight: Tensor, w_gate: Tensor, w_up: Tensor
     partial = torch.empty(n, N, D, dtype=torch.float32, device=u_ND.device)
     sizes = dict(N=N, D=D, n=n, b=F // n, N_PAD=max(2, triton.next_power_of_2(N)), BLOCK_F=_BLOCK_F, BLOCK_D=_BLOCK_D)
     _up_kernel[(F // _BLOCK_F,)](u_ND, gate_weight.contiguous(), w_gate.contiguous(), w_up.contiguous(), threshold, gates,
-                                 hidden, RESCALE=rescale, n_PAD=max(2, triton.next_power_of_2(n)), **sizes)
-    _down_kernel[(D // _BLOCK_D, n)](hidden, gates, w_down.contiguous(), partial, **sizes)
+                                 hidden, RESCALE=rescale, n_PAD=max(2, triton.next_power_of_2(n)), num_warps=_NUM_WARPS,
+                                 **sizes)
+    _down_kernel[(D // _BLOCK_D, n)](hidden, gates, w_down.contiguous(), partial, num_warps=_NUM_WARPS, **sizes)
     return partial.sum(0).to(u_ND.dtype), gates
