@@ -3,9 +3,7 @@
 In one process, at the layer benchmark's size (d = 1024, F = 4096, n = 8 blocks, bf16
 autocast, forward, eval), each forward replayed as one CUDA graph: the dense FFN, then
 the DSMoE layer's decode kernels (``finemoe.kernels.dsmoe_decode``) for a sweep of tile
-shapes and warps, then the GPU time of each kernel at the default tiles. Each point
-compiles two kernels with unrolled loops (~25 s on the H100 machine): give the full
-sweep about half an hour, or narrow the grids below.
+shapes and warps, then the GPU time of each kernel at the default tiles and the best.
 
     python benchmarks/experiments/dsmoe_decode.py > results/experiments/dsmoe_decode/h100.txt
 """
@@ -40,20 +38,22 @@ def main() -> None:
         share = float(layer.gates(layer.norm(x).reshape(-1, d))[2].float().mean())
     dense_ms = median_ms(graphed(dense, x, autocast))
     print(f"blocks on for this token: {share:.0%}; dense forward as a CUDA graph: {dense_ms * 1e3:.1f} µs")
-    default = (kernels._BLOCK_F, kernels._BLOCK_D, kernels._NUM_WARPS)
-    print("| BLOCK_F | BLOCK_D | warps | µs | vs dense |")
-    print("|---:|---:|---:|---:|---:|")
+    names = ("_BLOCK_F", "_BLOCK_K", "_BLOCK_D", "_NUM_WARPS")
+    default = tuple(getattr(kernels, name) for name in names)
+    print("| BLOCK_F | BLOCK_K | BLOCK_D | warps | µs | vs dense |")
+    print("|---:|---:|---:|---:|---:|---:|")
     results = []
-    for block_f, block_d, warps in itertools.product((8, 16, 32, 64), (32, 64, 128, 256), (1, 2, 4, 8)):
-        kernels._BLOCK_F, kernels._BLOCK_D, kernels._NUM_WARPS = block_f, block_d, warps
+    for tiles in itertools.product((16, 32, 64), (64, 128, 256), (32, 64), (2, 4)):
+        for name, value in zip(names, tiles):
+            setattr(kernels, name, value)
         ms = median_ms(graphed(layer, x, autocast))
-        results.append((ms, block_f, block_d, warps))
-        print(f"| {block_f} | {block_d} | {warps} | {ms * 1e3:.1f} | {dense_ms / ms:.2f} |", flush=True)
+        results.append((ms, tiles))
+        print(f"| {' | '.join(map(str, tiles))} | {ms * 1e3:.1f} | {dense_ms / ms:.2f} |", flush=True)
     best = min(results)
-    print(f"best: BLOCK_F={best[1]} BLOCK_D={best[2]} warps={best[3]}: {best[0] * 1e3:.1f} µs "
-          f"({dense_ms / best[0]:.2f}× dense)")
-    for label, tiles in (("default", default), ("best", best[1:])):
-        kernels._BLOCK_F, kernels._BLOCK_D, kernels._NUM_WARPS = tiles
+    print(f"best: {dict(zip(names, best[1]))}: {best[0] * 1e3:.1f} µs ({dense_ms / best[0]:.2f}× dense)")
+    for label, tiles in (("default", default), ("best", best[1])):
+        for name, value in zip(names, tiles):
+            setattr(kernels, name, value)
         from torch.profiler import ProfilerActivity, profile
 
         with torch.no_grad(), autocast:
