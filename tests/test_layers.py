@@ -130,3 +130,28 @@ def test_disable_top1_as_a_run_time_intervention_equals_the_config_option():
     every_expert = MoEConfig(num_experts=2, num_experts_per_tok=2, expert_intermediate_size=16).build(D)
     with intervention(every_expert, "disable_top1") as reached:
         assert reached == 0  # a layer that routes to every expert cannot skip its top-1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_router_products_stay_float32_in_the_compiled_backward(bias):
+    """``float32_linear`` under bf16 autocast: compiled, its gradients are float32 products
+    as they are eagerly (a product inside ``autocast(enabled=False)`` gets a bf16 backward
+    from AOTAutograd, ~3e-3 off). Against the float64 formula."""
+    from finemoe.layers.common import float32_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 64, requires_grad=True)
+    w = torch.randn(10, 64, requires_grad=True)
+    b = torch.randn(10, requires_grad=True) if bias else None
+    probe = torch.randn(3, 40, 10)
+    params = [x, w] + ([b] if bias else [])
+    xd, wd, pd = x.detach().double(), w.detach().double(), probe.double()
+    want = [pd @ wd, pd.reshape(-1, 10).t() @ xd.reshape(-1, 64)] + ([pd.sum((0, 1))] if bias else [])
+    for fn in (float32_linear, torch.compile(float32_linear, fullgraph=True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w, b)
+        assert y.dtype == torch.float32
+        grads = torch.autograd.grad((y * probe).sum(), params)
+        for got, ref in zip(grads, want):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-5)

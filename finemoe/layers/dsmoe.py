@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.records import Activations, BlockActivity, wants
-from finemoe.layers.common import (RMSNorm, SwiGLU, at_least_float32, dense_swiglu_weights, fresh_gate, swiglu_hidden,
-                                    swiglu_params)
+from finemoe.layers.common import (RMSNorm, SwiGLU, dense_swiglu_weights, float32_linear, fresh_gate,
+                                   swiglu_hidden, swiglu_params)
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.dsmoe_decode import dsmoe_decode, dsmoe_decode_applies
 from finemoe.kernels.dsmoe_prefill import block_pairs, norm_and_gates
@@ -141,8 +140,7 @@ class DSMoEFFN(FFN):
 
     def gates(self, u_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(a, G(a), active)`` in float32: sigmoid gates, thresholded gates, mask."""
-        with torch.autocast(device_type=u_ND.device.type, enabled=False):
-            a_Nn = torch.sigmoid(F.linear(at_least_float32(u_ND), at_least_float32(self.gate.weight)))
+        a_Nn = torch.sigmoid(float32_linear(u_ND, self.gate.weight))
         active_Nn = a_Nn > self.config.threshold
         return a_Nn, a_Nn * active_Nn, active_Nn
 

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from finemoe.config import ConfigError, check
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.records import Gates
-from finemoe.layers.common import RMSNorm, at_least_float32, dense_swiglu_weights, swiglu_hidden, swiglu_params
+from finemoe.layers.common import (RMSNorm, at_least_float32, dense_swiglu_weights, float32_linear, swiglu_hidden,
+                                   swiglu_params)
 from finemoe.kernels import triton_kernels_available
 from finemoe.kernels.finedeep_gate import finedeep_gate
 from finemoe.layers.dense import DenseConfig
@@ -178,7 +179,7 @@ class FinedeepFFN(FFN):
                     readout_FK = (self._readout(m).unsqueeze(-1) * eye_KK.unsqueeze(1)).reshape(K * f, K)  # block-diagonal
                     scores_NK = at_least_float32(hidden_NF @ readout_FK.to(hidden_NF.dtype))
                 else:
-                    scores_NK = at_least_float32(u_ND) @ at_least_float32(self.router[m]).t()
+                    scores_NK = float32_linear(u_ND, self.router[m])
                 if cfg.gate == "softmax":
                     gates_NK = torch.softmax(scores_NK, dim=-1)
                 else:

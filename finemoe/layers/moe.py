@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
 from finemoe.layers import routing
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.records import Routing
-from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, dense_swiglu_weights, fresh_gate, swiglu_params
+from finemoe.layers.common import (RMSNorm, SwiGLU, dense_swiglu_weights, float32_linear, fresh_gate,
+                                   swiglu_params)
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, shared_experts_width,
                                      dispatch_expert_choice, dispatch_token_choice)
 
@@ -311,14 +311,12 @@ class MoEFFN(FFN):
         mixing gate's ``u W_c + b_c`` (N, 2): one float32 product of E + 2 columns (the
         normed input read once, one input gradient instead of two; measured faster,
         benchmarks/NOTES.md), the router's columns with a zero bias."""
-        with torch.autocast(device_type=u_ND.device.type, enabled=False):
-            u32_ND = at_least_float32(u_ND)
-            if self.shared_gate is None:
-                return F.linear(u32_ND, at_least_float32(self.router.weight)), None
-            E = self.router.out_features
-            weight = torch.cat([self.router.weight, self.shared_gate.weight])
-            bias = torch.cat([self.shared_gate.bias.new_zeros(E), self.shared_gate.bias])
-            logits_N = F.linear(u32_ND, at_least_float32(weight), at_least_float32(bias))
+        if self.shared_gate is None:
+            return float32_linear(u_ND, self.router.weight), None
+        E = self.router.out_features
+        weight = torch.cat([self.router.weight, self.shared_gate.weight])
+        bias = torch.cat([self.shared_gate.bias.new_zeros(E), self.shared_gate.bias])
+        logits_N = float32_linear(u_ND, weight, bias)
         return logits_N[:, :E], logits_N[:, E:]
 
     def init_weights(self, std: float, out_std: float) -> None:

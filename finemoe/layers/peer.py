@@ -36,7 +36,7 @@ from finemoe.kernels.product_keys import fused_product_key_topk, fused_product_k
 from finemoe.kernels.swiglu import triton_kernels_available
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.records import Activations, Retrieval, wants
-from finemoe.layers.common import RMSNorm, at_least_float32
+from finemoe.layers.common import RMSNorm, at_least_float32, float32_linear
 from finemoe.layers.experts import compute_dtype
 from finemoe.layers.routing import product_key_topk
 
@@ -141,7 +141,7 @@ class ProductKeyRetrieval(nn.Module):
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             # The query is the router's projection: float32, like the MoE router's logits,
             # so that near-ties among N keys are not decided by bf16 rounding.
-            q_NQ = F.linear(at_least_float32(x_ND), at_least_float32(self.query.weight), at_least_float32(self.query.bias))
+            q_NQ = float32_linear(x_ND, self.query.weight, self.query.bias)
             if self.query_norm is not None:
                 q_NQ = self.query_norm(q_NQ)
             q_NHQ = q_NQ.view(-1, cfg.num_heads, cfg.key_dim)

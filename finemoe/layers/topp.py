@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.layers import routing
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.records import Routing
-from finemoe.layers.common import RMSNorm, SwiGLU, at_least_float32, swiglu_params
+from finemoe.layers.common import RMSNorm, SwiGLU, float32_linear, swiglu_params
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_token_choice,
                                      shared_experts_width)
 
@@ -123,8 +122,7 @@ class TopPFFN(FFN):
         cfg = self.config
         B, T, D = h_BTD.shape
         u_ND = self.norm(h_BTD).reshape(B * T, D)
-        with torch.autocast(device_type=u_ND.device.type, enabled=False):
-            logits_NE = F.linear(at_least_float32(u_ND), at_least_float32(self.router.weight))
+        logits_NE = float32_linear(u_ND, self.router.weight)
         probs_NE = routing.router_probs(logits_NE)
         weights_NK, idx_NK, kept_NK = top_p_selection(probs_NE, cfg.threshold, cfg.max_experts_per_tok,
                                                       skip_top1=self.intervening("disable_top1"))
