@@ -32,17 +32,31 @@ from finemoe.config import from_dict  # noqa: E402
 from finemoe.layers import FFNConfig  # noqa: E402
 
 
-def print_profile(step, steps: int, rows: int, name_width: int = 70) -> None:
-    """The top CUDA kernels of ``steps`` calls of ``step`` (after one warm call)."""
+def kernel_averages(step, steps: int, warmup: int = 1):
+    """``torch.profiler``'s per-kernel averages over ``steps`` calls of ``step`` (after
+    ``warmup`` calls), GPU activity only."""
     from torch.profiler import ProfilerActivity, profile
 
-    step()
+    for _ in range(warmup):
+        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=name_width))
+    return prof.key_averages()
+
+
+def gpu_ms(step, calls: int = 10) -> float:
+    """GPU time per call of ``step``: the sum of its kernels' times under the profiler
+    (timed by the wall clock, small compiled calls are bound by the host's ~2 ms a call)."""
+    return sum(e.self_device_time_total for e in kernel_averages(step, calls, warmup=3)) / 1e3 / calls
+
+
+def print_profile(step, steps: int, rows: int, name_width: int = 70) -> None:
+    """The top CUDA kernels of ``steps`` calls of ``step`` (after one warm call)."""
+    averages = kernel_averages(step, steps)
+    print(averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=name_width))
 
 
 def print_host_time(step, steps: int, rows: int, name_width: int = 70) -> None:

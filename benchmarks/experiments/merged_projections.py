@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finemoe.layers.common import RMSNorm, swiglu_hidden, swiglu_hidden_packed  # noqa: E402
+from profile_layer import gpu_ms  # noqa: E402
 
 
 class TwoProducts(nn.Module):
@@ -69,21 +70,6 @@ class RouterAndMix(nn.Module):
             mix = torch.softmax(mix_logits, -1)
         weights, _ = probs.topk(2, dim=-1)
         return u * (weights.sum(-1, keepdim=True) * mix[:, :, :1] + mix[:, :, 1:])
-
-
-def gpu_ms(fn, calls: int = 10) -> float:
-    """GPU time per call: the sum of the kernels' times under ``torch.profiler`` (timed by
-    the wall clock, these small compiled calls are bound by the host's ~2 ms per call)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / calls
 
 
 def fwd_bwd(module, h, grad):

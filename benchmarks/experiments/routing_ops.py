@@ -14,21 +14,15 @@ GPU time per call (kernels under the profiler), eager and compiled, at the s120m
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from finemoe.kernels.topk import row_topk_indices
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def gpu_ms(fn, calls: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / calls
+from finemoe.kernels.topk import row_topk_indices  # noqa: E402
+from profile_layer import gpu_ms  # noqa: E402
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from finemoe.kernels import grouped_mm
 from finemoe.kernels.slots import sum_slots
 from finemoe.layers.common import swiglu_hidden, swiglu_hidden_packed
 from finemoe.layers.records import Stats
-from finemoe.layers.routing import count_per_expert, sort_by_expert
+from finemoe.layers.routing import counts_of_sorted, sort_by_expert
 
 __all__ = [
     "EXPERTS_IMPLS",
@@ -190,9 +190,9 @@ def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tens
     are summed from their rows by ``sum_slots``: deterministic, no atomic adds."""
     N, K = idx_NK.shape
     x_ND = x_ND.to(compute_dtype(x_ND))                        # gather half the bytes under autocast
-    _, order_S = sort_by_expert(idx_NK, experts.num_experts)  # slots grouped by expert
+    sorted_ids_S, order_S = sort_by_expert(idx_NK, experts.num_experts)  # slots grouped by expert
     position_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(order_S.numel(), device=order_S.device))
-    counts_E = count_per_expert(idx_NK, experts.num_experts)
+    counts_E = counts_of_sorted(sorted_ids_S, experts.num_experts)
     y_SD = experts(_GatherSlots.apply(x_ND, order_S, position_S, K), counts_E, weights_NK.reshape(-1)[order_S], stats)
     return sum_slots(y_SD, position_S, order_S, K)
 

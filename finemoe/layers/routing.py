@@ -16,6 +16,7 @@ from finemoe.layers.common import at_least_float32
 
 __all__ = [
     "count_per_expert",
+    "counts_of_sorted",
     "sort_by_expert",
     "router_probs",
     "topk_routing",
@@ -91,10 +92,15 @@ def count_per_expert(idx: Tensor, num_experts: int) -> Tensor:
     """How many entries of ``idx`` name each expert, ``(E,)`` int64, on the device:
     the ends of each expert's run in the sorted ids (``torch.bincount`` reads the
     maximum on the host to size its output: a sync; a scatter-add of ones contends on
-    E counters). The sort is the one ``sort_by_expert`` makes for the dispatch, which a
-    compiled graph computes once."""
-    sorted_ids, _ = sort_by_expert(idx, num_experts)
-    bounds = torch.arange(num_experts + 1, device=idx.device, dtype=sorted_ids.dtype)
+    E counters). The sort is the one ``sort_by_expert`` makes for the dispatch (which
+    reads its counts off that sort with ``counts_of_sorted``); a compiled graph computes
+    it once for both."""
+    return counts_of_sorted(sort_by_expert(idx, num_experts)[0], num_experts)
+
+
+def counts_of_sorted(sorted_ids: Tensor, num_experts: int) -> Tensor:
+    """``count_per_expert`` of ids already sorted (``sort_by_expert``'s first output)."""
+    bounds = torch.arange(num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
     return torch.diff(torch.searchsorted(sorted_ids, bounds))
 
 
