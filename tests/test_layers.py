@@ -132,6 +132,29 @@ def test_disable_top1_as_a_run_time_intervention_equals_the_config_option():
         assert reached == 0  # a layer that routes to every expert cannot skip its top-1
 
 
+def test_finedeep_readout_stays_float32_in_the_compiled_backward():
+    """Finedeep's output-guided read-out ``r_k = W_{d,k} w_k`` under bf16 autocast: the
+    router's gradient, eager and compiled, against the float64 formula (an einsum inside
+    ``autocast(enabled=False)`` got a bf16 backward when compiled, 2.6e-3 off)."""
+    from finemoe.layers.finedeep import FinedeepConfig
+
+    torch.manual_seed(0)
+    layer = FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=48).build(64)
+    probe = torch.randn(4, 48, dtype=torch.float64)
+    w_down, router = layer.w_down[1].detach().double(), layer.router[1].detach().double()
+    want_w_down = probe[:, :, None] * router[:, None, :]
+    want_router = (probe[:, :, None] * w_down).sum(1)
+    for readout in (layer._readout, torch.compile(layer._readout, fullgraph=True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            r = readout(1)
+        assert r.dtype == torch.float32
+        torch.testing.assert_close(r.double(), (w_down * router[:, None, :]).sum(-1), atol=1e-6, rtol=1e-6)
+        g_w_down, g_router = torch.autograd.grad((r * probe.float()).sum(), [layer.w_down, layer.router])
+        torch.testing.assert_close(g_w_down[1].double(), want_w_down, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(g_router[1].double(), want_router, atol=1e-6, rtol=1e-6)
+        assert g_w_down[0].abs().max() == 0 and g_router[0].abs().max() == 0
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_router_products_stay_float32_in_the_compiled_backward(bias):
     """``float32_linear`` under bf16 autocast: compiled, its gradients are float32 products

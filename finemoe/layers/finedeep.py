@@ -195,9 +195,12 @@ class FinedeepFFN(FFN):
 
     def _readout(self, m: int) -> Tensor:
         """``r_k = W_{d,k} w_k`` of sub-layer m, ``(K, f)`` in float32: the output-guided
-        score of expert k is ``hidden_k · r_k``."""
-        with torch.autocast(device_type=self.router.device.type, enabled=False):
-            return torch.einsum("kfd,kd->kf", at_least_float32(self.w_down[m]), at_least_float32(self.router[m]))
+        score of expert k is ``hidden_k · r_k``. Written as a product and a sum rather
+        than a matrix product: autocast leaves element-wise ops alone, so the backward
+        stays float32 under ``torch.compile`` too (a product inside
+        ``autocast(enabled=False)`` gets a bf16 backward there; Inductor fuses the two
+        into one reduction)."""
+        return (at_least_float32(self.w_down[m]) * at_least_float32(self.router[m]).unsqueeze(1)).sum(-1)
 
     def _gate_kernel_applies(self, hidden_NF: Tensor) -> bool:
         cfg = self.config
