@@ -293,6 +293,31 @@ def test_product_key_topk_equals_brute_force(S, k, heads):
     assert torch.equal(idx, brute_idx)
 
 
+def test_product_key_scores_have_a_float32_backward_when_compiled():
+    """The retrieved scores' gradients (to the query and both sub-key tables) under bf16
+    autocast, eager and compiled, against float64: the sub-key products stay float32 in
+    the backward (a product inside ``autocast(enabled=False)`` gets a bf16 one under
+    torch.compile)."""
+    torch.manual_seed(0)
+    q = torch.randn(37, 2, 16, requires_grad=True)
+    C1, C2 = torch.randn(13, 8, requires_grad=True), torch.randn(13, 8, requires_grad=True)
+    probe = torch.randn(37, 2, 5)
+    with torch.no_grad():
+        _, idx = product_key_topk(q.double(), C1.double(), C2.double(), 5)
+    a, b = idx // 13, idx % 13  # the retrieved experts' sub-key rows
+    qd, C1d, C2d, pd = q.detach().double(), C1.detach().double(), C2.detach().double(), probe.double()
+    want_q = torch.cat([(pd.unsqueeze(-1) * C1d[a]).sum(2), (pd.unsqueeze(-1) * C2d[b]).sum(2)], dim=-1)
+    want_C1 = torch.zeros_like(C1d).index_add_(0, a.flatten(), (pd.unsqueeze(-1) * qd[..., None, :8]).reshape(-1, 8))
+    want_C2 = torch.zeros_like(C2d).index_add_(0, b.flatten(), (pd.unsqueeze(-1) * qd[..., None, 8:]).reshape(-1, 8))
+    for topk in (product_key_topk, torch.compile(product_key_topk, fullgraph=True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores, got_idx = topk(q, C1, C2, 5)
+        assert scores.dtype == torch.float32 and torch.equal(got_idx, idx)
+        grads = torch.autograd.grad((scores * probe).sum(), [q, C1, C2])
+        for got, want in zip(grads, (want_q, want_C1, want_C2)):
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 PK_CASES = {
     "peer_gelu_softmax": PEERConfig(num_experts=49, num_heads=3, top_k=4, key_dim=6),
     "peer_relu_sigmoid_no_bn": PEERConfig(num_experts=36, num_heads=2, top_k=5, key_dim=8, activation="relu",

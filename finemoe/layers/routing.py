@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from finemoe.kernels.topk import row_topk_indices, row_topk_supported
-from finemoe.layers.common import at_least_float32
+from finemoe.layers.common import at_least_float32, float32_linear
 
 __all__ = [
     "count_per_expert",
@@ -145,8 +145,9 @@ def product_key_topk(q_NHQ: Tensor, sub_keys_1: Tensor, sub_keys_2: Tensor, k: i
     """
     half = q_NHQ.shape[-1] // 2
     S = sub_keys_1.shape[0]
-    scores1_NHk, idx1_NHk = (q_NHQ[..., :half] @ sub_keys_1.t()).topk(k, dim=-1)  # (N, H, S) → top-k
-    scores2_NHk, idx2_NHk = (q_NHQ[..., half:] @ sub_keys_2.t()).topk(k, dim=-1)
+    # float32 products (router math), whose backward stays float32 under torch.compile too
+    scores1_NHk, idx1_NHk = float32_linear(q_NHQ[..., :half], sub_keys_1).topk(k, dim=-1)  # (N, H, S) → top-k
+    scores2_NHk, idx2_NHk = float32_linear(q_NHQ[..., half:], sub_keys_2).topk(k, dim=-1)
     pair_scores = (scores1_NHk.unsqueeze(-1) + scores2_NHk.unsqueeze(-2)).flatten(-2)  # (N, H, k·k)
     scores_NHk, pair_NHk = pair_scores.topk(k, dim=-1)
     a_NHk = idx1_NHk.gather(-1, torch.div(pair_NHk, k, rounding_mode="floor"))
