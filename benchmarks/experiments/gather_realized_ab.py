@@ -8,45 +8,21 @@ backward (profiler), both variants in one process.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from compiled_ab import compare
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from layer_benchmark import fwd_bwd, layer_configs  # noqa: E402
-from profile_layer import gpu_ms  # noqa: E402
-
-import finemoe.layers.experts as experts  # noqa: E402
-from finemoe.config import from_dict  # noqa: E402
-from finemoe.layers import FFNConfig  # noqa: E402
-
-NAMES = ("dense", "moe E=8 k=2", "moe E=64 k=8 (fine-grained)", "moe SMoE-Share (E=8 k=2 F/4 + shared)",
-         "cartesian (8 sub-experts, k=2, + shared)")
+import finemoe.layers.experts as experts
 
 
-def main() -> None:
-    d = 1024
-    configs = layer_configs(d)
-    h = torch.randn(32, 512, d, device="cuda", requires_grad=True)
-    cotangent = torch.randn(h.shape, device="cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    kernel_available = experts.triton_kernels_available
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GPU ms per forward + backward (compiled)")
-    print("| layer | index_select | row-gather kernel |")
-    print("|---|---:|---:|")
-    for name in NAMES:
-        times = []
-        for use_kernel in (False, True):
-            experts.triton_kernels_available = kernel_available if use_kernel else (lambda x: False)
-            torch._dynamo.reset()
-            torch.manual_seed(0)
-            layer = torch.compile(from_dict(FFNConfig, dict(configs[name])).build(d).cuda().train())
-            times.append(gpu_ms(fwd_bwd(layer, h, cotangent, autocast), calls=10))
-        experts.triton_kernels_available = kernel_available
-        print(f"| {name} | {times[0]:.3f} | {times[1]:.3f} |", flush=True)
+def _index_select():
+    available = experts.triton_kernels_available
+    experts.triton_kernels_available = lambda x: False
+
+    def restore():
+        experts.triton_kernels_available = available
+    return restore
 
 
 if __name__ == "__main__":
-    main()
+    compare(("dense", "moe E=8 k=2", "moe E=64 k=8 (fine-grained)", "moe SMoE-Share (E=8 k=2 F/4 + shared)",
+             "cartesian (8 sub-experts, k=2, + shared)"),
+            {"index_select": _index_select, "row-gather kernel": lambda: (lambda: None)})

@@ -1,0 +1,44 @@
+"""Helper of the A/B experiments on compiled layers: GPU time (profiler) per forward +
+backward of layers named as in ``layer_benchmark.py``, each compiled afresh under every
+variant, all in one process. A variant is a function that sets the code path up and
+returns a function that restores it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from layer_benchmark import fwd_bwd, layer_configs  # noqa: E402
+from profile_layer import gpu_ms  # noqa: E402
+
+from finemoe.config import from_dict  # noqa: E402
+from finemoe.layers import FFNConfig  # noqa: E402
+
+
+def compare(names, variants: dict[str, Callable[[], Callable[[], None]]], d: int = 1024, tokens: int = 16384) -> None:
+    """Print a Markdown table: one row per layer, one column per variant (GPU ms)."""
+    configs = layer_configs(d)
+    h = torch.randn(tokens // 512, 512, d, device="cuda", requires_grad=True)
+    cotangent = torch.randn(h.shape, device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GPU ms per forward + backward (compiled), "
+          f"{tokens} tokens, d = {d}")
+    print("| layer | " + " | ".join(variants) + " |")
+    print("|---|" + "---:|" * len(variants))
+    for name in names:
+        times = []
+        for setup in variants.values():
+            restore = setup()
+            try:
+                torch._dynamo.reset()
+                torch.manual_seed(0)
+                layer = torch.compile(from_dict(FFNConfig, dict(configs[name])).build(d).cuda().train())
+                times.append(gpu_ms(fwd_bwd(layer, h, cotangent, autocast), calls=10))
+            finally:
+                restore()
+        print(f"| {name} | " + " | ".join(f"{t:.3f}" for t in times) + " |", flush=True)
