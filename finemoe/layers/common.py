@@ -52,24 +52,12 @@ class _Float32Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-FEW_COLUMNS_AS_REDUCTION = 16
-"""Under ``torch.compile``, ``float32_linear`` with at most this many output columns (a
-router's) is written as a product and a sum over D, which Inductor fuses with the
-norm before it and the norm's backward after it, instead of cuBLAS's float32 GEMMs
-of skinny shapes (benchmarks/NOTES.md)."""
-
-
 def float32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x Wᵀ + b`` in float32 (float64 stays float64), forward and backward, whatever the
     autocast state and under ``torch.compile``: the router math of every design
     (METHODS.md preamble)."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    if torch.compiler.is_compiling() and weight.shape[0] <= FEW_COLUMNS_AS_REDUCTION:
-        # element-wise ops: autocast leaves them (and their backward) in float32
-        y = (x.unsqueeze(-2) * weight).sum(-1)
-        return y if bias is None else y + bias
-    return _Float32Linear.apply(x, weight, bias)
+    return _Float32Linear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 class RMSNorm(nn.Module):
