@@ -431,35 +431,3 @@ def test_row_topk_kernel_equals_torch_topk(rows, columns, k):
 def test_row_topk_passes_opcheck():
     probs = torch.softmax(torch.randn(9, 8, device=DEVICE), dim=-1)
     torch.library.opcheck(torch.ops.finemoe.row_topk_indices.default, (probs, 2))
-
-
-@pytest.mark.parametrize("rows,width,columns,bias", [(37, 48, 10, True), (50, 40, 8, False), (5, 16, 17, True),
-                                                     (0, 32, 4, False)])
-def test_router_linear_kernels_equal_float64(rows, width, columns, bias):
-    """The router's float32 product and both gradients (``finemoe.kernels.router``, which
-    ``float32_linear`` takes for few columns on a GPU) against float64: row counts over
-    several tiles and row slices, widths not a multiple of the tile, columns past one
-    padded tile."""
-    from finemoe.kernels.router import router_linear, router_linear_grads
-
-    torch.manual_seed(rows)
-    x, w = torch.randn(rows, width, device=DEVICE), torch.randn(columns, width, device=DEVICE)
-    b = torch.randn(columns, device=DEVICE) if bias else None
-    g = torch.randn(rows, columns, device=DEVICE)
-    xd, wd, gd = x.double(), w.double(), g.double()
-    y = router_linear(x, w, b)
-    torch.testing.assert_close(y.double(), xd @ wd.t() + (b.double() if bias else 0), atol=1e-5, rtol=1e-5)
-    grad_x, grad_w = router_linear_grads(g, x, w, True, True)
-    torch.testing.assert_close(grad_x.double(), gd @ wd, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad_w.double(), gd.t() @ xd, atol=1e-5, rtol=1e-5)
-    assert router_linear_grads(g, x, w, False, True)[0] is None and router_linear_grads(g, x, w, True, False)[1] is None
-
-
-def test_router_linear_passes_opcheck():
-    from finemoe.kernels import router
-
-    x, w = torch.randn(40, 32, device=DEVICE), torch.randn(6, 32, device=DEVICE)
-    torch.library.opcheck(router._router_linear, (x, w, torch.randn(6, device=DEVICE)))
-    torch.library.opcheck(router._router_linear, (x, w, None))
-    torch.library.opcheck(router._router_linear_grad_input, (torch.randn(40, 6, device=DEVICE), w))
-    torch.library.opcheck(router._router_linear_grad_weight, (torch.randn(40, 6, device=DEVICE), x))

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finemoe.kernels.router import router_linear, router_linear_grads, router_linear_supported
 from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, fused_swiglu_wanted
 from finemoe.layers.records import Activations, Stats, wants
 
@@ -38,8 +37,6 @@ class _Float32Linear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        if router_linear_supported(x, weight):  # few columns: finemoe.kernels.router
-            return router_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x, weight, bias)
 
@@ -48,13 +45,9 @@ class _Float32Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         with torch.autocast(device_type=x.device.type, enabled=False):
             grad_y = grad_y.to(x.dtype)
+            grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
             rows_y, rows_x = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-            if router_linear_supported(x, weight):
-                grad_x, grad_w = router_linear_grads(rows_y, rows_x, weight, *ctx.needs_input_grad[:2])
-                grad_x = None if grad_x is None else grad_x.view(x.shape)
-            else:
-                grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
-                grad_w = rows_y.t() @ rows_x if ctx.needs_input_grad[1] else None
+            grad_w = rows_y.t() @ rows_x if ctx.needs_input_grad[1] else None
             grad_b = rows_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
