@@ -79,22 +79,16 @@ def main() -> None:
     dsmoe_module.gathered_swiglu_applies = lambda *args: False
     report("sync-free, gather + torch grouped GEMMs")
     dsmoe_module.gathered_swiglu_applies = applies
-    default = (kernel._BLOCK_M, kernel._BLOCK_N, kernel._BLOCK_K, kernel._WARPS, kernel._STAGES,
-               kernel._FLOAT32_STAGES, kernel.READ_FLOAT32_WEIGHTS)
-    # (M, N, K, warps, stages with bf16 weights, stages with float32 weights, read float32 weights)
-    for tiles in [default, (128, 128, 64, 8, 3, 2, False), (128, 128, 32, 8, 3, 3, True), (128, 128, 32, 8, 3, 4, True),
-                  (128, 64, 64, 8, 3, 3, True), (128, 64, 64, 8, 3, 2, True), (64, 128, 64, 4, 3, 2, True)]:
-        (kernel._BLOCK_M, kernel._BLOCK_N, kernel._BLOCK_K, kernel._WARPS, kernel._STAGES, kernel._FLOAT32_STAGES,
-         kernel.READ_FLOAT32_WEIGHTS) = tiles
+    default = (kernel._BLOCK_M, kernel._BLOCK_N, kernel._BLOCK_K, kernel._WARPS, kernel._STAGES)
+    for tiles in [default, (128, 64, 64, 8, 3), (128, 128, 32, 8, 4), (256, 64, 64, 8, 3), (128, 128, 64, 4, 3)]:
+        kernel._BLOCK_M, kernel._BLOCK_N, kernel._BLOCK_K, kernel._WARPS, kernel._STAGES = tiles
         try:
             kernel_ms = median_ms(lambda: [kernel.gathered_swiglu(x, pairs, G.reshape(-1), counts, w_gate, w_up)
                                            for _ in range(20)]) / 20
-            report(f"gathered-SwiGLU kernel, tiles M N K warps stages (bf16 / float32 weights) read-float32 = {tiles} "
-                   f"(the kernel alone {kernel_ms:.3f} ms)")
+            report(f"gathered-SwiGLU kernel, tiles M N K warps stages = {tiles} (the kernel alone {kernel_ms:.3f} ms)")
         except Exception as error:  # noqa: BLE001 - a tile shape the GPU cannot take (shared memory)
             print(f"tiles {tiles}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
-    (kernel._BLOCK_M, kernel._BLOCK_N, kernel._BLOCK_K, kernel._WARPS, kernel._STAGES, kernel._FLOAT32_STAGES,
-     kernel.READ_FLOAT32_WEIGHTS) = default
+    kernel._BLOCK_M, kernel._BLOCK_N, kernel._BLOCK_K, kernel._WARPS, kernel._STAGES = default
 
     run = forward(layer)
     run()

@@ -42,11 +42,6 @@ __all__ = ["gathered_swiglu", "gathered_swiglu_applies"]
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tiles measured on an H100 (benchmarks/NOTES.md); small ones under the CPU interpreter.
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _WARPS, _STAGES = (16, 16, 16, 4, 1) if _INTERPRETED else (128, 128, 64, 8, 3)
-# Float32 weights (a model's master weights under autocast) are read as they are and
-# rounded to the compute dtype in the kernel, instead of a bf16 copy made on every call;
-# their tiles take twice the shared memory, so fewer stages.
-READ_FLOAT32_WEIGHTS = True
-_FLOAT32_STAGES = 1 if _INTERPRETED else 2
 
 
 def gathered_swiglu_applies(device: torch.device, dtype: torch.dtype, width: int, hidden: int) -> bool:
@@ -89,8 +84,8 @@ if triton is not None:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, D, BLOCK_K):
             x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            acc_gate = tl.dot(x, tl.load(wg_ptr + w_offsets).to(x.dtype), acc_gate)  # (float32 weights rounded here)
-            acc_up = tl.dot(x, tl.load(wu_ptr + w_offsets).to(x.dtype), acc_up)
+            acc_gate = tl.dot(x, tl.load(wg_ptr + w_offsets), acc_gate)
+            acc_up = tl.dot(x, tl.load(wu_ptr + w_offsets), acc_up)
             x_ptrs += BLOCK_K
             w_offsets += BLOCK_K * stride_wk
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -111,7 +106,7 @@ def _gathered_swiglu(x_ND: Tensor, token_S: Tensor, scale_S: Tensor, counts_E: T
     launch(_gathered_swiglu_kernel)[grid](
         x_ND, token_S, scale_S, counts_E, w_gate_EDF, w_up_EDF, hidden_SF, *w_gate_EDF.stride(),
         E=E, E_PAD=triton.next_power_of_2(E), D=D, F=F, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
-        num_warps=_WARPS, num_stages=_FLOAT32_STAGES if w_gate_EDF.dtype == torch.float32 else _STAGES)
+        num_warps=_WARPS, num_stages=_STAGES)
     return hidden_SF
 
 
@@ -125,12 +120,11 @@ def gathered_swiglu(x_ND: Tensor, token_S: Tensor, scale_S: Tensor, counts_E: Te
     """``hidden[p] = silu(x[token[p]] W_g,e) ⊙ (x[token[p]] W_u,e) · scale[p]`` for the
     rows of group e (``counts_E`` on the device; rows past ``Σ counts`` unwritten),
     ``(S, F)`` in ``x``'s dtype. Weights ``(E, D, F)``, any strides (views of a dense
-    FFN's weights do); ``w_gate`` and ``w_up`` have the same strides; float32 weights are
-    rounded to ``x``'s dtype as they are read."""
+    FFN's weights do); ``w_gate`` and ``w_up`` have the same strides."""
     if not gathered_swiglu_applies(x_ND.device, x_ND.dtype, x_ND.shape[1], w_gate_EDF.shape[-1]):
         raise ValueError(f"gathered_swiglu takes a half-precision x on a GPU with D a multiple of {_BLOCK_K} and F of "
                          f"{_BLOCK_N}; got {x_ND.dtype} on {x_ND.device}, D = {x_ND.shape[1]}, F = {w_gate_EDF.shape[-1]}")
     if w_gate_EDF.stride() != w_up_EDF.stride():
         w_gate_EDF, w_up_EDF = w_gate_EDF.contiguous(), w_up_EDF.contiguous()
-    dtype = torch.float32 if READ_FLOAT32_WEIGHTS and w_gate_EDF.dtype == torch.float32 else x_ND.dtype
+    dtype = x_ND.dtype
     return _gathered_swiglu(x_ND, token_S, scale_S.float(), counts_E, w_gate_EDF.to(dtype), w_up_EDF.to(dtype))
