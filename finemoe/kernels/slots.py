@@ -35,7 +35,7 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["sum_listed_rows", "sum_slots", "sum_slots_reference"]
+__all__ = ["gather_rows", "sum_listed_rows", "sum_slots", "sum_slots_reference"]
 
 _BLOCK_D = 1024
 
@@ -94,7 +94,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_ND: Tensor):
     (order_S,) = ctx.saved_tensors
-    return grad_ND.index_select(0, torch.div(order_S, ctx.K, rounding_mode="floor")), None, None, None
+    return gather_rows(grad_ND, torch.div(order_S, ctx.K, rounding_mode="floor")), None, None, None
 
 
 _sum_slots.register_autograd(_backward, setup_context=_setup_context)
@@ -117,6 +117,17 @@ def _sum_listed_rows(y_SD: Tensor, position_NK: Tensor) -> Tensor:
 @fake(_sum_listed_rows)
 def _(y_SD: Tensor, position_NK: Tensor) -> Tensor:
     return y_SD.new_empty(position_NK.shape[0], y_SD.shape[1])
+
+
+def gather_rows(x_ND: Tensor, token_S: Tensor) -> Tensor:
+    """``x[token]``, ``(S, D)``: the routed layers' slot gather. Under ``torch.compile``
+    on a GPU by the row kernel (``sum_listed_rows`` with one row listed per output row):
+    Inductor then writes ``x`` once and the kernel gathers from it, where its own
+    ``index_select`` recomputed ``x``'s producers (a norm, a cast) for every gathered
+    row (benchmarks/NOTES.md); ``index_select`` otherwise."""
+    if torch.compiler.is_compiling() and triton_kernels_available(x_ND):
+        return _sum_listed_rows(x_ND, token_S.unsqueeze(1))
+    return x_ND.index_select(0, token_S)
 
 
 def sum_listed_rows(y_SD: Tensor, position_NK: Tensor) -> Tensor:

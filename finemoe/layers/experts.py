@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from finemoe.config import check
-from finemoe.kernels import grouped_mm, triton_kernels_available
-from finemoe.kernels.slots import sum_listed_rows, sum_slots
+from finemoe.kernels import grouped_mm
+from finemoe.kernels.slots import gather_rows, sum_slots
 from finemoe.layers.common import swiglu_hidden, swiglu_hidden_packed
 from finemoe.layers.records import Stats
 from finemoe.layers.routing import counts_of_sorted, sort_by_expert
@@ -173,14 +173,7 @@ class _GatherSlots(torch.autograd.Function):
     def forward(ctx, x_ND: Tensor, order_S: Tensor, position_S: Tensor, K: int) -> Tensor:
         ctx.save_for_backward(order_S, position_S)
         ctx.K = K
-        token_S = torch.div(order_S, K, rounding_mode="floor")
-        if torch.compiler.is_compiling() and triton_kernels_available(x_ND):
-            # Under torch.compile the kernel (a gather: one listed row per output row) makes
-            # Inductor write the half-precision input once and gather from it; with
-            # ``index_select`` it recomputed the norm and the cast for every gathered row,
-            # reading the float32 input K times (benchmarks/NOTES.md).
-            return sum_listed_rows(x_ND, token_S.unsqueeze(1))
-        return x_ND.index_select(0, token_S)
+        return gather_rows(x_ND, torch.div(order_S, K, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, grad_SD: Tensor):
