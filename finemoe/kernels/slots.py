@@ -94,7 +94,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_ND: Tensor):
     (order_S,) = ctx.saved_tensors
-    return gather_rows(grad_ND, torch.div(order_S, ctx.K, rounding_mode="floor")), None, None, None
+    # (the row kernel here measured no faster than Inductor's gather: benchmarks/NOTES.md)
+    return grad_ND.index_select(0, torch.div(order_S, ctx.K, rounding_mode="floor")), None, None, None
 
 
 _sum_slots.register_autograd(_backward, setup_context=_setup_context)
@@ -120,7 +121,7 @@ def _(y_SD: Tensor, position_NK: Tensor) -> Tensor:
 
 
 def gather_rows(x_ND: Tensor, token_S: Tensor) -> Tensor:
-    """``x[token]``, ``(S, D)``: the routed layers' slot gather. Under ``torch.compile``
+    """``x[token]``, ``(S, D)``: the routed layers' slot gather of their input. Under ``torch.compile``
     on a GPU by the row kernel (``sum_listed_rows`` with one row listed per output row):
     Inductor then writes ``x`` once and the kernel gathers from it, where its own
     ``index_select`` recomputed ``x``'s producers (a norm, a cast) for every gathered
