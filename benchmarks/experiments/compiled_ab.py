@@ -6,18 +6,18 @@ returns a function that restores it."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layer_benchmark import fwd_bwd, layer_configs  # noqa: E402
-from profile_layer import gpu_ms  # noqa: E402
+from layer_benchmark import fwd_bwd, layer_configs
+from profile_layer import gpu_ms
 
-from finemoe.config import from_dict  # noqa: E402
-from finemoe.layers import FFNConfig  # noqa: E402
+from finemoe.config import from_dict
+from finemoe.layers import FFNConfig
 
 
 def compare(names, variants: dict[str, Callable[[], Callable[[], None]]], d: int = 1024, tokens: int = 16384) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from compiled_ab import compare
 
-import finemoe.layers.experts as experts
+from finemoe.layers import experts
 
 
 def _index_select():

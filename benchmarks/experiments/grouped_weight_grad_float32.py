@@ -50,12 +50,12 @@ def main() -> None:
                 continue
             ref = gmm(a.t(), g, offs=offs).float()
             diff = ((out32 - ref).abs().max() / ref.abs().max()).item()
-            t_cast = timed(lambda: gmm(a.t(), g, offs=offs).float())
-            t_32 = timed(lambda: gmm(a.t(), g, offs=offs, out_dtype=torch.float32))
+            t_cast = timed(lambda a=a, g=g, offs=offs: gmm(a.t(), g, offs=offs).float())
+            t_32 = timed(lambda a=a, g=g, offs=offs: gmm(a.t(), g, offs=offs, out_dtype=torch.float32))
             print(f"| E={E} f={f} k={K} | {label} | {t_cast:.3f} | {t_32:.3f} | {t_cast - t_32:.3f} | {diff:.1e} |")
         # the forward cast of the float32 weights, for scale
         w32 = torch.randn(E, D, 2 * f, device="cuda")
-        print(f"| E={E} f={f} | cast of the float32 gate+up weights to bf16 | {timed(lambda: w32.to(torch.bfloat16)):.3f} | | | |")
+        print(f"| E={E} f={f} | cast of the float32 gate+up weights to bf16 | {timed(lambda w32=w32: w32.to(torch.bfloat16)):.3f} | | | |")
 
 
 if __name__ == "__main__":
