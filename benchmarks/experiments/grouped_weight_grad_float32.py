@@ -3,29 +3,24 @@ by the grouped GEMM in float32 (``torch._grouped_mm(..., out_dtype=torch.float32
 against the bf16 product followed by the cast autograd does now, at the routed shapes
 of the layer benchmark (gate and up packed as one ``(E, D, 2f)`` product, down ``(E, f,
 D)``). Checks that the float32 output is supported and equals the bf16 path up to its
-rounding. Prints GPU times (CUDA events, median of 30).
+rounding. Prints GPU times (CUDA events, median of 30; ``layer_benchmark.median_ms``).
 
     python benchmarks/experiments/grouped_weight_grad_float32.py
 """
 
 from __future__ import annotations
 
+import sys
+from functools import partial
+from pathlib import Path
+
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def timed(fn, repeats=30, warmup=5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from layer_benchmark import median_ms  # noqa: E402
+
+timed = partial(median_ms, warmup=5, repeats=30)
 
 
 def main() -> None:
