@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layer_benchmark import median_ms  # noqa: E402
+from layer_benchmark import median_ms
 
 timed = partial(median_ms, warmup=5, repeats=30)
 
