@@ -4,7 +4,9 @@ against the default compilation (cuBLAS / torch's CUTLASS grouped GEMM). At the 
 benchmark's shapes the persistent templates time at or below cuBLAS, and Inductor's
 Triton grouped-GEMM template below torch's CUTLASS one
 (results/experiments/autotune/triton_gemm_ceiling_h100.log). GPU time per forward +
-backward (profiler), both variants in one process.
+backward (profiler), the variants in one process. The third variant also gathers the
+routed layers' slots with ``index_select`` instead of finemoe's row kernel (an opaque op),
+so that Inductor may fuse the gather into the grouped template's prologue.
 
     python benchmarks/experiments/autotune_ab.py dense "moe E=8 k=2"
 """
@@ -15,6 +17,7 @@ import sys
 
 import torch._inductor.config as inductor_config
 from compiled_ab import compare
+from gather_realized_ab import _index_select
 
 
 def _autotuned():
@@ -27,6 +30,16 @@ def _autotuned():
     return restore
 
 
+def _autotuned_index_select():
+    restores = (_autotuned(), _index_select())
+
+    def restore():
+        for undo in restores:
+            undo()
+    return restore
+
+
 if __name__ == "__main__":
     compare(sys.argv[1:] or ("dense", "moe E=8 k=2"),
-            {"default": lambda: (lambda: None), "max_autotune + persistent TMA": _autotuned})
+            {"default": lambda: (lambda: None), "max_autotune + persistent TMA": _autotuned,
+             "same + index_select gather": _autotuned_index_select})
