@@ -1,33 +1,49 @@
-"""Experiment: the compiled layers with Inductor's GEMM autotuning on (``max_autotune``,
-the persistent TMA Triton templates enabled: ``triton.enable_persistent_tma_matmul``)
-against the default compilation (cuBLAS / torch's CUTLASS grouped GEMM). At the layer
-benchmark's shapes the persistent templates time at or below cuBLAS, and Inductor's
-Triton grouped-GEMM template below torch's CUTLASS one
-(results/experiments/autotune/triton_gemm_ceiling_h100.log). GPU time per forward +
-backward (profiler), the variants in one process. The third variant also gathers the
-routed layers' slots with ``index_select`` instead of finemoe's row kernel (an opaque op),
-so that Inductor may fuse the gather into the grouped template's prologue.
+"""Experiment: the compiled layers under Inductor's tuning options against the default
+compilation (cuBLAS / torch's CUTLASS grouped GEMM, Inductor's heuristic tiles):
 
-    python benchmarks/experiments/autotune_ab.py dense "moe E=8 k=2"
+- ``max_autotune``: GEMMs autotuned over Inductor's Triton templates, the persistent TMA
+  ones enabled (``triton.enable_persistent_tma_matmul``). At the layer benchmark's shapes
+  the persistent templates time close to cuBLAS, and Inductor's Triton grouped-GEMM
+  template below torch's CUTLASS one on some shapes
+  (results/experiments/autotune/triton_gemm_ceiling_h100.log);
+- the same with the routed layers' slots gathered by ``index_select`` instead of finemoe's
+  row kernel (an opaque op), so that Inductor may fuse the gather into the grouped
+  template's prologue;
+- ``coordinate_descent_tuning``: Inductor tunes the tiles of its element-wise and
+  reduction kernels (norms, SwiGLU, casts) by timing neighbours of its heuristic choice.
+
+GPU time per forward + backward (profiler), the variants in one process.
+
+    python benchmarks/experiments/autotune_ab.py dense "moe E=8 k=2" [--variants default,coordinate_descent]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch._inductor.config as inductor_config
 from compiled_ab import compare
 from gather_realized_ab import _index_select
 
 
-def _autotuned():
-    before = inductor_config.max_autotune, inductor_config.triton.enable_persistent_tma_matmul
-    inductor_config.max_autotune = True
-    inductor_config.triton.enable_persistent_tma_matmul = True
+def _setting(**values):
+    """A variant that sets Inductor options (dotted names) and restores them after."""
+    def setup():
+        before = {}
+        for name, value in values.items():
+            owner, _, leaf = name.replace("__", ".").rpartition(".")
+            node = getattr(inductor_config, owner) if owner else inductor_config
+            before[(node, leaf)] = getattr(node, leaf)
+            setattr(node, leaf, value)
 
-    def restore():
-        inductor_config.max_autotune, inductor_config.triton.enable_persistent_tma_matmul = before
-    return restore
+        def restore():
+            for (node, leaf), value in before.items():
+                setattr(node, leaf, value)
+        return restore
+    return setup
+
+
+_autotuned = _setting(max_autotune=True, triton__enable_persistent_tma_matmul=True)
 
 
 def _autotuned_index_select():
@@ -39,7 +55,16 @@ def _autotuned_index_select():
     return restore
 
 
+VARIANTS = {
+    "default": lambda: (lambda: None),
+    "max_autotune": _autotuned,
+    "max_autotune_index_select": _autotuned_index_select,
+    "coordinate_descent": _setting(coordinate_descent_tuning=True),
+}
+
 if __name__ == "__main__":
-    compare(sys.argv[1:] or ("dense", "moe E=8 k=2"),
-            {"default": lambda: (lambda: None), "max_autotune + persistent TMA": _autotuned,
-             "same + index_select gather": _autotuned_index_select})
+    parser = argparse.ArgumentParser()
+    parser.add_argument("layers", nargs="*", default=["dense", "moe E=8 k=2"])
+    parser.add_argument("--variants", default="default,max_autotune,max_autotune_index_select")
+    args = parser.parse_args()
+    compare(args.layers, {name: VARIANTS[name] for name in args.variants.split(",")})
