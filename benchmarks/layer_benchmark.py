@@ -55,10 +55,10 @@ def layer_configs(d: int) -> dict[str, dict]:
                          "expert_intermediate_size": F_ // 8},
         "finedeep 4x4": {"kind": "finedeep", "num_sublayers": 4, "experts_per_sublayer": 4,
                          "expert_intermediate_size": F_ // 16},
-        "finedeep 2x4 (gate kernel)": {"kind": "finedeep", "num_sublayers": 2, "experts_per_sublayer": 4,
-                                       "expert_intermediate_size": F_ // 8, "gate_kernel": True},
-        "finedeep 4x4 (gate kernel)": {"kind": "finedeep", "num_sublayers": 4, "experts_per_sublayer": 4,
-                                       "expert_intermediate_size": F_ // 16, "gate_kernel": True},
+        "finedeep 2x4 (PyTorch gate)": {"kind": "finedeep", "num_sublayers": 2, "experts_per_sublayer": 4,
+                                        "expert_intermediate_size": F_ // 8, "gate_kernel": False},
+        "finedeep 4x4 (PyTorch gate)": {"kind": "finedeep", "num_sublayers": 4, "experts_per_sublayer": 4,
+                                        "expert_intermediate_size": F_ // 16, "gate_kernel": False},
         "dsmoe n=8 (training path)": {"kind": "dsmoe", "intermediate_size": F_, "num_experts": 8},
     }
 

@@ -215,7 +215,7 @@ def test_finedeep_gate_kernel_matches_the_pytorch_gate(gate):
 
     torch.manual_seed(0)
     reference = FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=64, gate=gate,
-                               gate_sum="experts").build(256).cuda()
+                               gate_sum="experts", gate_kernel=False).build(256).cuda()
     fused = FinedeepConfig(num_sublayers=2, experts_per_sublayer=4, expert_intermediate_size=64, gate=gate,
                            gate_sum="experts", gate_kernel=True).build(256).cuda()
     fused.load_state_dict(reference.state_dict())

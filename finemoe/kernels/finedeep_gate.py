@@ -21,8 +21,8 @@ writes them once; the backward kernel reads ``d out`` and ``h`` and writes ``d h
 
 Kernel → launcher → ``torch.library.custom_op`` (fake implementation) → autograd. The
 reference is the plain PyTorch code in ``FinedeepFFN.sublayer``; the tests compare the
-two under ``TRITON_INTERPRET=1`` on the CPU. Not yet measured on a GPU, so the layer
-uses it only when asked (``gate_kernel: true``).
+two under ``TRITON_INTERPRET=1`` on the CPU. The layer uses it on a GPU unless
+``gate_kernel: false`` (measured against the PyTorch path in benchmarks/NOTES.md).
 
 Shapes: N tokens, K experts, f expert width, F = K·f.
 """

@@ -57,10 +57,11 @@ class FinedeepConfig(FFNConfig):
     """What normalised (or softmax) gates sum to: 1, a weighted average of the K experts
     (the spec), or K, so that equal gates give the plain sum of the experts, i.e. the
     dense FFN they were cut from (an average is ~1/K of it: see results/study_finedeep)."""
-    gate_kernel: bool = False
-    """Compute scores, gates and the gated hidden units with one Triton kernel on a GPU
-    (``finemoe.kernels.finedeep_gate``; output-guided routing only). Off until it has
-    been measured against the PyTorch path it replaces."""
+    gate_kernel: bool = True
+    """On a GPU, scores, gates and the gated hidden units in one Triton kernel
+    (``finemoe.kernels.finedeep_gate``; output-guided routing only); false: the PyTorch
+    path, the readable reference (and the path on a CPU). On by measurement: less GPU
+    time per forward + backward compiled, in one process (benchmarks/NOTES.md)."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
