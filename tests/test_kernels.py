@@ -92,8 +92,9 @@ def test_dsmoe_decode_kernels_equal_the_masked_path(tokens, rescale):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def _finedeep_gate_reference(hidden, readout, softmax, normalize, scale):
-    N, (K, f) = hidden.shape[0], readout.shape
+def _finedeep_swiglu_gate_reference(gate, up, readout, softmax, normalize, scale):
+    N, (K, f) = gate.shape[0], readout.shape
+    hidden = F.silu(gate) * up
     z = torch.einsum("nkf,kf->nk", hidden.view(N, K, f), readout)
     if softmax:
         g = scale * torch.softmax(z, dim=-1)
@@ -106,21 +107,24 @@ def _finedeep_gate_reference(hidden, readout, softmax, normalize, scale):
 
 @pytest.mark.parametrize("softmax,normalize,scale", [(False, True, 1.0), (False, True, 3.0), (False, False, 1.0),
                                                      (True, True, 1.0), (True, True, 3.0)])
-@pytest.mark.parametrize("K,f", [(3, 20), (4, 300)])
-def test_finedeep_gate_kernel_equals_the_formula(softmax, normalize, scale, K, f):
-    """Outputs, gates and the gradients of the hidden units and the read-out (through
-    both the scaled units and the gates), K not a power of two, f over one tile."""
-    from finemoe.kernels.finedeep_gate import finedeep_gate
+@pytest.mark.parametrize("N,K,f", [(5, 3, 20), (11, 4, 300), (0, 2, 16)])
+def test_finedeep_swiglu_gate_kernel_equals_the_formula(softmax, normalize, scale, N, K, f):
+    """Outputs, gates and the gradients of the gate and up projections and the read-out
+    (through both the scaled units and the gates): K not a power of two, f not one,
+    token counts that leave part of a backward program's rows empty, and no token."""
+    from finemoe.kernels.finedeep_gate import _ROWS, finedeep_swiglu_gate
 
+    assert N == 0 or N % _ROWS, "a partly filled backward program is part of the test"
     torch.manual_seed(K * f)
-    hidden = torch.randn(5, K * f, device=DEVICE, requires_grad=True)
+    gate = torch.randn(N, K * f, device=DEVICE, requires_grad=True)
+    up = torch.randn(N, K * f, device=DEVICE, requires_grad=True)
     readout = (torch.randn(K, f, device=DEVICE) / f**0.5).requires_grad_(True)
-    probe, probe_g = torch.randn(5, K * f, device=DEVICE), torch.randn(5, K, device=DEVICE)
-    out, gates = finedeep_gate(hidden, readout, softmax=softmax, normalize=normalize, scale=scale)
-    grads = torch.autograd.grad((out * probe).sum() + (gates * probe_g).sum(), [hidden, readout])
-    h2, r2 = hidden.detach().clone().requires_grad_(True), readout.detach().clone().requires_grad_(True)
-    ref, ref_gates = _finedeep_gate_reference(h2, r2, softmax, normalize, scale)
-    ref_grads = torch.autograd.grad((ref * probe).sum() + (ref_gates * probe_g).sum(), [h2, r2])
+    probe, probe_g = torch.randn(N, K * f, device=DEVICE), torch.randn(N, K, device=DEVICE)
+    out, gates = finedeep_swiglu_gate(gate, up, readout, softmax=softmax, normalize=normalize, scale=scale)
+    grads = torch.autograd.grad((out * probe).sum() + (gates * probe_g).sum(), [gate, up, readout])
+    leaves = [t.detach().clone().requires_grad_(True) for t in (gate, up, readout)]
+    ref, ref_gates = _finedeep_swiglu_gate_reference(*leaves, softmax, normalize, scale)
+    ref_grads = torch.autograd.grad((ref * probe).sum() + (ref_gates * probe_g).sum(), leaves)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gates, ref_gates, atol=1e-6, rtol=1e-5)
     for got, want in zip(grads, ref_grads):

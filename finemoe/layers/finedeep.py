@@ -31,11 +31,11 @@ from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
-from finemoe.layers.records import Gates
+from finemoe.layers.records import Activations, Gates, wants
 from finemoe.layers.common import (RMSNorm, at_least_float32, dense_swiglu_weights, float32_linear, swiglu_hidden,
                                    swiglu_params)
 from finemoe.kernels import triton_kernels_available
-from finemoe.kernels.finedeep_gate import finedeep_gate
+from finemoe.kernels.finedeep_gate import finedeep_swiglu_gate, swiglu_gate_applies
 from finemoe.layers.dense import DenseConfig
 
 
@@ -58,10 +58,11 @@ class FinedeepConfig(FFNConfig):
     (the spec), or K, so that equal gates give the plain sum of the experts, i.e. the
     dense FFN they were cut from (an average is ~1/K of it: see results/study_finedeep)."""
     gate_kernel: bool = True
-    """On a GPU, scores, gates and the gated hidden units in one Triton kernel
-    (``finemoe.kernels.finedeep_gate``; output-guided routing only); false: the PyTorch
-    path, the readable reference (and the path on a CPU). On by measurement: less GPU
-    time per forward + backward compiled, in one process (benchmarks/NOTES.md)."""
+    """On a GPU, SwiGLU, scores, gates and the gated hidden units in one Triton kernel
+    (``finemoe.kernels.finedeep_gate``; output-guided routing, K·f ≤ 8,192 after
+    padding, activations not being recorded); false: the PyTorch path, the readable
+    reference (and the path on a CPU). On by measurement: less GPU time per forward +
+    backward compiled, in one process (benchmarks/NOTES.md)."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -163,17 +164,21 @@ class FinedeepFFN(FFN):
         scores are one thin GEMM of the hidden units with a block-diagonal ``(K·f, K)``
         read-out (the hidden units stay in the compute dtype; the GEMM accumulates in
         float32), and the weighted sum is one GEMM, ``(hidden ⊙ g) W_d`` (the naive
-        per-expert form is the test reference).
+        per-expert form is the test reference). On a GPU the SwiGLU, the scores, the
+        gates and the scaling are one kernel (``finemoe.kernels.finedeep_gate``); this
+        PyTorch code is its reference.
         """
         cfg = self.config
         K, f = cfg.experts_per_sublayer, cfg.expert_intermediate_size
         N, D = h_ND.shape
         u_ND = self.norms[m](h_ND)
-        hidden_NF = swiglu_hidden(u_ND @ self.w_gate[m], u_ND @ self.w_up[m], stats)
-        if self._gate_kernel_applies(hidden_NF):
-            weighted_NF, gates_NK = finedeep_gate(hidden_NF, self._readout(m), softmax=cfg.gate == "softmax",
-                                                  normalize=cfg.normalize, scale=K if cfg.gate_sum == "experts" else 1.0)
+        gate_NF, up_NF = u_ND @ self.w_gate[m], u_ND @ self.w_up[m]
+        if self._gate_kernel_applies(gate_NF, stats):
+            weighted_NF, gates_NK = finedeep_swiglu_gate(gate_NF, up_NF, self._readout(m), softmax=cfg.gate == "softmax",
+                                                         normalize=cfg.normalize,
+                                                         scale=K if cfg.gate_sum == "experts" else 1.0)
         else:
+            hidden_NF = swiglu_hidden(gate_NF, up_NF, stats)
             with torch.autocast(device_type=h_ND.device.type, enabled=False):
                 if cfg.router_input == "expert_output":
                     eye_KK = torch.eye(K, dtype=self.router.dtype, device=h_ND.device)
@@ -203,9 +208,14 @@ class FinedeepFFN(FFN):
         into one reduction)."""
         return (at_least_float32(self.w_down[m]) * at_least_float32(self.router[m]).unsqueeze(1)).sum(-1)
 
-    def _gate_kernel_applies(self, hidden_NF: Tensor) -> bool:
+    def _gate_kernel_applies(self, gate_NF: Tensor, stats: Stats | None) -> bool:
+        """The fused kernel on a GPU, unless the SwiGLU activations are being recorded
+        (``finemoe analyze`` reads them from ``swiglu_hidden``) or a token's units
+        overflow its register tile."""
         cfg = self.config
-        return cfg.gate_kernel and cfg.router_input == "expert_output" and triton_kernels_available(hidden_NF)
+        return (cfg.gate_kernel and cfg.router_input == "expert_output" and triton_kernels_available(gate_NF)
+                and not wants(stats, Activations)
+                and swiglu_gate_applies(cfg.experts_per_sublayer, cfg.expert_intermediate_size))
 
     def forward(self, h_BTD: Tensor, *, stats: Stats | None = None, context: CallContext | None = None) -> FFNOutput:
         B, T, D = h_BTD.shape
