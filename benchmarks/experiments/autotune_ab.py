@@ -26,24 +26,17 @@ from compiled_ab import compare
 from gather_realized_ab import _index_select
 
 
-def _setting(**values):
-    """A variant that sets Inductor options (dotted names) and restores them after."""
+def _setting(options: dict):
+    """A variant that sets Inductor options (dotted names, ``inductor_config.patch``) and
+    restores them after."""
     def setup():
-        before = {}
-        for name, value in values.items():
-            owner, _, leaf = name.replace("__", ".").rpartition(".")
-            node = getattr(inductor_config, owner) if owner else inductor_config
-            before[(node, leaf)] = getattr(node, leaf)
-            setattr(node, leaf, value)
-
-        def restore():
-            for (node, leaf), value in before.items():
-                setattr(node, leaf, value)
-        return restore
+        patch = inductor_config.patch(options)
+        patch.__enter__()
+        return lambda: patch.__exit__(None, None, None)
     return setup
 
 
-_autotuned = _setting(max_autotune=True, triton__enable_persistent_tma_matmul=True)
+_autotuned = _setting({"max_autotune": True, "triton.enable_persistent_tma_matmul": True})
 
 
 def _autotuned_index_select():
@@ -59,7 +52,7 @@ VARIANTS = {
     "default": lambda: (lambda: None),
     "max_autotune": _autotuned,
     "max_autotune_index_select": _autotuned_index_select,
-    "coordinate_descent": _setting(coordinate_descent_tuning=True),
+    "coordinate_descent": _setting({"coordinate_descent_tuning": True}),
 }
 
 if __name__ == "__main__":
