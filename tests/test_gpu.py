@@ -329,6 +329,43 @@ def test_compiled_layers_with_finemoe_kernels_equal_eager(name):
     _assert_same_results(results[1], results[0])
 
 
+_COMPILED_RETRIEVAL_AT_MODEL_SIZE = """
+import copy, torch
+from finemoe.layers import PEERConfig
+torch.manual_seed(0)
+eager = PEERConfig(num_experts=512**2, num_heads=8, top_k=16, key_dim=128).build(256).cuda()
+compiled = copy.deepcopy(eager)
+run = torch.compile(compiled, fullgraph=True)
+h = torch.randn(8, 1024, 256, device="cuda")
+for layer, call in ((eager, eager), (compiled, run)):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = call(h).update
+    (out.float() * h).sum().backward()
+torch.cuda.synchronize()
+got, want = compiled.retrieval.sub_keys.grad, eager.retrieval.sub_keys.grad
+torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+print("ok")
+"""
+
+
+def test_compiled_retrieval_at_model_size_stays_in_bounds():
+    """Compiled PEER at s120m-peer's retrieval size (512 sub-keys, 8 heads, k = 16, 8,192
+    tokens) runs and its sub-key gradient equals eager's. Regression: the sub-key
+    gradient kernel wrote two views of one buffer, and Inductor's copy of a written view
+    (torch <= 2.11, pytorch/pytorch#161115) read past its end: an illegal memory access
+    in compiled s120m-peer and s20m-peer. In a fresh process without the caching
+    allocator, where such a read leaves the allocation instead of landing in a cached
+    neighbour."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    done = subprocess.run([sys.executable, "-c", _COMPILED_RETRIEVAL_AT_MODEL_SIZE], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
 def test_finemoe_operators_pass_opcheck_on_cuda():
     """The operators as registered on this torch (``triton_op`` or ``custom_op``):
     schema, fake tensors, autograd registration."""

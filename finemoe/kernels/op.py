@@ -14,6 +14,12 @@ through ``launch(kernel)[grid](...)``. Two registrations are possible:
   reason for the first option.
 
 Both register the same autograd formula (``op.register_autograd``).
+
+A kernel writes only whole tensors that the body allocated, never a view into one (a
+slice with an offset): under ``torch.compile`` Inductor copies a written view before the
+launch, and torch up to 2.11 sizes that copy by the view's base while reading it from a
+buffer sized to the view, past its end (pytorch/pytorch#161115; it crashed compiled
+s120m-peer with an illegal memory access, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

@@ -182,8 +182,11 @@ def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor,
     (M, Q), (S, half), k = q_MQ.shape, keys_1.shape, idx_Mk.shape[1]
     hp = max(16, triton.next_power_of_2(half))
     dq_MQ = torch.empty_like(q_MQ)  # every entry written
-    # per half, SPLITS partial sums of every sub-key (zero if unused), added in a fixed order
-    partial = torch.empty(2, _SPLITS, S, half, dtype=torch.float32, device=q_MQ.device)
+    # per half, SPLITS partial sums of every sub-key (zero if unused), added in a fixed order;
+    # one tensor per half, not two views of one: Inductor's copy of a view that a kernel
+    # writes read past the end of its buffer (pytorch/pytorch#161115; an illegal memory
+    # access in compiled s120m-peer, benchmarks/NOTES.md)
+    partials = [torch.empty(_SPLITS, S, half, dtype=torch.float32, device=q_MQ.device) for _ in range(2)]
     if M:
         launch(_query_grad_kernel)[(triton.cdiv(M, _ROWS),)](dscores_Mk, idx_Mk, keys_1, keys_2, dq_MQ, M, S, Q,
                                                      HALF=half, HP=hp, K=k, ROWS=_ROWS)
@@ -193,10 +196,10 @@ def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor,
         # sub-key's order of summation, searchsorted its bounds without a host sync
         sorted_sub, order = sub_idx.reshape(-1).sort(stable=True)
         offsets = torch.searchsorted(sorted_sub, sub_keys)
-        launch(_sub_key_grad_kernel)[(S, _SPLITS)](order, offsets, dscores_Mk, q_MQ, partial[half_index], Q,
+        launch(_sub_key_grad_kernel)[(S, _SPLITS)](order, offsets, dscores_Mk, q_MQ, partials[half_index], Q,
                                                    half_index * half, S, HALF=half, HP=hp, K=k, BLOCK_P=_PAIRS,
                                                    SPLITS=_SPLITS)
-    return dq_MQ, partial[0].sum(dim=0), partial[1].sum(dim=0)
+    return dq_MQ, partials[0].sum(dim=0), partials[1].sum(dim=0)
 
 
 @fake(_product_key_topk_backward)
