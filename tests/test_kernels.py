@@ -180,8 +180,9 @@ def _peer_reference(x, idx, gates, expert_in, expert_out, activation):
 def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, width):
     """Outputs and the gradients of x, the gates and both tables; an expert retrieved
     twice by one token and by several tokens (summed in the per-row pass; with 37 tokens
-    one expert by all of them, over three steps of 16 pairs, and rows over two column
-    blocks); experts never retrieved get exactly zero gradient."""
+    one expert by all of them, over several steps of 8 pairs, the last partly filled,
+    and rows of 300 over two column blocks of 256); experts never retrieved get exactly
+    zero gradient."""
     from finemoe.kernels.peer_experts import peer_experts
 
     torch.manual_seed(len(activation) + tokens)

@@ -50,8 +50,11 @@ __all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available"]
 
 ACTIVATIONS = ("gelu", "relu", "none")  # "none": PKM (w = g)
 _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 tile)
-_ROW_BLOCK_D = 1024  # columns per program of the per-row gradient pass (one pair at a time: loading
-# 16 pairs' (16, 256) tiles at once measured 10x slower on the H100, benchmarks/NOTES.md)
+# The per-row gradient pass: 256 columns per program at 2 warps, 8 pairs per step, rows longest
+# first (on an H100, the retrievals of a real s120m-peer batch: 7.3 -> 4.4 ms against 1,024
+# columns, one pair a step, rows in order; benchmarks/experiments/peer_row_pass.py). Loading 16
+# pairs' rows as one (16, 256) tile measured 10x slower (benchmarks/NOTES.md).
+_ROW_BLOCK_D, _ROW_WARPS, _ROW_UNROLL = 256, 2, 8
 _NUM_WARPS = 4  # of the per-token passes
 
 
@@ -141,11 +144,16 @@ if triton is not None:
             tl.store(dgate_ptr + n * J + js, dw, mask=jmask)
 
     @triton.jit
-    def _row_gradients_kernel(order_ptr, offsets_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, du_ptr, dv_ptr, D,
-                              J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _row_gradients_kernel(rows_ptr, order_ptr, offsets_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, du_ptr,
+                              dv_ptr, D, J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr,
+                              BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
         """Pass 2, one program per (pool row, column block): the row's gradients summed
-        over the (token, slot) pairs that retrieved it, in sorted order."""
-        row = tl.program_id(0).to(tl.int64)
+        over the (token, slot) pairs that retrieved it, in sorted order. Programs take
+        the rows longest first (``rows``): a frequent token's rows hold thousands of
+        pairs, and started last they would run alone at the end. UNROLL pairs per step,
+        their loads independent of each other (in flight at once); the sum still adds
+        the pairs one by one, in order."""
+        row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = cols < D
         du = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -153,16 +161,19 @@ if triton is not None:
         o = tl.load(offsets_ptr + row)
         end = tl.load(offsets_ptr + row + 1)
         while o < end:  # a while loop: runtime bounds (also under TRITON_INTERPRET=1)
-            pair = tl.load(order_ptr + o)  # n·J + j in the flattened (N, J)
-            n = pair // J
-            w = tl.load(gate_ptr + pair).to(tl.float32)
-            dy = tl.load(dy_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
-            if HAS_U:
-                w = w * _act(tl.load(pre_ptr + pair), ACT)
-                x = tl.load(x_ptr + n * D + cols, mask=dmask, other=0.0).to(tl.float32)
-                du += tl.load(dpre_ptr + pair) * x
-            dv += w * dy
-            o += 1
+            for u in tl.static_range(UNROLL):
+                ok = o + u < end
+                ok_d = dmask & ((cols * 0 + o + u) < end)  # (a vector mask: the interpreter's rule)
+                pair = tl.load(order_ptr + o + u, mask=ok, other=0)  # n·J + j in the flattened (N, J)
+                n = pair // J
+                w = tl.where(ok, tl.load(gate_ptr + pair).to(tl.float32), 0.0)
+                dy = tl.load(dy_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
+                if HAS_U:
+                    w = w * _act(tl.load(pre_ptr + pair), ACT)
+                    x = tl.load(x_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
+                    du += tl.where(ok, tl.load(dpre_ptr + pair), 0.0) * x
+                dv += w * dy
+            o += UNROLL
         tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
         if HAS_U:
             tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
@@ -215,10 +226,11 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
     # row's order of summation; searchsorted gives the groups' bounds without a host sync.
     rows_sorted, order = idx_NJ.reshape(-1).sort(stable=True)
     offsets = torch.searchsorted(rows_sorted, torch.arange(P + 1, device=x_ND.device, dtype=rows_sorted.dtype))
+    longest_first = (offsets[1:] - offsets[:-1]).argsort(descending=True)  # any order gives the same sums
     block_d = min(_ROW_BLOCK_D, triton.next_power_of_2(D))
     launch(_row_gradients_kernel)[(P, triton.cdiv(D, block_d))](
-        order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, D,
-        J=J, HAS_U=sizes["HAS_U"], ACT=sizes["ACT"], BLOCK_D=block_d)
+        longest_first, order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, D,
+        J=J, HAS_U=sizes["HAS_U"], ACT=sizes["ACT"], BLOCK_D=block_d, UNROLL=_ROW_UNROLL, num_warps=_ROW_WARPS)
     return dx_ND, dgates_NJ.to(gates_NJ.dtype), d_in, d_out
 
 

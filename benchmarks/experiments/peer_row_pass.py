@@ -1,0 +1,179 @@
+"""Experiment: PEER's per-row gradient pass on the retrievals of a real s120m-peer step.
+
+The profile of s120m-peer at seq 1024, batch 32 (eb7599d) puts the row-gradient pass at
+15.5 ms a step, the largest item of the PEER layer, against a byte floor of ~4.3 ms (4.2M
+(token, slot) pairs reading a bf16 row of x and of dy, 768 wide). One program per pool
+row walks that row's pairs one at a time: each pair is a chain of dependent loads (the
+pair's index, then its x and dy rows), and rows used by many tokens (frequent words)
+make some programs far longer than the rest. This measures, on the retrievals of a real
+batch (the model after a few training steps) and on uniformly random ones:
+
+- how the pairs spread over rows (quantiles, the longest row, the share in long rows);
+- the library's kernel against variants (the kernel up to eb7599d is "unroll 1, 1024
+  columns, 4 warps"): UNROLL pairs loaded per step (independent loads in
+  flight at once), BLOCK_D columns per program, and rows launched longest first (a
+  permutation of the programs: the long rows start first instead of last).
+
+Every variant sums each row's pairs in the same order with the same arithmetic, so its
+gradients equal the library kernel's bit for bit (checked). GPU time: CUDA events, median of 20.
+
+    python benchmarks/experiments/peer_row_pass.py --data .data/prose
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from layer_benchmark import median_ms
+
+from finemoe.kernels import peer_experts as experts_kernel
+
+timed = partial(median_ms, warmup=3, repeats=20)
+
+
+@triton.jit
+def _row_pass_variant(order_ptr, offsets_ptr, rows_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, du_ptr, dv_ptr, D,
+                      J: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr, PERMUTED: tl.constexpr):
+    """The row pass (GELU, PEER) with UNROLL pairs per step and an optional row order."""
+    if PERMUTED:
+        row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    o = tl.load(offsets_ptr + row)
+    end = tl.load(offsets_ptr + row + 1)
+    while o < end:
+        for u in tl.static_range(UNROLL):
+            ok = o + u < end
+            pair = tl.load(order_ptr + o + u, mask=ok, other=0)
+            n = pair // J
+            pre = tl.load(pre_ptr + pair)
+            w = tl.where(ok, tl.load(gate_ptr + pair).to(tl.float32), 0.0) * experts_kernel._act(pre, 0)
+            g = tl.where(ok, tl.load(dpre_ptr + pair), 0.0)
+            dy = tl.load(dy_ptr + n * D + cols, mask=dmask & ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + n * D + cols, mask=dmask & ok, other=0.0).to(tl.float32)
+            du += g * x
+            dv += w * dy
+        o += UNROLL
+    tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
+    tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
+
+
+def _spread(idx_NJ: torch.Tensor, P: int) -> str:
+    counts = torch.bincount(idx_NJ.reshape(-1), minlength=P).float()
+    q = torch.quantile(counts, torch.tensor([0.5, 0.9, 0.99, 0.999], device=counts.device)).tolist()
+    pairs = counts.sum().item()
+    long_share = counts[counts > 256].sum().item() / pairs
+    return (f"{int(pairs):,} pairs over {P:,} rows: {int((counts > 0).sum()):,} rows used; pairs per row median "
+            f"{q[0]:.0f}, p90 {q[1]:.0f}, p99 {q[2]:.0f}, p99.9 {q[3]:.0f}, max {int(counts.max())}; "
+            f"{100 * long_share:.1f}% of pairs in rows of > 256 pairs")
+
+
+def _time_variants(label: str, x, dy, idx_NJ, gates, pre, dpre, P: int) -> None:
+    D = x.shape[1]
+    J = idx_NJ.shape[1]
+    rows_sorted, order = idx_NJ.reshape(-1).sort(stable=True)
+    offsets = torch.searchsorted(rows_sorted, torch.arange(P + 1, device=x.device, dtype=rows_sorted.dtype))
+    longest_first = (offsets[1:] - offsets[:-1]).argsort(descending=True, stable=True)
+    d_in = torch.empty(P, D, device=x.device)
+    d_out = torch.empty(P, D, device=x.device)
+
+    in_order = torch.arange(P, device=x.device)
+
+    def library(rows=longest_first):
+        """The library's kernel and launch (rows longest first; the argsort included)."""
+        rows = (offsets[1:] - offsets[:-1]).argsort(descending=True) if rows is None else rows
+        experts_kernel._row_gradients_kernel[(P, triton.cdiv(D, experts_kernel._ROW_BLOCK_D))](
+            rows, order, offsets, x, dy, gates, pre, dpre, d_in, d_out, D, J=J, HAS_U=True, ACT=0,
+            BLOCK_D=experts_kernel._ROW_BLOCK_D, UNROLL=experts_kernel._ROW_UNROLL, num_warps=experts_kernel._ROW_WARPS)
+        return d_in.clone(), d_out.clone()
+
+    ref = library()
+    print(f"\n{label}\n{_spread(idx_NJ, P)}")
+    print("| variant | ms | equal to the library's |\n|---|---:|---|")
+    print(f"| library (rows longest first, the argsort included) | {timed(lambda: library(None)):.3f} | |")
+    print(f"| library's kernel, rows in order | {timed(lambda: library(in_order)):.3f} | |")
+    for block_d in (1024, 256):
+        for unroll in (1, 2, 4, 8):
+            for permuted in (False, True):
+                for warps in (4, 8) if block_d == 1024 else (2, 4):
+                    def variant(block_d=block_d, unroll=unroll, permuted=permuted, warps=warps):
+                        _row_pass_variant[(P, triton.cdiv(D, block_d))](
+                            order, offsets, longest_first, x, dy, gates, pre, dpre, d_in, d_out, D, J=J,
+                            BLOCK_D=block_d, UNROLL=unroll, PERMUTED=permuted, num_warps=warps)
+                        return d_in, d_out
+
+                    got = variant()
+                    same = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+                    name = f"unroll {unroll}, {block_d} columns, {warps} warps{', longest rows first' if permuted else ''}"
+                    print(f"| {name} | {timed(variant):.3f} | {'yes' if same else 'NO'} |")
+                    sys.stdout.flush()
+
+
+def _real_retrievals(data: str, steps: int, preset: str = "s120m-peer"):
+    """Train s120m-peer (seq 1024, batch 32) for ``steps`` steps, then the PEER layer's
+    normalised input and retrievals for the next batch."""
+    from finemoe.layers.peer import PEERFFN, fused_experts_input
+    from finemoe.run_config import load_run_config
+    from finemoe.train import Trainer
+
+    cfg = load_run_config(preset, [
+        f"data.path={data}", "train.seq_len=1024", "model.max_seq_len=1024", "train.batch_size=32",
+        "train.compile=false", f"train.steps={steps + 1}", "train.warmup_steps=0", "train.eval_batches=0",
+        "train.tensorboard=false", "train.out_dir=/tmp/peer_row_pass", f"train.checkpoint_every={steps + 10}"])
+    trainer = Trainer(cfg, overwrite=True, progress=False)
+    for _ in range(steps):
+        trainer.train_step()
+    layer = next(m for m in trainer.model.modules() if isinstance(m, PEERFFN))
+    seen = {}
+
+    def keep_input(module, args, output):
+        seen.setdefault("h", args[0].detach())
+
+    hook = layer.register_forward_hook(keep_input)
+    with torch.no_grad(), trainer._autocast():
+        inputs, _ = trainer.batch(steps, 0)
+        trainer.model(inputs.to(trainer.device))
+    hook.remove()
+    with torch.no_grad(), trainer._autocast():
+        u_ND = layer.norm(seen["h"]).reshape(-1, seen["h"].shape[-1])
+        idx_NHk, gates_NHk = layer.retrieval.route(u_ND)
+        x = fused_experts_input(u_ND)
+    N = x.shape[0]
+    return x.contiguous(), idx_NHk.reshape(N, -1).contiguous(), gates_NHk.reshape(N, -1).float().contiguous(), layer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default=".data/prose")
+    parser.add_argument("--steps", type=int, default=25)  # as `finemoe bench` (5 + 20)
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    x, idx, gates, layer = _real_retrievals(args.data, args.steps)
+    N, D = x.shape
+    P = layer.expert_out.shape[0]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dy = (torch.randn(N, D, device="cuda", generator=g) * 0.02).to(x.dtype)
+    pre = torch.randn(idx.shape, device="cuda", generator=g)
+    dpre = torch.randn(idx.shape, device="cuda", generator=g) * 0.01
+    _time_variants(f"real retrievals of s120m-peer after {args.steps} steps ({N:,} tokens, J = {idx.shape[1]})",
+                   x, dy, idx, gates, pre, dpre, P)
+    uniform = torch.randint(0, P, idx.shape, device="cuda", generator=g)
+    _time_variants("uniformly random retrievals, same sizes", x, dy, uniform, gates, pre, dpre, P)
+
+
+if __name__ == "__main__":
+    main()
