@@ -175,15 +175,20 @@ def _peer_reference(x, idx, gates, expert_in, expert_out, activation):
     return out
 
 
+@pytest.mark.parametrize("row_part", [512, 5])
 @pytest.mark.parametrize("activation", ["gelu", "relu", "none"])
 @pytest.mark.parametrize("tokens,retrieved,width", [(5, 6, 40), (3, 4, 130), (0, 4, 8), (37, 3, 300)])
-def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, width):
+def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, width, row_part, monkeypatch):
     """Outputs and the gradients of x, the gates and both tables; an expert retrieved
     twice by one token and by several tokens (summed in the per-row pass; with 37 tokens
-    one expert by all of them, over several steps of 8 pairs, the last partly filled,
-    and rows of 300 over two column blocks of 256); experts never retrieved get exactly
-    zero gradient."""
+    one expert by all of them, over several steps of 4 pairs, the last partly filled,
+    and rows of 300 over two column blocks of 256); with ``row_part`` 5 the rows of more
+    than 5 pairs are summed in parts (the last partly filled) and then over their parts;
+    experts never retrieved get exactly zero gradient."""
+    from finemoe.kernels import peer_experts as kernels
     from finemoe.kernels.peer_experts import peer_experts
+
+    monkeypatch.setattr(kernels, "_ROW_PART", row_part)
 
     torch.manual_seed(len(activation) + tokens)
     pool = 50

@@ -19,9 +19,11 @@ float32) for the backward. Backward, in two passes:
                     dv_i   = Σ_{(n,j): idx_nj = i} g_nj σ(pre_nj) dy_n
 
 The second pass walks the (token, slot) pairs sorted by row (a stable sort, so each
-row's sum has a fixed order): every row gradient is written once, rows never retrieved
-get exactly zero without a separate fill, and the result is deterministic (no atomic
-adds). x and dy are read once per pair, in their own dtype (the layers pass bf16 under
+row's sum has a fixed order), cut into parts of at most 512 pairs (a frequent token's
+rows hold thousands of pairs): a part is summed in order by one program, a row of several
+parts is the sum of its parts in order. Every row gradient is written once, rows never
+retrieved get exactly zero without a separate fill, and the result is deterministic (no
+atomic adds). x and dy are read once per pair, in their own dtype (the layers pass bf16 under
 autocast: the bytes of this pass are mostly these reads); the tables' gradients are
 written once, in the tables' dtype, from float32 sums.
 
@@ -50,11 +52,11 @@ __all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available"]
 
 ACTIVATIONS = ("gelu", "relu", "none")  # "none": PKM (w = g)
 _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 tile)
-# The per-row gradient pass: 256 columns per program at 2 warps, 8 pairs per step, rows longest
-# first (on an H100, the retrievals of a real s120m-peer batch: 7.3 -> 4.4 ms against 1,024
-# columns, one pair a step, rows in order; benchmarks/experiments/peer_row_pass.py). Loading 16
-# pairs' rows as one (16, 256) tile measured 10x slower (benchmarks/NOTES.md).
-_ROW_BLOCK_D, _ROW_WARPS, _ROW_UNROLL = 256, 2, 8
+# The per-row gradient pass: rows cut into parts of at most 512 pairs, 256 columns per program
+# at 2 warps, 4 pairs per step (H100, benchmarks/experiments/peer_row_pass.py on the retrievals
+# of a real s120m-peer batch and on uniform ones; benchmarks/NOTES.md). Loading 16 pairs' rows
+# as one (16, 256) tile measured 10x slower.
+_ROW_BLOCK_D, _ROW_WARPS, _ROW_UNROLL, _ROW_PART = 256, 2, 4, 512
 _NUM_WARPS = 4  # of the per-token passes
 
 
@@ -144,39 +146,106 @@ if triton is not None:
             tl.store(dgate_ptr + n * J + js, dw, mask=jmask)
 
     @triton.jit
-    def _row_gradients_kernel(rows_ptr, order_ptr, offsets_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, du_ptr,
-                              dv_ptr, D, J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr,
-                              BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
-        """Pass 2, one program per (pool row, column block): the row's gradients summed
-        over the (token, slot) pairs that retrieved it, in sorted order. Programs take
-        the rows longest first (``rows``): a frequent token's rows hold thousands of
-        pairs, and started last they would run alone at the end. UNROLL pairs per step,
-        their loads independent of each other (in flight at once); the sum still adds
-        the pairs one by one, in order."""
-        row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = cols < D
-        du = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        o = tl.load(offsets_ptr + row)
-        end = tl.load(offsets_ptr + row + 1)
-        while o < end:  # a while loop: runtime bounds (also under TRITON_INTERPRET=1)
-            for u in tl.static_range(UNROLL):
-                ok = o + u < end
-                ok_d = dmask & ((cols * 0 + o + u) < end)  # (a vector mask: the interpreter's rule)
-                pair = tl.load(order_ptr + o + u, mask=ok, other=0)  # n·J + j in the flattened (N, J)
-                n = pair // J
-                w = tl.where(ok, tl.load(gate_ptr + pair).to(tl.float32), 0.0)
-                dy = tl.load(dy_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
+    def _row_part_kernel(part_row_ptr, parts_ptr, part_ends_ptr, spill_ends_ptr, order_ptr, offsets_ptr, x_ptr, dy_ptr,
+                         gate_ptr, pre_ptr, dpre_ptr, du_ptr, dv_ptr, du_spill_ptr, dv_spill_ptr, D, P,
+                         J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr,
+                         UNROLL: tl.constexpr, PART: tl.constexpr):
+        """Pass 2a, one program per (part of a pool row, column block): the gradient
+        rows summed over up to PART of the row's (token, slot) pairs, in sorted order.
+        A row with one part is written where it belongs; the parts of a longer row (a
+        frequent token's rows hold thousands of pairs: one program each would run alone
+        long after the rest) go to a spill buffer, in order, for pass 2b. UNROLL pairs per
+        step, their loads independent of each other (in flight at once); the sum still
+        adds the pairs one by one."""
+        part = tl.program_id(0)
+        row = tl.load(part_row_ptr + part).to(tl.int64)
+        if row < P:  # programs past the last part have nothing to do
+            cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            dmask = cols < D
+            parts = tl.load(parts_ptr + row)
+            k = part - (tl.load(part_ends_ptr + row) - parts)  # which part of its row
+            o = tl.load(offsets_ptr + row) + k * PART
+            end = tl.minimum(o + PART, tl.load(offsets_ptr + row + 1))
+            du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            while o < end:  # a while loop: runtime bounds (also under TRITON_INTERPRET=1)
+                for u in tl.static_range(UNROLL):
+                    ok = o + u < end
+                    # (the bound as a scalar: a vector mask, as the interpreter needs, that
+                    # keeps the loads vectorised as dmask's)
+                    ok_d = cols < tl.where(ok, D, 0)
+                    pair = tl.load(order_ptr + o + u, mask=ok, other=0)  # n·J + j in the flattened (N, J)
+                    n = pair // J
+                    w = tl.where(ok, tl.load(gate_ptr + pair).to(tl.float32), 0.0)
+                    dy = tl.load(dy_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
+                    if HAS_U:
+                        w = w * _act(tl.load(pre_ptr + pair), ACT)
+                        x = tl.load(x_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
+                        du += tl.where(ok, tl.load(dpre_ptr + pair), 0.0) * x
+                    dv += w * dy
+                o += UNROLL
+            if parts == 1:
+                target = row * D + cols
+                tl.store(dv_ptr + target, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
                 if HAS_U:
-                    w = w * _act(tl.load(pre_ptr + pair), ACT)
-                    x = tl.load(x_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
-                    du += tl.where(ok, tl.load(dpre_ptr + pair), 0.0) * x
-                dv += w * dy
-            o += UNROLL
-        tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
-        if HAS_U:
-            tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
+                    tl.store(du_ptr + target, du.to(du_ptr.dtype.element_ty), mask=dmask)
+            else:
+                spill = (tl.load(spill_ends_ptr + row) - parts + k) * D + cols
+                tl.store(dv_spill_ptr + spill, dv, mask=dmask)
+                if HAS_U:
+                    tl.store(du_spill_ptr + spill, du, mask=dmask)
+
+    @triton.jit
+    def _row_finish_kernel(parts_ptr, spill_ends_ptr, du_ptr, dv_ptr, du_spill_ptr, dv_spill_ptr, D,
+                           HAS_U: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pass 2b, one program per (pool row, column block): a row of several parts is
+        the sum of its spilled parts in order; a row no pair retrieved is zero; a row of
+        one part was written by pass 2a."""
+        row = tl.program_id(0).to(tl.int64)
+        parts = tl.load(parts_ptr + row)
+        if parts != 1:
+            cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            dmask = cols < D
+            du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            spilled = tl.load(spill_ends_ptr + row) - parts
+            last = spilled + parts
+            while spilled < last:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
+                dv += tl.load(dv_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
+                if HAS_U:
+                    du += tl.load(du_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
+                spilled += 1
+            tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
+            if HAS_U:
+                tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
+
+
+def _row_gradients(order: Tensor, offsets: Tensor, x_ND: Tensor, dy_ND: Tensor, gates_NJ: Tensor, pre_NJ: Tensor,
+                   dpre_NJ: Tensor, d_in: Tensor, d_out: Tensor, has_u: bool, act: int) -> None:
+    """Pass 2 (the table gradients ``d_in``, ``d_out``, every row written) from the pairs
+    ``order`` sorted by row, row r's pairs at ``offsets[r] … offsets[r+1]``. The rows are
+    cut into parts of at most ``_ROW_PART`` pairs; each part's position, and each
+    multi-part row's place in the spill buffer, come from cumulative sums on the device
+    (no host sync): the grid is sized by the most parts any retrieval could make."""
+    (N, D), J, P = x_ND.shape, gates_NJ.shape[1], d_out.shape[0]
+    part = _ROW_PART
+    counts = offsets[1:] - offsets[:-1]
+    parts = (counts + part - 1) // part
+    part_ends = torch.cumsum(parts, 0)
+    spill_ends = torch.cumsum(torch.where(parts > 1, parts, 0), 0)
+    most_parts = P + triton.cdiv(N * J, part)  # Σ ceil(c / PART) ≤ Σ (c / PART + 1) over used rows
+    most_spilled = 2 * triton.cdiv(N * J, part)  # rows of c > PART pairs: ceil(c / PART) < 2c / PART
+    part_row = torch.searchsorted(part_ends, torch.arange(most_parts, device=x_ND.device), right=True)
+    dv_spill = torch.empty(most_spilled, D, dtype=torch.float32, device=x_ND.device)
+    du_spill = torch.empty_like(dv_spill) if has_u else dv_spill  # (not read without u)
+    block_d = min(_ROW_BLOCK_D, triton.next_power_of_2(D))
+    column_blocks = triton.cdiv(D, block_d)
+    launch(_row_part_kernel)[(most_parts, column_blocks)](
+        part_row, parts, part_ends, spill_ends, order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out,
+        du_spill, dv_spill, D, P, J=J, HAS_U=has_u, ACT=act, BLOCK_D=block_d, UNROLL=_ROW_UNROLL, PART=part,
+        num_warps=_ROW_WARPS)
+    launch(_row_finish_kernel)[(P, column_blocks)](parts, spill_ends, d_in, d_out, du_spill, dv_spill, D,
+                                                   HAS_U=has_u, BLOCK_D=block_d, num_warps=_ROW_WARPS)
 
 
 def _sizes(D: int, J: int, activation: str) -> dict:
@@ -226,11 +295,7 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
     # row's order of summation; searchsorted gives the groups' bounds without a host sync.
     rows_sorted, order = idx_NJ.reshape(-1).sort(stable=True)
     offsets = torch.searchsorted(rows_sorted, torch.arange(P + 1, device=x_ND.device, dtype=rows_sorted.dtype))
-    longest_first = (offsets[1:] - offsets[:-1]).argsort(descending=True)  # any order gives the same sums
-    block_d = min(_ROW_BLOCK_D, triton.next_power_of_2(D))
-    launch(_row_gradients_kernel)[(P, triton.cdiv(D, block_d))](
-        longest_first, order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, D,
-        J=J, HAS_U=sizes["HAS_U"], ACT=sizes["ACT"], BLOCK_D=block_d, UNROLL=_ROW_UNROLL, num_warps=_ROW_WARPS)
+    _row_gradients(order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, has_u, sizes["ACT"])
     return dx_ND, dgates_NJ.to(gates_NJ.dtype), d_in, d_out
 
 
