@@ -21,6 +21,7 @@ eb7599d kernel is printed. GPU time: CUDA events, median of 20; the library's ti
 includes its cumulative sums and searchsorted.
 
     python benchmarks/experiments/peer_row_pass.py --data .data/prose
+    python benchmarks/experiments/peer_row_pass.py --layer   # the layer with either pass, issue 12's size
 """
 
 from __future__ import annotations
@@ -165,12 +166,45 @@ def _real_retrievals(data: str, steps: int, preset: str = "s120m-peer"):
     return x.contiguous(), idx_NHk.reshape(N, -1).contiguous(), gates_NHk.reshape(N, -1).float().contiguous(), layer
 
 
+def _layer_ab() -> None:
+    """The PEER layer at issue 12's size (16,384 tokens, d = 1024, 1024² experts, h = 8,
+    k = 16, key width 256; random inputs), forward + backward under bf16 autocast, with
+    the library's row pass and with the eb7599d kernel in its place, in one process."""
+    from finemoe.layers import PEERConfig
+
+    layer = PEERConfig(num_experts=1024**2, num_heads=8, top_k=16, key_dim=256).build(1024).cuda()
+    h = torch.randn(32, 512, 1024, device="cuda", requires_grad=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(h).update
+        out.float().square().mean().backward()
+
+    def one_program_per_row(order, offsets, x, dy, gates, pre, dpre, d_in, d_out, has_u, act):
+        P, D = d_out.shape
+        _row_pass_variant[(P, triton.cdiv(D, 1024))](
+            order, offsets, torch.arange(P, device=x.device), x, dy, gates, pre, dpre, d_in, d_out, D,
+            J=gates.shape[1], BLOCK_D=1024, UNROLL=1, PERMUTED=True, num_warps=4)
+
+    library = experts_kernel._row_gradients
+    print("\nPEER layer at issue 12's size, forward + backward (ms), one process:")
+    for name, row_pass in (("library", library), ("eb7599d row pass", one_program_per_row),
+                           ("library again", library)):
+        experts_kernel._row_gradients = row_pass
+        print(f"| {name} | {timed(step):.3f} |")
+    experts_kernel._row_gradients = library
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--layer", action="store_true", help="only the layer A/B at issue 12's size")
     parser.add_argument("--data", default=".data/prose")
     parser.add_argument("--steps", type=int, default=25)  # as `finemoe bench` (5 + 20)
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.layer:
+        _layer_ab()
+        return
     x, idx, gates, layer = _real_retrievals(args.data, args.steps)
     N, D = x.shape
     P = layer.expert_out.shape[0]
