@@ -57,6 +57,7 @@ _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 ti
 # of a real s120m-peer batch and on uniform ones; benchmarks/NOTES.md). Loading 16 pairs' rows
 # as one (16, 256) tile measured 10x slower.
 _ROW_BLOCK_D, _ROW_WARPS, _ROW_UNROLL, _ROW_PART = 256, 2, 4, 512
+_FINISH_ROWS = 64  # rows per program of the pass that sums the spilled parts (and zeroes unused rows)
 _NUM_WARPS = 4  # of the per-token passes
 
 
@@ -196,28 +197,31 @@ if triton is not None:
                     tl.store(du_spill_ptr + spill, du, mask=dmask)
 
     @triton.jit
-    def _row_finish_kernel(parts_ptr, spill_ends_ptr, du_ptr, dv_ptr, du_spill_ptr, dv_spill_ptr, D,
-                           HAS_U: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Pass 2b, one program per (pool row, column block): a row of several parts is
-        the sum of its spilled parts in order; a row no pair retrieved is zero; a row of
-        one part was written by pass 2a."""
-        row = tl.program_id(0).to(tl.int64)
-        parts = tl.load(parts_ptr + row)
-        if parts != 1:
-            cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-            dmask = cols < D
-            du = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            spilled = tl.load(spill_ends_ptr + row) - parts
-            last = spilled + parts
-            while spilled < last:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
-                dv += tl.load(dv_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
-                if HAS_U:
-                    du += tl.load(du_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
-                spilled += 1
-            tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
-            if HAS_U:
-                tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
+    def _row_finish_kernel(parts_ptr, spill_ends_ptr, du_ptr, dv_ptr, du_spill_ptr, dv_spill_ptr, D, P,
+                           HAS_U: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        """Pass 2b, one program per (ROWS pool rows, column block): a row of several parts
+        is the sum of its spilled parts in order; a row no pair retrieved is zero; a row of
+        one part was written by pass 2a (most rows: ROWS of them per program, not one
+        program each that would only read its count)."""
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = cols < D
+        for r in range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            if row < P:
+                parts = tl.load(parts_ptr + row)
+                if parts != 1:
+                    du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                    dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                    spilled = tl.load(spill_ends_ptr + row) - parts
+                    last = spilled + parts
+                    while spilled < last:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
+                        dv += tl.load(dv_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
+                        if HAS_U:
+                            du += tl.load(du_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
+                        spilled += 1
+                    tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
+                    if HAS_U:
+                        tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
 
 
 def _row_gradients(order: Tensor, offsets: Tensor, x_ND: Tensor, dy_ND: Tensor, gates_NJ: Tensor, pre_NJ: Tensor,
@@ -244,8 +248,9 @@ def _row_gradients(order: Tensor, offsets: Tensor, x_ND: Tensor, dy_ND: Tensor, 
         part_row, parts, part_ends, spill_ends, order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out,
         du_spill, dv_spill, D, P, J=J, HAS_U=has_u, ACT=act, BLOCK_D=block_d, UNROLL=_ROW_UNROLL, PART=part,
         num_warps=_ROW_WARPS)
-    launch(_row_finish_kernel)[(P, column_blocks)](parts, spill_ends, d_in, d_out, du_spill, dv_spill, D,
-                                                   HAS_U=has_u, BLOCK_D=block_d, num_warps=_ROW_WARPS)
+    launch(_row_finish_kernel)[(triton.cdiv(P, _FINISH_ROWS), column_blocks)](
+        parts, spill_ends, d_in, d_out, du_spill, dv_spill, D, P, HAS_U=has_u, BLOCK_D=block_d, ROWS=_FINISH_ROWS,
+        num_warps=_ROW_WARPS)
 
 
 def _sizes(D: int, J: int, activation: str) -> dict:
