@@ -47,12 +47,9 @@ timed = partial(median_ms, warmup=3, repeats=20)
 
 @triton.jit
 def _row_pass_variant(order_ptr, offsets_ptr, rows_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, du_ptr, dv_ptr, D,
-                      J: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr, PERMUTED: tl.constexpr):
-    """The row pass (GELU, PEER) with UNROLL pairs per step and an optional row order."""
-    if PERMUTED:
-        row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
-    else:
-        row = tl.program_id(0).to(tl.int64)
+                      J: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
+    """The row pass (GELU, PEER), one program per row (in the order ``rows``), UNROLL pairs per step."""
+    row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = cols < D
     du = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -99,7 +96,7 @@ def _time_variants(label: str, x, dy, idx_NJ, gates, pre, dpre, P: int) -> None:
     def one_program_per_row(unroll=1, block_d=1024, warps=4, rows=in_order):
         _row_pass_variant[(P, triton.cdiv(D, block_d))](
             order, offsets, rows, x, dy, gates, pre, dpre, d_in, d_out, D, J=J, BLOCK_D=block_d, UNROLL=unroll,
-            PERMUTED=True, num_warps=warps)
+            num_warps=warps)
         return d_in.clone(), d_out.clone()
 
     def library():
@@ -184,7 +181,7 @@ def _layer_ab() -> None:
         P, D = d_out.shape
         _row_pass_variant[(P, triton.cdiv(D, 1024))](
             order, offsets, torch.arange(P, device=x.device), x, dy, gates, pre, dpre, d_in, d_out, D,
-            J=gates.shape[1], BLOCK_D=1024, UNROLL=1, PERMUTED=True, num_warps=4)
+            J=gates.shape[1], BLOCK_D=1024, UNROLL=1, num_warps=4)
 
     library = experts_kernel._row_gradients
     print("\nPEER layer at issue 12's size, forward + backward (ms), one process:")
