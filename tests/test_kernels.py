@@ -285,6 +285,29 @@ def test_fused_product_key_retrieval_equals_brute_force_and_the_eager_path(rows,
                                    atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("sub_keys,k", [(40, 16), (64, 32), (6, 5)])
+def test_fused_product_key_retrieval_is_exact_among_ties(sub_keys, k):
+    """Small integer queries and keys: many of the S² sums tie. The kernel, which weighs
+    only the pairs that can win (not all k²), still returns brute force's k best scores
+    rank by rank, k distinct experts per row, each with the score it reports."""
+    from finemoe.kernels.product_keys import fused_product_key_topk
+
+    torch.manual_seed(sub_keys + k)
+    width = 4
+    q = torch.randint(-2, 3, (11, 1, width), device=DEVICE).float()
+    keys_1 = torch.randint(-2, 3, (sub_keys, width // 2), device=DEVICE).float()
+    keys_2 = torch.randint(-2, 3, (sub_keys, width // 2), device=DEVICE).float()
+    scores, idx = fused_product_key_topk(q, keys_1, keys_2, k)
+    scores, idx = scores.reshape(-1, k), idx.reshape(-1, k)
+    want_scores, _ = _brute_force_top_k(q.reshape(-1, width), keys_1, keys_2, k)
+    assert torch.equal(scores.double(), want_scores)
+    a, b = idx // sub_keys, idx % sub_keys
+    true_scores = (q.reshape(-1, 1, width)[..., :width // 2] * keys_1[a]).sum(-1) + \
+                  (q.reshape(-1, 1, width)[..., width // 2:] * keys_2[b]).sum(-1)
+    assert torch.equal(true_scores, scores)
+    assert all(len(set(row.tolist())) == k for row in idx)
+
+
 def test_fused_product_key_retrieval_passes_opcheck():
     args = (torch.randn(20, 16, device=DEVICE, requires_grad=True), torch.randn(9, 8, device=DEVICE, requires_grad=True),
             torch.randn(9, 8, device=DEVICE, requires_grad=True), 4)

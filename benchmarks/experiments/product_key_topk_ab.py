@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layer_benchmark import time_ms  # noqa: E402
 
 from finemoe.kernels import product_keys  # noqa: E402
-from finemoe.kernels.product_keys import _top_k_rounds, fused_product_key_topk  # noqa: E402
+from finemoe.kernels.product_keys import fused_product_key_topk  # noqa: E402
+from finemoe.kernels.topk import top_k_rounds  # noqa: E402
 from finemoe.layers.routing import product_key_topk  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def _rounds_only_kernel(s_ptr, out_ptr, M, S: tl.constexpr, K: tl.constexpr, KP:
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, S)
     scores = tl.load(s_ptr + rows[:, None] * S + cols[None, :], mask=(rows < M)[:, None], other=0.0)
-    values, where = _top_k_rounds(scores, cols, K, KP)
+    values, where = top_k_rounds(scores, cols, K, KP)
     kcols = tl.arange(0, KP)
     tl.store(out_ptr + rows[:, None] * K + kcols[None, :], values + where.to(tl.float32) * 0,
              mask=(rows < M)[:, None] & (kcols[None, :] < K))
@@ -52,9 +53,9 @@ def main() -> None:
     q = torch.randn(args.tokens, 8, Q, device="cuda")
     keys = torch.randn(2, S, Q // 2, device="cuda")
     rows = {"eager (2 GEMMs, 3 topk)": lambda: product_key_topk(q, keys[0], keys[1], k)}
-    for rows_per_program, warps in ((4, 4), (8, 4), (16, 4), (16, 8), (32, 8)):
+    for rows_per_program, warps in ((1, 1), (2, 1), (4, 1), (4, 2), (8, 2), (4, 4), (8, 4), (8, 8)):
         def fused(r=rows_per_program, w=warps):
-            product_keys._TOPK_ROWS, product_keys._NUM_WARPS = r, w
+            product_keys._TOPK_ROWS, product_keys._TOPK_WARPS = r, w
             fused_product_key_topk(q, keys[0], keys[1], k)
         rows[f"fused (cuBLAS scores + rounds kernel), {rows_per_program} rows, {warps} warps"] = fused
     scores = q[..., :Q // 2].reshape(M, Q // 2) @ keys[0].t()
@@ -62,7 +63,7 @@ def main() -> None:
     rows["torch.topk over (M, S)"] = lambda: scores.topk(k, dim=-1)
     rows["torch.sort over (M, S)"] = lambda: scores.sort(dim=-1, descending=True)
     out = torch.empty(M, k, device="cuda")
-    for rows_per_program, warps in ((8, 4), (16, 4), (16, 8), (32, 8)):
+    for rows_per_program, warps in ((1, 1), (4, 1), (4, 2), (4, 4), (8, 4)):
         rows[f"rounds only, {rows_per_program} rows, {warps} warps"] = (
             lambda r=rows_per_program, w=warps: _rounds_only_kernel[(triton.cdiv(M, r),)](
                 scores, out, M, S=S, K=k, KP=triton.next_power_of_2(k), ROWS=r, num_warps=w))

@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finemoe.kernels.grouping import group_by_index
 from finemoe.kernels.op import fake, kernel_op, launch
 
 try:
@@ -296,10 +297,8 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
     if N:
         launch(_peer_backward_kernel)[(N,)](dy_ND, idx_NJ, gates_NJ, pre_NJ, expert_in.contiguous(), expert_out.contiguous(),
                                     dx_ND, dgates_NJ, dpre_NJ, D, **sizes)
-    # The (token, slot) pairs grouped by the row they retrieved: a stable sort fixes each
-    # row's order of summation; searchsorted gives the groups' bounds without a host sync.
-    rows_sorted, order = idx_NJ.reshape(-1).sort(stable=True)
-    offsets = torch.searchsorted(rows_sorted, torch.arange(P + 1, device=x_ND.device, dtype=rows_sorted.dtype))
+    # the (token, slot) pairs grouped by the row they retrieved, each row's in a fixed order
+    order, offsets = group_by_index(idx_NJ, P)
     _row_gradients(order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, has_u, sizes["ACT"])
     return dx_ND, dgates_NJ.to(gates_NJ.dtype), d_in, d_out
 

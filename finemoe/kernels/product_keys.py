@@ -13,9 +13,11 @@ them: 10 ms of its 21 ms forward + backward at that size on an H100, of which th
 score products are 2 × 0.9 ms. Here the score products stay cuBLAS float32 matrix
 products (router math stays float32; Triton's IEEE float32 ``tl.dot`` in the kernel
 measured ten times slower: ``benchmarks/experiments/product_key_topk_ab.py``), and one
-kernel takes R query rows: it loads the ``(R, S)`` scores of one half, pulls out the k
-best by k rounds of max-and-mask in registers (ties go to the lower index), does the
-same for the other half, then the top-k of the k² pair sums the same way. The score
+kernel takes R query rows (one warp for two rows): it loads the ``(R, S)`` scores of one
+half, pulls out the k best by k rounds of max-and-mask in registers (ties go to the lower
+index), does the same for the other half, then the top-k of the pair sums the same way —
+over only the pairs that can win, those of the i-th and j-th best with (i + 1)(j + 1) ≤ k
+(50 of the k² = 256 at k = 16). The score
 matrices are written once and read once; nothing of size ``(N·H, k²)`` or the radix
 top-k's passes is written, and only the ``(N·H, k)`` scores and indices are kept.
 
@@ -40,9 +42,12 @@ Shapes: M = N·H query rows, Q key width (two halves of Q/2), S sub-keys per tab
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
+from finemoe.kernels.grouping import group_by_index
 from finemoe.kernels.op import fake, kernel_op, launch
 
 try:
@@ -55,10 +60,10 @@ except ImportError:
 
 __all__ = ["fused_product_key_topk", "fused_product_key_topk_supported"]
 
-_TOPK_ROWS = 4  # query rows per program of the top-k kernel (H100, product_key_topk_ab.py: 4 rows, 4 warps
-# fastest of 4/8/16/32 × 4/8 at 1024 sub-keys and at 512, for k = 16 and 32)
+_TOPK_ROWS = 2  # query rows per program of the top-k kernel, one warp each: a row's maxima then
+_TOPK_WARPS = 1  # need no exchange between warps (H100, product_key_topk_ab.py: 3.6 ms against 5.4
+# for 4 rows on 4 warps, the best of 4-32 rows on 4-8 warps before, at s120m-peer's size)
 _ROWS = 8  # query rows per program of the query-gradient kernel
-_NUM_WARPS = 4
 _PAIRS = 64  # (row, slot) pairs per step of the sub-key gradient pass
 _SPLITS = 16  # programs per sub-key in that pass (partial sums added after)
 _MAX_SUB_KEYS = 1024  # an (R, S) float32 tile in registers; S = 1024 is N = 1024² experts
@@ -72,8 +77,9 @@ def fused_product_key_topk_supported(sub_keys: int, k: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _product_key_topk_kernel(s1_ptr, s2_ptr, scores_ptr, idx_ptr, M, S,
-                                 K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr):
+    def _product_key_topk_kernel(s1_ptr, s2_ptr, pairs_ptr, scores_ptr, idx_ptr, M, S, C,
+                                 K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr, CP: tl.constexpr,
+                                 ROWS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         sub = tl.arange(0, SP)
@@ -82,13 +88,22 @@ if triton is not None:
         top1, a = top_k_rounds(s1, sub, K, KP)
         s2 = tl.load(s2_ptr + rows[:, None] * S + sub[None, :], mask=tile, other=float("-inf"))
         top2, b = top_k_rounds(s2, sub, K, KP)
-        # the k² pair sums, (ROWS, KP·KP): pair p = i·KP + j is (a_i, b_j); padding is -inf
-        pairs = tl.reshape(top1[:, :, None] + top2[:, None, :], (ROWS, KP * KP))
-        best, p = top_k_rounds(pairs, tl.arange(0, KP * KP), K, KP)
+        # the candidate pairs (i, j) of the i-th best of one half and the j-th of the other
+        # (see _candidate_pairs), (ROWS, CP), their sums picked out of the registers by a
+        # one-hot sum; padding is -inf
         kcols = tl.arange(0, KP)
-        # a[p // KP] and b[p % KP], picked out of the registers by a one-hot sum
-        out_a = tl.sum(tl.where((p // KP)[:, :, None] == kcols[None, None, :], a[:, None, :], 0), axis=2)
-        out_b = tl.sum(tl.where((p % KP)[:, :, None] == kcols[None, None, :], b[:, None, :], 0), axis=2)
+        cand = tl.arange(0, CP)
+        ci = tl.load(pairs_ptr + cand)
+        cj = tl.load(pairs_ptr + CP + cand)
+        first = tl.sum(tl.where(ci[None, :, None] == kcols[None, None, :], top1[:, None, :], 0.0), axis=2)
+        second = tl.sum(tl.where(cj[None, :, None] == kcols[None, None, :], top2[:, None, :], 0.0), axis=2)
+        sums = tl.where(cand[None, :] < C, first + second, float("-inf"))
+        best, c = top_k_rounds(sums, cand, K, KP)
+        # the chosen candidates' (i, j), then a_i and b_j, the same way
+        i = tl.sum(tl.where(c[:, :, None] == cand[None, None, :], ci[None, None, :], 0), axis=2)
+        j = tl.sum(tl.where(c[:, :, None] == cand[None, None, :], cj[None, None, :], 0), axis=2)
+        out_a = tl.sum(tl.where(i[:, :, None] == kcols[None, None, :], a[:, None, :], 0), axis=2)
+        out_b = tl.sum(tl.where(j[:, :, None] == kcols[None, None, :], b[:, None, :], 0), axis=2)
         kmask = rmask[:, None] & (kcols[None, :] < K)
         out = rows[:, None] * K + kcols[None, :]
         tl.store(scores_ptr + out, best, mask=kmask)
@@ -143,6 +158,20 @@ if triton is not None:
         tl.store(partial_ptr + (split * S + sub) * HALF + cols, acc, mask=cols < HALF)
 
 
+@functools.cache
+def _candidate_pairs(k: int, device: torch.device) -> tuple[Tensor, int]:
+    """The pairs (i, j) — the i-th best sub-key of one half with the j-th best of the
+    other — that can be among the k best sums: those with (i + 1)(j + 1) ≤ k. Any other
+    pair is beaten or tied by the (i + 1)(j + 1) − 1 ≥ k pairs (i' ≤ i, j' ≤ j) that
+    precede it in the kernel's order (sum, then i, then j), so it is never chosen:
+    50 candidates instead of k² = 256 at k = 16, 119 instead of 1,024 at k = 32.
+    ``(table (2, CP) int32: i then j, padded to CP, a power of two; the count)``."""
+    pairs = [(i, j) for i in range(k) for j in range(k // (i + 1))]
+    table = torch.zeros(2, triton.next_power_of_2(len(pairs)), dtype=torch.int32)
+    table[:, :len(pairs)] = torch.tensor(pairs, dtype=torch.int32).t()
+    return table.to(device), len(pairs)
+
+
 def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     M = q_MQ.shape[0]
     S, half = keys_1.shape
@@ -152,9 +181,10 @@ def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tenso
         # the two (M, S) score matrices by cuBLAS in float32 (Triton's IEEE float32 dot
         # measured ten times slower); the kernel reads each once
         s1, s2 = q_MQ[:, :half] @ keys_1.t(), q_MQ[:, half:] @ keys_2.t()
+        pairs, count = _candidate_pairs(k, q_MQ.device)
         launch(_product_key_topk_kernel)[(triton.cdiv(M, _TOPK_ROWS),)](
-            s1, s2, scores, idx, M, S, K=k, KP=max(2, triton.next_power_of_2(k)),
-            SP=max(16, triton.next_power_of_2(S)), ROWS=_TOPK_ROWS, num_warps=_NUM_WARPS)
+            s1, s2, pairs, scores, idx, M, S, count, K=k, KP=max(2, triton.next_power_of_2(k)),
+            SP=max(16, triton.next_power_of_2(S)), CP=pairs.shape[1], ROWS=_TOPK_ROWS, num_warps=_TOPK_WARPS)
     return scores, idx
 
 
@@ -190,12 +220,9 @@ def _product_key_topk_backward(dscores_Mk: Tensor, q_MQ: Tensor, keys_1: Tensor,
     if M:
         launch(_query_grad_kernel)[(triton.cdiv(M, _ROWS),)](dscores_Mk, idx_Mk, keys_1, keys_2, dq_MQ, M, S, Q,
                                                      HALF=half, HP=hp, K=k, ROWS=_ROWS)
-    sub_keys = torch.arange(S + 1, device=q_MQ.device, dtype=idx_Mk.dtype)
     for half_index, sub_idx in enumerate((idx_Mk // S, idx_Mk % S)):
-        # the (row, slot) pairs grouped by the sub-key they used; a stable sort fixes each
-        # sub-key's order of summation, searchsorted its bounds without a host sync
-        sorted_sub, order = sub_idx.reshape(-1).sort(stable=True)
-        offsets = torch.searchsorted(sorted_sub, sub_keys)
+        # the (row, slot) pairs grouped by the sub-key they used, each sub-key's in a fixed order
+        order, offsets = group_by_index(sub_idx, S)
         launch(_sub_key_grad_kernel)[(S, _SPLITS)](order, offsets, dscores_Mk, q_MQ, partials[half_index], Q,
                                                    half_index * half, S, HALF=half, HP=hp, K=k, BLOCK_P=_PAIRS,
                                                    SPLITS=_SPLITS)

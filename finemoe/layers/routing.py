@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finemoe.kernels.grouping import sort_stably
 from finemoe.kernels.topk import row_topk_indices, row_topk_supported
 from finemoe.layers.common import at_least_float32, float32_linear
 
@@ -77,15 +78,10 @@ def expert_choice_routing(probs_NE: Tensor, capacity: int, *, skip_top1: bool = 
 
 
 def sort_by_expert(idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """``(sorted ids, order)``: a stable sort of the flattened expert ids of ``idx``.
-
-    The keys are sorted in the narrowest integer type that holds them: a radix sort
-    makes one pass per key byte, so uint8 ids (fewer than 256 experts) take one pass
-    where int64 take eight (65,536 slots on an H100: 18 against 67 µs;
-    benchmarks/experiments/routing_ops.py)."""
-    flat = idx.reshape(-1)
-    key_dtype = torch.uint8 if num_experts < 256 else torch.int16 if num_experts < 2**15 else torch.int32
-    return torch.sort(flat.to(key_dtype), stable=True)
+    """``(sorted ids, order)``: a stable sort of the flattened expert ids of ``idx``, in
+    the narrowest integer type that holds them (one radix pass per key byte:
+    ``finemoe.kernels.grouping``)."""
+    return sort_stably(idx, num_experts)
 
 
 def count_per_expert(idx: Tensor, num_experts: int) -> Tensor:
