@@ -16,8 +16,8 @@ measured ten times slower: ``benchmarks/experiments/product_key_topk_ab.py``), a
 kernel takes R query rows (one warp for two rows): it loads the ``(R, S)`` scores of one
 half, pulls out the k best by k rounds of max-and-mask in registers (ties go to the lower
 index), does the same for the other half, then the top-k of the pair sums the same way —
-over only the pairs that can win, those of the i-th and j-th best with (i + 1)(j + 1) ≤ k
-(50 of the k² = 256 at k = 16). The score
+over only two blocks of pairs that hold every pair that can win, those of the i-th and
+j-th best with (i + 1)(j + 1) ≤ k (128 of the k² = 256 pairs at k = 16). The score
 matrices are written once and read once; nothing of size ``(N·H, k²)`` or the radix
 top-k's passes is written, and only the ``(N·H, k)`` scores and indices are kept.
 
@@ -41,8 +41,6 @@ Shapes: M = N·H query rows, Q key width (two halves of Q/2), S sub-keys per tab
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
@@ -77,9 +75,15 @@ def fused_product_key_topk_supported(sub_keys: int, k: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _product_key_topk_kernel(s1_ptr, s2_ptr, pairs_ptr, scores_ptr, idx_ptr, M, S, C,
-                                 K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr, CP: tl.constexpr,
-                                 ROWS: tl.constexpr):
+    def _leading(x, N: tl.constexpr):
+        """The first N columns of ``x`` (R, KP), N a power of two ≤ KP: (R, N)."""
+        blocks = tl.reshape(x, (x.shape[0], x.shape[1] // N, N))
+        first = tl.arange(0, x.shape[1] // N)[None, :, None] == 0
+        return tl.max(tl.where(first, blocks, float("-inf")), axis=1)
+
+    @triton.jit
+    def _product_key_topk_kernel(s1_ptr, s2_ptr, scores_ptr, idx_ptr, M, S, K: tl.constexpr, KP: tl.constexpr,
+                                 SP: tl.constexpr, I: tl.constexpr, JB: tl.constexpr, ROWS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         sub = tl.arange(0, SP)
@@ -88,22 +92,31 @@ if triton is not None:
         top1, a = top_k_rounds(s1, sub, K, KP)
         s2 = tl.load(s2_ptr + rows[:, None] * S + sub[None, :], mask=tile, other=float("-inf"))
         top2, b = top_k_rounds(s2, sub, K, KP)
-        # the candidate pairs (i, j) of the i-th best of one half and the j-th of the other
-        # (see _candidate_pairs), (ROWS, CP), their sums picked out of the registers by a
-        # one-hot sum; padding is -inf
+        # The pair sums that can be among the k best (see _pair_blocks), as two tiles: the
+        # first I of one half with all of the other, (ROWS, I·KP), and the rest of the first
+        # half with the first JB of the other, (ROWS, KP·JB). Pair (i, j) is p = i·KP + j in
+        # both; padding is -inf.
         kcols = tl.arange(0, KP)
-        cand = tl.arange(0, CP)
-        ci = tl.load(pairs_ptr + cand)
-        cj = tl.load(pairs_ptr + CP + cand)
-        first = tl.sum(tl.where(ci[None, :, None] == kcols[None, None, :], top1[:, None, :], 0.0), axis=2)
-        second = tl.sum(tl.where(cj[None, :, None] == kcols[None, None, :], top2[:, None, :], 0.0), axis=2)
-        sums = tl.where(cand[None, :] < C, first + second, float("-inf"))
-        best, c = top_k_rounds(sums, cand, K, KP)
-        # the chosen candidates' (i, j), then a_i and b_j, the same way
-        i = tl.sum(tl.where(c[:, :, None] == cand[None, None, :], ci[None, None, :], 0), axis=2)
-        j = tl.sum(tl.where(c[:, :, None] == cand[None, None, :], cj[None, None, :], 0), axis=2)
-        out_a = tl.sum(tl.where(i[:, :, None] == kcols[None, None, :], a[:, None, :], 0), axis=2)
-        out_b = tl.sum(tl.where(j[:, :, None] == kcols[None, None, :], b[:, None, :], 0), axis=2)
+        i_a, j_b = tl.arange(0, I), tl.arange(0, JB)
+        upper = tl.reshape(_leading(top1, I)[:, :, None] + top2[:, None, :], (ROWS, I * KP))
+        p_upper = tl.reshape(i_a[:, None] * KP + kcols[None, :], (I * KP,))
+        lower = top1[:, :, None] + _leading(top2, JB)[:, None, :]
+        lower = tl.reshape(tl.where(kcols[None, :, None] >= I, lower, float("-inf")), (ROWS, KP * JB))
+        p_lower = tl.reshape(kcols[:, None] * KP + j_b[None, :], (KP * JB,))
+        # k rounds of max-and-mask over both tiles (ties to the lower p: i, then j)
+        best = tl.full((ROWS, KP), float("-inf"), tl.float32)
+        p = tl.zeros((ROWS, KP), dtype=tl.int32)
+        for t in range(K):
+            top = tl.maximum(tl.max(upper, axis=1), tl.max(lower, axis=1))
+            at = tl.minimum(tl.min(tl.where(upper == top[:, None], p_upper[None, :], KP * KP), axis=1),
+                            tl.min(tl.where(lower == top[:, None], p_lower[None, :], KP * KP), axis=1))
+            best = tl.where(kcols[None, :] == t, top[:, None], best)
+            p = tl.where(kcols[None, :] == t, at[:, None], p)
+            upper = tl.where(p_upper[None, :] == at[:, None], float("-inf"), upper)
+            lower = tl.where(p_lower[None, :] == at[:, None], float("-inf"), lower)
+        # a[p // KP] and b[p % KP], picked out of the registers by a one-hot sum
+        out_a = tl.sum(tl.where((p // KP)[:, :, None] == kcols[None, None, :], a[:, None, :], 0), axis=2)
+        out_b = tl.sum(tl.where((p % KP)[:, :, None] == kcols[None, None, :], b[:, None, :], 0), axis=2)
         kmask = rmask[:, None] & (kcols[None, :] < K)
         out = rows[:, None] * K + kcols[None, :]
         tl.store(scores_ptr + out, best, mask=kmask)
@@ -158,18 +171,20 @@ if triton is not None:
         tl.store(partial_ptr + (split * S + sub) * HALF + cols, acc, mask=cols < HALF)
 
 
-@functools.cache
-def _candidate_pairs(k: int, device: torch.device) -> tuple[Tensor, int]:
-    """The pairs (i, j) — the i-th best sub-key of one half with the j-th best of the
-    other — that can be among the k best sums: those with (i + 1)(j + 1) ≤ k. Any other
-    pair is beaten or tied by the (i + 1)(j + 1) − 1 ≥ k pairs (i' ≤ i, j' ≤ j) that
-    precede it in the kernel's order (sum, then i, then j), so it is never chosen:
-    50 candidates instead of k² = 256 at k = 16, 119 instead of 1,024 at k = 32.
-    ``(table (2, CP) int32: i then j, padded to CP, a power of two; the count)``."""
-    pairs = [(i, j) for i in range(k) for j in range(k // (i + 1))]
-    table = torch.zeros(2, triton.next_power_of_2(len(pairs)), dtype=torch.int32)
-    table[:, :len(pairs)] = torch.tensor(pairs, dtype=torch.int32).t()
-    return table.to(device), len(pairs)
+def _pair_blocks(k: int) -> tuple[int, int]:
+    """``(I, JB)``: the pair sums the top-k kernel weighs. Pair (i, j) — the i-th best
+    sub-key of one half with the j-th best of the other — is beaten or tied by the
+    (i + 1)(j + 1) − 1 pairs (i' ≤ i, j' ≤ j) that precede it in the kernel's order (sum,
+    then i, then j), so only pairs with (i + 1)(j + 1) ≤ k can be chosen: those with
+    i < I, or with j < k // (I + 1) ≤ JB. Both blocks hold every pair that precedes one
+    of theirs, so the argument holds within them. I, JB powers of two, I chosen for the
+    fewest pairs: 128 instead of k² = 256 at k = 16, 384 instead of 1,024 at k = 32."""
+    kp = max(2, triton.next_power_of_2(k))
+    blocks = []
+    for i in (2**e for e in range(kp.bit_length())):
+        jb = triton.next_power_of_2(max(1, k // (i + 1)))
+        blocks.append((i * kp + kp * jb, i, jb))
+    return min(blocks)[1:]
 
 
 def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -181,10 +196,11 @@ def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tenso
         # the two (M, S) score matrices by cuBLAS in float32 (Triton's IEEE float32 dot
         # measured ten times slower); the kernel reads each once
         s1, s2 = q_MQ[:, :half] @ keys_1.t(), q_MQ[:, half:] @ keys_2.t()
-        pairs, count = _candidate_pairs(k, q_MQ.device)
+        first_rows, second_cols = _pair_blocks(k)
         launch(_product_key_topk_kernel)[(triton.cdiv(M, _TOPK_ROWS),)](
-            s1, s2, pairs, scores, idx, M, S, count, K=k, KP=max(2, triton.next_power_of_2(k)),
-            SP=max(16, triton.next_power_of_2(S)), CP=pairs.shape[1], ROWS=_TOPK_ROWS, num_warps=_TOPK_WARPS)
+            s1, s2, scores, idx, M, S, K=k, KP=max(2, triton.next_power_of_2(k)),
+            SP=max(16, triton.next_power_of_2(S)), I=first_rows, JB=second_cols, ROWS=_TOPK_ROWS,
+            num_warps=_TOPK_WARPS)
     return scores, idx
 
 
