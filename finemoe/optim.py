@@ -23,6 +23,11 @@ counts as untouched.
 The gradients stay dense tensors (``torch.compile`` cannot yet produce sparse
 gradients): the saving is the optimizer's, 1 + 6·(share touched) passes over the table
 instead of 7. Other groups are plain ``torch.optim.AdamW`` (fused where asked).
+
+Gradient clipping (``RowSparseAdamW.clip_grad_norm_``) is
+``torch.nn.utils.clip_grad_norm_``'s, except that the tables' gradients are multiplied
+by the clipping factor inside the next update rather than by a pass of their own (two
+more passes over gigabytes of mostly zero rows: 1.2 ms a step in s120m-peer).
 """
 
 from __future__ import annotations
@@ -59,12 +64,35 @@ class RowSparseAdamW(torch.optim.AdamW):
                                  f"{tuple(p.shape)}")
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over every parameter's gradient: the total
+        2-norm, returned, and every gradient scaled by ``min(1, max_norm / (norm + 1e-6))``
+        — the row tables' in the next ``step``. On torch < 2.6 (no
+        ``get_total_norm``), torch's own function."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not hasattr(torch.nn.utils, "get_total_norm"):
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        tables = {id(p) for g in self.param_groups if g["row_sparse"] for p in g["params"]}
+        dense = [p for p in params if id(p) not in tables]
+        if dense:
+            torch.nn.utils.clip_grads_with_norm_(dense, max_norm, norm)
+        self._row_grad_scale = factor if len(dense) < len(params) else None
+        return norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._row_grad_scale = None  # a clipping factor belongs to the gradients it was computed for
+        super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         lazy = [g for g in self.param_groups if g["row_sparse"]]
+        grad_scale, self._row_grad_scale = getattr(self, "_row_grad_scale", None), None
         held = []  # the row tables' gradients, hidden from AdamW's own step below
         for group in lazy:
             beta1, beta2 = group["betas"]
@@ -81,7 +109,7 @@ class RowSparseAdamW(torch.optim.AdamW):
                 state["step"] += 1
                 row_sparse_adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1,
                                   beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                                  step=int(state["step"]))
+                                  step=int(state["step"]), grad_scale=grad_scale)
                 held.append((p, p.grad))
                 p.grad = None
         try:

@@ -414,7 +414,7 @@ class Trainer:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 t.div_(self.world_size)
         self._remember_non_finite(step, totals["loss"])
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        grad_norm = self._clip_gradients(cfg.grad_clip) if cfg.grad_clip > 0 else None
         self.optimizer.step()
         if self._masks:
             with torch.no_grad():
@@ -424,6 +424,13 @@ class Trainer:
         if cfg.gc_every and self.step % cfg.gc_every == 0:
             gc.collect(1)  # the young generations only: milliseconds (see scheduled_gc)
         return {"totals": totals, "grad_norm": grad_norm, "layer_stats": layer_stats}
+
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """The gradients' total norm, and every gradient scaled to at most ``max_norm``; by
+        the optimizer where it clips its own (``RowSparseAdamW`` scales the row tables'
+        inside its update)."""
+        clip = getattr(self.optimizer, "clip_grad_norm_", None)
+        return clip(max_norm) if clip is not None else torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     @contextlib.contextmanager
     def scheduled_gc(self):

@@ -419,10 +419,12 @@ def test_dsmoe_norm_and_gates_kernel_equals_the_layer(tokens, width, blocks):
     torch.testing.assert_close(G, want_G)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype,width", [(torch.float32, 40), (torch.float32, 1100), (torch.bfloat16, 24)])
-def test_row_sparse_adamw_kernel_equals_the_reference(dtype, width):
+def test_row_sparse_adamw_kernel_equals_the_reference(dtype, width, scaled):
     """Rows with a zero gradient untouched; the others AdamW's update (in float32, stored
-    in the tables' dtype); widths over one 512-column step."""
+    in the tables' dtype); widths over one 512-column step; with a clipping factor, the
+    update of the scaled gradient."""
     from finemoe.kernels.row_sparse_adamw import _row_sparse_adamw, row_sparse_adamw_reference
 
     torch.manual_seed(3)
@@ -433,8 +435,9 @@ def test_row_sparse_adamw_kernel_equals_the_reference(dtype, width):
     grad[5, 1:] = 0.0  # one non-zero entry is enough to touch a row
     args = dict(lr=0.01, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
     got, want = [t.clone() for t in tables], [t.clone() for t in tables]
-    _row_sparse_adamw(got[0], grad, got[1], got[2], **args)
-    row_sparse_adamw_reference(want[0], grad, want[1], want[2], **args)
+    scale = torch.tensor([0.3], device=DEVICE) if scaled else None
+    _row_sparse_adamw(got[0], grad, got[1], got[2], **args, grad_scale=scale)
+    row_sparse_adamw_reference(want[0], grad * 0.3 if scaled else grad, want[1], want[2], **args)
     tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-5, rtol=8e-3)  # bf16: 1 ulp
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **tolerance)

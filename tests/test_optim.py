@@ -101,6 +101,39 @@ def test_rows_touched_every_step_and_the_other_groups_follow_adamw_exactly():
     assert len(hook_calls) == 4  # once per step, though AdamW's own step runs inside
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipping and not
+def test_clipping_inside_the_update_equals_torch_clipping_then_the_step(max_norm):
+    """``clip_grad_norm_`` scales the tables' gradients inside the next update instead of
+    in place: the norm it returns and every parameter after the step equal
+    ``torch.nn.utils.clip_grad_norm_`` followed by the step, over several steps."""
+    if not hasattr(torch.nn.utils, "get_total_norm"):
+        pytest.skip("torch < 2.6 clips with torch's own function")
+    torch.manual_seed(0)
+    start = [torch.randn(6, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)]
+    runs = []
+    for folded in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = RowSparseAdamW([{"params": [params[0]], "row_sparse": True}, {"params": [params[1]]}],
+                             lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+        norms = []
+        for seed, untouched in enumerate([(1, 3), (0,), (2, 3, 5)]):
+            params[0].grad = _gradient(6, 4, untouched, seed)
+            params[1].grad = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + seed))
+            if folded:
+                norms.append(opt.clip_grad_norm_(max_norm))
+                assert torch.equal(params[0].grad, _gradient(6, 4, untouched, seed))  # not scaled in place
+            else:
+                norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            opt.step()
+            opt.zero_grad()
+        runs.append((params, norms))
+    (got, got_norms), (want, want_norms) = runs
+    torch.testing.assert_close(torch.stack(got_norms), torch.stack(want_norms), rtol=1e-12, atol=0)
+    assert got_norms[0] > max_norm or max_norm > 1e3  # the small bound does clip
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_state_dict_round_trip_continues_the_same_updates():
     start = torch.randn(7, 3)
     grads = [_gradient(7, 3, untouched, seed).float() for seed, untouched in enumerate([(1,), (1, 4), (0,), ()])]

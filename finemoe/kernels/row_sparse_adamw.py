@@ -46,13 +46,15 @@ def touched_rows(grad: Tensor) -> Tensor:
 
 
 def row_sparse_adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float,
-                               beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
+                               beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                               grad_scale: Tensor | None = None) -> None:
     """The update in PyTorch, in place (in float32, or float64 for float64 tables): rows
     with a zero gradient keep their parameter and moments (masked with ``torch.where``;
-    no host sync)."""
-    touched = touched_rows(grad).view(-1, *([1] * (grad.ndim - 1)))
+    no host sync). ``grad_scale``: a one-element tensor the gradient is multiplied by
+    first (a clipping factor)."""
     compute = torch.promote_types(param.dtype, torch.float32)
-    g = grad.to(compute)
+    g = grad.to(compute) if grad_scale is None else grad.to(compute) * grad_scale.to(compute)
+    touched = touched_rows(g).view(-1, *([1] * (grad.ndim - 1)))
     p = param.to(compute) * (1 - lr * weight_decay)
     m = exp_avg.to(compute) * beta1 + g * (1 - beta1)
     v = exp_avg_sq.to(compute) * beta2 + g * g * (1 - beta2)
@@ -65,20 +67,21 @@ def row_sparse_adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp
 if triton is not None:
 
     @triton.jit
-    def _row_sparse_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, D, lr, beta1, beta2, eps, decay, step_size, rsqrt_bc2,
-                                 BLOCK_D: tl.constexpr, NUM_D: tl.constexpr):
+    def _row_sparse_adamw_kernel(p_ptr, g_ptr, scale_ptr, m_ptr, v_ptr, D, lr, beta1, beta2, eps, decay, step_size,
+                                 rsqrt_bc2, HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = row * D
+        scale = tl.load(scale_ptr) if HAS_SCALE else 1.0
         largest = 0.0
         for dc in tl.static_range(NUM_D):
             cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
-            g = tl.load(g_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32) * scale
             largest = tl.maximum(largest, tl.max(tl.abs(g), axis=0))
         if largest > 0.0:  # a row with no gradient reads nothing more
             for dc in tl.static_range(NUM_D):
                 cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
                 mask = cols < D
-                g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32) * scale
                 p = tl.load(p_ptr + base + cols, mask=mask, other=0.0).to(tl.float32) * decay
                 m = tl.load(m_ptr + base + cols, mask=mask, other=0.0).to(tl.float32) * beta1 + g * (1.0 - beta1)
                 v = tl.load(v_ptr + base + cols, mask=mask, other=0.0).to(tl.float32) * beta2 + g * g * (1.0 - beta2)
@@ -90,24 +93,29 @@ if triton is not None:
 
 @kernel_op("finemoe::row_sparse_adamw_", mutates_args=("param", "exp_avg", "exp_avg_sq"))
 def _row_sparse_adamw(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, step: int) -> None:
+                      beta2: float, eps: float, weight_decay: float, step: int,
+                      grad_scale: Tensor | None = None) -> None:
     rows = param.shape[0]
     D = param.numel() // rows if rows else 0
     if not rows or not D:
         return
     block = min(_BLOCK_D, triton.next_power_of_2(D))
+    scale = grad_scale.float() if grad_scale is not None else grad  # unread without HAS_SCALE
     launch(_row_sparse_adamw_kernel)[(rows,)](
-        param, grad.contiguous(), exp_avg, exp_avg_sq, D, lr, beta1, beta2, eps, 1.0 - lr * weight_decay,
-        lr / (1.0 - beta1**step), (1.0 - beta2**step) ** -0.5, BLOCK_D=block, NUM_D=triton.cdiv(D, block))
+        param, grad.contiguous(), scale, exp_avg, exp_avg_sq, D, lr, beta1, beta2, eps, 1.0 - lr * weight_decay,
+        lr / (1.0 - beta1**step), (1.0 - beta2**step) ** -0.5, HAS_SCALE=grad_scale is not None, BLOCK_D=block,
+        NUM_D=triton.cdiv(D, block))
 
 
 def row_sparse_adamw_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, step: int) -> None:
-    """AdamW step ``step`` (counted from 1) on the rows of ``param`` whose ``grad`` is not
-    all zero, in place; other rows keep their parameter and moments. The Triton kernel on
-    the GPU (contiguous tables), the reference formula elsewhere."""
+                      beta2: float, eps: float, weight_decay: float, step: int,
+                      grad_scale: Tensor | None = None) -> None:
+    """AdamW step ``step`` (counted from 1) on the rows of ``param`` whose ``grad`` (times
+    ``grad_scale``, a one-element tensor, if given) is not all zero, in place; other rows
+    keep their parameter and moments. The Triton kernel on the GPU (contiguous tables),
+    the reference formula elsewhere."""
     args = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                weight_decay=float(weight_decay), step=int(step))
+                weight_decay=float(weight_decay), step=int(step), grad_scale=grad_scale)
     if triton_kernels_available(param) and all(t.is_contiguous() for t in (param, exp_avg, exp_avg_sq)):
         _row_sparse_adamw(param, grad, exp_avg, exp_avg_sq, **args)
     else:
