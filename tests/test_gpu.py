@@ -419,33 +419,3 @@ def test_row_sparse_adamw_on_cuda_takes_the_kernel_and_equals_the_reference():
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(optimizers[1].state[tables[1]][key].cpu(), optimizers[0].state[tables[0]][key],
                                    atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("m,k,n", [(4096, 768, 1024), (1024, 4096, 768), (8192, 64, 512), (37, 5, 3)])
-def test_float32_mm_on_tensor_cores_keeps_float32_accuracy(m, k, n):
-    """3xTF32 (``finemoe.kernels.tf32x3``) against float64: its largest error is within a
-    few times cuBLAS float32's, and far below TF32 alone's (so the split does the work)."""
-    from finemoe.kernels.tf32x3 import float32_mm, tf32x3_supported
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.randn(m, k, device="cuda", generator=g)
-    b = torch.randn(k, n, device="cuda", generator=g) * 0.05
-    if not tf32x3_supported(a, b):
-        pytest.skip("needs compute capability >= 8.0")
-    want = a.double() @ b.double()
-
-    def error(got):
-        return float((got.double() - want).abs().max() / want.abs().max())
-
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    tf32_alone = error(a @ b)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ieee = error(a @ b)
-    torch.backends.cuda.matmul.allow_tf32 = before
-    got = float32_mm(a, b)
-    assert torch.backends.cuda.matmul.allow_tf32 == before  # the setting is restored
-    assert error(got) <= 4 * ieee + 1e-7
-    assert error(got) * 50 < tf32_alone
-    compiled = torch.compile(float32_mm, fullgraph=True)(a, b)
-    assert error(compiled) <= 4 * ieee + 1e-7

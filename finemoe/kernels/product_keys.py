@@ -47,7 +47,6 @@ from torch import Tensor
 
 from finemoe.kernels.grouping import group_by_index
 from finemoe.kernels.op import fake, kernel_op, launch
-from finemoe.kernels.tf32x3 import float32_mm
 
 try:
     import triton
@@ -194,10 +193,9 @@ def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tenso
     scores = torch.empty(M, k, dtype=torch.float32, device=q_MQ.device)
     idx = torch.empty(M, k, dtype=torch.int64, device=q_MQ.device)
     if M:
-        # the two (M, S) score matrices by cuBLAS at float32 accuracy (3xTF32 on the tensor
-        # cores, finemoe.kernels.tf32x3; Triton's IEEE float32 dot measured ten times
-        # slower); the kernel reads each once
-        s1, s2 = float32_mm(q_MQ[:, :half], keys_1.t()), float32_mm(q_MQ[:, half:], keys_2.t())
+        # the two (M, S) score matrices by cuBLAS in float32 (Triton's IEEE float32 dot
+        # measured ten times slower); the kernel reads each once
+        s1, s2 = q_MQ[:, :half] @ keys_1.t(), q_MQ[:, half:] @ keys_2.t()
         first_rows, second_cols = _pair_blocks(k)
         launch(_product_key_topk_kernel)[(triton.cdiv(M, _TOPK_ROWS),)](
             s1, s2, scores, idx, M, S, K=k, KP=max(2, triton.next_power_of_2(k)),

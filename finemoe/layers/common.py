@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, fused_swiglu_wanted
-from finemoe.kernels.tf32x3 import float32_mm
 from finemoe.layers.records import Activations, Stats, wants
 
 __all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "float32_linear", "swiglu_hidden", "swiglu_hidden_packed", "swiglu_params"]
@@ -32,39 +31,33 @@ class _Float32Linear(torch.autograd.Function):
     inside ``torch.autocast(enabled=False)`` runs in float32 eagerly, but under
     ``torch.compile`` AOTAutograd traces its backward under the outer autocast state, so
     its gradients came out of bf16 products (relative error ~3e-3 on CPU, exact eagerly;
-    tests/test_layers.py). ``tensor_cores``: the three products as ``float32_mm`` (3xTF32
-    on a GPU), for projections large enough to pay."""
+    tests/test_layers.py)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tensor_cores: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.tensor_cores = bias is not None, tensor_cores
+        ctx.has_bias = bias is not None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if not tensor_cores:
-                return F.linear(x, weight, bias)
-            y = float32_mm(x.reshape(-1, x.shape[-1]), weight.t()).reshape(*x.shape[:-1], weight.shape[0])
-            return y if bias is None else y + bias
+            return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, weight = ctx.saved_tensors
-        mm = float32_mm if ctx.tensor_cores else torch.mm
         with torch.autocast(device_type=x.device.type, enabled=False):
             grad_y = grad_y.to(x.dtype)
+            grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
             rows_y, rows_x = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-            grad_x = mm(rows_y, weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
-            grad_w = mm(rows_y.t(), rows_x) if ctx.needs_input_grad[1] else None
+            grad_w = rows_y.t() @ rows_x if ctx.needs_input_grad[1] else None
             grad_b = rows_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b
 
 
-def float32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, tensor_cores: bool = False) -> Tensor:
+def float32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x Wᵀ + b`` in float32 (float64 stays float64), forward and backward, whatever the
     autocast state and under ``torch.compile``: the router math of every design
-    (METHODS.md preamble). ``tensor_cores``: at float32 accuracy on the tensor cores
-    (``finemoe.kernels.tf32x3``), for large projections (product-key queries)."""
+    (METHODS.md preamble)."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    return _Float32Linear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), tensor_cores)
+    return _Float32Linear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 class RMSNorm(nn.Module):

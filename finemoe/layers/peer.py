@@ -34,10 +34,10 @@ from finemoe.config import check
 from finemoe.kernels.peer_experts import peer_experts, peer_experts_available
 from finemoe.kernels.product_keys import fused_product_key_topk, fused_product_key_topk_supported
 from finemoe.kernels.swiglu import triton_kernels_available
-from finemoe.layers.base import FFN, CallContext, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
+from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
+from finemoe.layers.records import Activations, Retrieval, wants
 from finemoe.layers.common import RMSNorm, at_least_float32, float32_linear
 from finemoe.layers.experts import compute_dtype
-from finemoe.layers.records import Activations, Retrieval, wants
 from finemoe.layers.routing import product_key_topk
 
 
@@ -110,7 +110,7 @@ class PEERConfig(ProductKeyConfig):
     kind: ClassVar[str] = "peer"
     activation: Literal["gelu", "relu"] = "gelu"
 
-    def build(self, d_model: int, context: LayerContext | None = None) -> PEERFFN:
+    def build(self, d_model: int, context: LayerContext | None = None) -> "PEERFFN":
         return PEERFFN(self, d_model)
 
     def num_params(self, d_model: int) -> int:
@@ -141,14 +141,12 @@ class ProductKeyRetrieval(nn.Module):
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             # The query is the router's projection: float32, like the MoE router's logits,
             # so that near-ties among N keys are not decided by bf16 rounding.
-            # (the fused path's products at float32 accuracy on the tensor cores, 3xTF32)
-            fused = uses_triton(cfg.retrieval_impl, x_ND) and fused_product_key_topk_supported(cfg.sub_keys, cfg.top_k)
-            q_NQ = float32_linear(x_ND, self.query.weight, self.query.bias, tensor_cores=fused)
+            q_NQ = float32_linear(x_ND, self.query.weight, self.query.bias)
             if self.query_norm is not None:
                 q_NQ = self.query_norm(q_NQ)
             q_NHQ = q_NQ.view(-1, cfg.num_heads, cfg.key_dim)
             keys = at_least_float32(self.sub_keys)
-            if fused:
+            if uses_triton(cfg.retrieval_impl, q_NHQ) and fused_product_key_topk_supported(cfg.sub_keys, cfg.top_k):
                 return fused_product_key_topk(q_NHQ, keys[0], keys[1], cfg.top_k)
             return product_key_topk(q_NHQ, keys[0], keys[1], cfg.top_k)
 
