@@ -400,9 +400,12 @@ def test_router_topk_on_cuda_takes_the_kernel_and_equals_torch_topk(experts, k):
     torch.testing.assert_close(grad, ref_grad)
 
 
-def test_row_sparse_adamw_on_cuda_takes_the_kernel_and_equals_the_reference():
+@pytest.mark.parametrize("clipped", [False, True])
+def test_row_sparse_adamw_on_cuda_takes_the_kernel_and_equals_the_reference(clipped):
     """RowSparseAdamW on a PEER-sized slice of table (4096 rows of 1024, a quarter never
-    touched) for three steps: the kernel path against the PyTorch reference on the CPU."""
+    touched) for three steps: the kernel path against the PyTorch reference on the CPU;
+    clipped, through ``clip_grad_norm_`` (the kernel that sums the rows' squares and flags
+    the touched ones, and the update that reads the flags), the norms too."""
     from finemoe.optim import RowSparseAdamW
 
     torch.manual_seed(0)
@@ -412,9 +415,15 @@ def test_row_sparse_adamw_on_cuda_takes_the_kernel_and_equals_the_reference():
     for step in range(3):
         grad = torch.randn(4096, 1024)
         grad[torch.randperm(4096)[:1024]] = 0.0
+        norms = []
         for table, optimizer in zip(tables, optimizers):
             table.grad = grad.to(table.device)
+            if clipped:
+                norms.append(optimizer.clip_grad_norm_(100.0).cpu())
             optimizer.step()
+        if clipped:
+            assert norms[0] > 100.0
+            torch.testing.assert_close(norms[1], norms[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(tables[1].detach().cpu(), tables[0].detach(), atol=1e-6, rtol=1e-5)
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(optimizers[1].state[tables[1]][key].cpu(), optimizers[0].state[tables[0]][key],

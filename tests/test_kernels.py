@@ -419,13 +419,35 @@ def test_dsmoe_norm_and_gates_kernel_equals_the_layer(tokens, width, blocks):
     torch.testing.assert_close(G, want_G)
 
 
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 40), (torch.float32, 1100), (torch.bfloat16, 24)])
+def test_row_squares_kernel_equals_the_reference(dtype, width):
+    """Each row's sum of squares and whether it has a non-zero entry, in one pass: a row
+    of one entry too small to square (1e-30) is still touched."""
+    from finemoe.kernels.row_sparse_adamw import _row_squares, row_squares_reference
+
+    torch.manual_seed(4)
+    grad = torch.randn(11, width, device=DEVICE).to(dtype)
+    grad[[0, 4, 8]] = 0.0
+    grad[5, 1:] = 0.0
+    grad[9] = 0.0
+    grad[9, width - 1] = 1e-30
+    squares, touched = _row_squares(grad)
+    want_squares, want_touched = row_squares_reference(grad)
+    assert squares.dtype == torch.float32 and touched.dtype == torch.bool
+    torch.testing.assert_close(squares, want_squares, rtol=1e-5, atol=0)
+    assert torch.equal(touched, want_touched)
+    assert touched.tolist() == [i not in (0, 4, 8) for i in range(11)]
+
+
+@pytest.mark.parametrize("flagged", [False, True])
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype,width", [(torch.float32, 40), (torch.float32, 1100), (torch.bfloat16, 24)])
-def test_row_sparse_adamw_kernel_equals_the_reference(dtype, width, scaled):
+def test_row_sparse_adamw_kernel_equals_the_reference(dtype, width, scaled, flagged):
     """Rows with a zero gradient untouched; the others AdamW's update (in float32, stored
     in the tables' dtype); widths over one 512-column step; with a clipping factor, the
-    update of the scaled gradient."""
-    from finemoe.kernels.row_sparse_adamw import _row_sparse_adamw, row_sparse_adamw_reference
+    update of the scaled gradient; with the touched rows given as flags (``row_squares``'),
+    the same update without the kernel's own test of the gradient."""
+    from finemoe.kernels.row_sparse_adamw import _row_sparse_adamw, row_sparse_adamw_reference, touched_rows
 
     torch.manual_seed(3)
     tables = [torch.randn(9, width, device=DEVICE).to(dtype) for _ in range(3)]
@@ -436,7 +458,11 @@ def test_row_sparse_adamw_kernel_equals_the_reference(dtype, width, scaled):
     args = dict(lr=0.01, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
     got, want = [t.clone() for t in tables], [t.clone() for t in tables]
     scale = torch.tensor([0.3], device=DEVICE) if scaled else None
-    _row_sparse_adamw(got[0], grad, got[1], got[2], **args, grad_scale=scale)
+    flags = touched_rows(grad) if flagged else None
+    read = grad.clone()
+    if flagged:  # with the flags, an untouched row's gradient is not read: garbage there changes nothing
+        read[[0, 4, 8]] = 1.0
+    _row_sparse_adamw(got[0], read, got[1], got[2], **args, grad_scale=scale, touched=flags)
     row_sparse_adamw_reference(want[0], grad * 0.3 if scaled else grad, want[1], want[2], **args)
     tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-5, rtol=8e-3)  # bf16: 1 ulp
     for a, b in zip(got, want):
