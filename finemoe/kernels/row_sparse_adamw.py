@@ -124,7 +124,7 @@ if triton is not None:
 
 def _column_blocks(D: int) -> dict:
     block = min(_BLOCK_D, triton.next_power_of_2(D))
-    return dict(BLOCK_D=block, NUM_D=triton.cdiv(D, block))
+    return {"BLOCK_D": block, "NUM_D": triton.cdiv(D, block)}
 
 
 @kernel_op("finemoe::row_squares", mutates_args=())
