@@ -276,6 +276,39 @@ def test_fused_product_key_kernels_on_cuda_equal_the_eager_layer(kind):
             assert torch.equal(param.grad, gp_f[name]), name
 
 
+@pytest.mark.parametrize("kind", ["peer", "pkm"])
+def test_table_copies_under_autocast_stay_within_bf16_rounding(kind):
+    """Under bf16 autocast, the expert kernels reading bf16 copies of the retrieved rows
+    against the same kernels reading the float32 tables and against the eager layer (a
+    pool of 256² experts, 8,192 tokens: each row read many times, so ``auto`` takes the
+    copies): output, input gradient and every matrix's gradient within bf16 rounding."""
+    from finemoe.layers import PEERConfig, PKMConfig
+    from finemoe.kernels.peer_experts import table_copies_pay
+
+    config_type = PEERConfig if kind == "peer" else PKMConfig
+    torch.manual_seed(0)
+    base = config_type(num_experts=128**2, num_heads=4, top_k=8, key_dim=64)
+    assert table_copies_pay(8192 * 4 * 8, 128**2, torch.bfloat16, torch.float32)
+    layers = {name: base.replace(**options).build(256).cuda() for name, options in (
+        ("copies", {"table_copies": "auto"}), ("tables", {"table_copies": "off"}),
+        ("eager", {"retrieval_impl": "eager", "experts_impl": "eager"}))}
+    for layer in layers.values():
+        layer.load_state_dict(layers["eager"].state_dict())
+    h = torch.randn(8, 1024, 256, device="cuda")
+    results = {}
+    for name, layer in layers.items():
+        x = h.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x).update
+        (out.float() * h).sum().backward()
+        results[name] = (out.float(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad.ndim >= 2})
+    for other in ("tables", "eager"):
+        (out_c, gx_c, gp_c), (out_o, gx_o, gp_o) = results["copies"], results[other]
+        assert _rel(out_c, out_o) < 1e-2 and _rel(gx_c, gx_o) < 2e-2, other
+        for name, grad in gp_o.items():
+            assert _rel(gp_c[name], grad) < 2e-2, (name, other)
+
+
 @pytest.mark.parametrize("chunk_rows", [1000, None])
 def test_chunked_linear_cross_entropy_on_cuda_matches_the_plain_form(chunk_rows):
     """The compiled chunk arithmetic under bf16 autocast against the plain form under autocast."""

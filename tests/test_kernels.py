@@ -175,16 +175,19 @@ def _peer_reference(x, idx, gates, expert_in, expert_out, activation):
     return out
 
 
+@pytest.mark.parametrize("copies", [False, True])
 @pytest.mark.parametrize("row_part", [512, 5])
 @pytest.mark.parametrize("activation", ["gelu", "relu", "none"])
 @pytest.mark.parametrize("tokens,retrieved,width", [(5, 6, 40), (3, 4, 130), (0, 4, 8), (37, 3, 300)])
-def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, width, row_part, monkeypatch):
+def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, width, row_part, copies, monkeypatch):
     """Outputs and the gradients of x, the gates and both tables; an expert retrieved
     twice by one token and by several tokens (summed in the per-row pass; with 37 tokens
     one expert by all of them, over several steps of 4 pairs, the last partly filled,
     and rows of 300 over two column blocks of 256); with ``row_part`` 5 the rows of more
     than 5 pairs are summed in parts (the last partly filled) and then over their parts;
-    experts never retrieved get exactly zero gradient."""
+    experts never retrieved get exactly zero gradient. With ``copies`` the per-token
+    passes read copies of the retrieved rows (in x's dtype, float32 here: the same
+    numbers; a retrieved row left out of the copy would be read uninitialised)."""
     from finemoe.kernels import peer_experts as kernels
     from finemoe.kernels.peer_experts import peer_experts
 
@@ -203,7 +206,8 @@ def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, w
     expert_out = torch.randn(pool, width, device=DEVICE, requires_grad=True)
     leaves = [x, gates, expert_in, expert_out] if activation != "none" else [gates, expert_out]
     probe = torch.randn(tokens, width, device=DEVICE)
-    out = peer_experts(x, idx, gates, expert_in if activation != "none" else None, expert_out, activation)
+    out = peer_experts(x, idx, gates, expert_in if activation != "none" else None, expert_out, activation,
+                       table_copies=copies)
     grads = torch.autograd.grad((out * probe).sum(), leaves)
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     args = dict(zip(["x", "gates", "expert_in", "expert_out"] if activation != "none" else ["gates", "expert_out"],
@@ -219,10 +223,42 @@ def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, w
 
 def test_peer_experts_passes_opcheck():
     idx = torch.randint(0, 20, (3, 4), device=DEVICE)
-    args = (torch.randn(3, 16, device=DEVICE, requires_grad=True), idx, torch.rand(3, 4, device=DEVICE),
-            torch.randn(20, 16, device=DEVICE), torch.randn(20, 16, device=DEVICE, requires_grad=True))
+    tables = (torch.randn(20, 16, device=DEVICE), torch.randn(20, 16, device=DEVICE, requires_grad=True))
+    args = (torch.randn(3, 16, device=DEVICE, requires_grad=True), idx, torch.rand(3, 4, device=DEVICE), *tables,
+            *(t.detach() for t in tables))
     torch.library.opcheck(torch.ops.finemoe.peer_experts.default, (*args, "gelu"))
     torch.library.opcheck(torch.ops.finemoe.peer_experts.default, (*args, "none"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("has_u", [True, False])
+def test_retrieved_row_copies_hold_every_retrieved_row(dtype, has_u):
+    """The copies the per-token passes read: every retrieved row of both tables (one of
+    width over two column blocks) in the copies' dtype (bf16: within its rounding); the
+    value table alone without ``u`` (PKM)."""
+    from finemoe.kernels.peer_experts import _retrieved_row_copies
+
+    torch.manual_seed(5)
+    expert_in, expert_out = torch.randn(19, 1100, device=DEVICE), torch.randn(19, 1100, device=DEVICE)
+    idx = torch.tensor([[3, 3, 18], [0, 7, 3]], device=DEVICE)
+    in_copy, out_copy = _retrieved_row_copies(idx, expert_in, expert_out, dtype, has_u)
+    assert out_copy.dtype == dtype and out_copy.shape == expert_out.shape
+    assert in_copy.shape == (expert_in.shape if has_u else (0, 1100))
+    rows = [0, 3, 7, 18]
+    tolerance = {"atol": 0, "rtol": 0} if dtype == torch.float32 else {"atol": 0, "rtol": 8e-3}
+    torch.testing.assert_close(out_copy[rows].float(), expert_out[rows], **tolerance)
+    if has_u:
+        torch.testing.assert_close(in_copy[rows].float(), expert_in[rows], **tolerance)
+
+
+def test_table_copies_pay_for_narrower_inputs_that_read_each_row_often():
+    from finemoe.kernels.peer_experts import table_copies_pay
+
+    s120m_peer = 32 * 1024 * 8 * 16, 512**2  # (token, slot) pairs of a batch, rows
+    issue_size = 16384 * 8 * 16, 1024**2
+    assert table_copies_pay(*s120m_peer, torch.bfloat16, torch.float32)
+    assert not table_copies_pay(*issue_size, torch.bfloat16, torch.float32)
+    assert not table_copies_pay(*s120m_peer, torch.float32, torch.float32)  # no autocast: nothing narrower
 
 
 @pytest.mark.parametrize("kind", ["peer", "pkm"])

@@ -27,6 +27,15 @@ atomic adds). x and dy are read once per pair, in their own dtype (the layers pa
 autocast: the bytes of this pass are mostly these reads); the tables' gradients are
 written once, in the tables' dtype, from float32 sums.
 
+Under bf16 autocast the per-token passes can read the retrieved rows from bf16 copies
+(``table_copies``): a training batch reads each of its rows many times (s120m-peer: 4.2M
+(token, slot) pairs over a few thousand rows), so halving the bytes of every read pays
+for writing the copies, made of the rows this batch retrieved only (the others are never
+read, and are left unwritten). The eager layer casts the ``u`` rows to bf16 too; the
+``v`` rows it reads in float32, so with copies the output differs from it by the bf16
+rounding of ``v`` (relative 2⁻⁹ per entry, below the rounding of the bf16 output). The
+table gradients do not change: they are sums over x and dy, not the tables.
+
 Kernel → launcher → ``torch.library.custom_op`` (fake implementation) → autograd; the
 eager layer (``finemoe.layers.peer``) is the reference; tests run these kernels on the
 CPU under ``TRITON_INTERPRET=1``.
@@ -49,7 +58,7 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available"]
+__all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available", "table_copies_pay"]
 
 ACTIVATIONS = ("gelu", "relu", "none")  # "none": PKM (w = g)
 _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 tile)
@@ -60,6 +69,18 @@ _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 ti
 _ROW_BLOCK_D, _ROW_WARPS, _ROW_UNROLL, _ROW_PART = 256, 2, 4, 512
 _FINISH_ROWS = 64  # rows per program of the pass that sums the spilled parts (and zeroes unused rows)
 _NUM_WARPS = 4  # of the per-token passes
+_COPY_ROWS = 8  # rows per program of the copy of the retrieved rows (most programs only read flags)
+_COPY_READS = 8  # table copies pay when a batch reads each row this many times on average
+
+
+def table_copies_pay(pairs: int, rows: int, x_dtype: torch.dtype, table_dtype: torch.dtype) -> bool:
+    """Whether the per-token passes should read copies of the retrieved rows in the
+    input's dtype: it is narrower than the tables' (bf16 under autocast, float32 tables),
+    and the batch's ``pairs`` (token, slot) retrievals read each of the ``rows`` at least
+    ``_COPY_READS`` times on average (a copy is one read and one write of a retrieved row;
+    at issue 12's layer size, 2M pairs over 1M rows, it would not pay)."""
+    narrower = torch.finfo(x_dtype).bits < torch.finfo(table_dtype).bits
+    return narrower and pairs >= _COPY_READS * rows
 
 
 def peer_experts_available() -> bool:
@@ -225,6 +246,46 @@ if triton is not None:
                         tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
 
 
+    @triton.jit
+    def _retrieved_copy_kernel(flag_ptr, in_ptr, out_ptr, in_copy_ptr, out_copy_ptr, D, P, HAS_U: tl.constexpr,
+                               ROWS: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr):
+        """ROWS pool rows per program: the retrieved ones (flagged) copied in the copies'
+        dtype; the others are left as they are (never read)."""
+        for r in range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            if tl.load(flag_ptr + row, mask=row < P, other=0) != 0:
+                for dc in tl.static_range(NUM_D):
+                    cols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+                    dmask = cols < D
+                    v = tl.load(out_ptr + row * D + cols, mask=dmask, other=0.0)
+                    tl.store(out_copy_ptr + row * D + cols, v.to(out_copy_ptr.dtype.element_ty), mask=dmask)
+                    if HAS_U:
+                        u = tl.load(in_ptr + row * D + cols, mask=dmask, other=0.0)
+                        tl.store(in_copy_ptr + row * D + cols, u.to(in_copy_ptr.dtype.element_ty), mask=dmask)
+
+
+@kernel_op("finemoe::retrieved_row_copies", mutates_args=())
+def _retrieved_row_copies(idx_NJ: Tensor, expert_in: Tensor, expert_out: Tensor, dtype: torch.dtype,
+                          has_u: bool) -> tuple[Tensor, Tensor]:
+    P, D = expert_out.shape
+    flags = torch.zeros(P, dtype=torch.int8, device=expert_out.device)
+    flags.index_fill_(0, idx_NJ.reshape(-1), 1)
+    out_copy = torch.empty(P, D, dtype=dtype, device=expert_out.device)  # only retrieved rows written
+    in_copy = torch.empty(P if has_u else 0, D, dtype=dtype, device=expert_out.device)
+    if P and D:
+        block_d = min(1024, triton.next_power_of_2(D))
+        launch(_retrieved_copy_kernel)[(triton.cdiv(P, _COPY_ROWS),)](
+            flags, expert_in.contiguous(), expert_out.contiguous(), in_copy, out_copy, D, P, HAS_U=has_u,
+            ROWS=_COPY_ROWS, BLOCK_D=block_d, NUM_D=triton.cdiv(D, block_d))
+    return in_copy, out_copy
+
+
+@fake(_retrieved_row_copies)
+def _(idx_NJ, expert_in, expert_out, dtype, has_u):
+    P, D = expert_out.shape
+    return expert_out.new_empty(P if has_u else 0, D, dtype=dtype), expert_out.new_empty(P, D, dtype=dtype)
+
+
 def _row_gradients(order: Tensor, offsets: Tensor, x_ND: Tensor, dy_ND: Tensor, gates_NJ: Tensor, pre_NJ: Tensor,
                    dpre_NJ: Tensor, d_in: Tensor, d_out: Tensor, has_u: bool, act: int) -> None:
     """Pass 2 (the table gradients ``d_in``, ``d_out``, every row written) from the pairs
@@ -262,26 +323,28 @@ def _sizes(D: int, J: int, activation: str) -> dict:
 
 @kernel_op("finemoe::peer_experts", mutates_args=())
 def _peer_experts(x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, expert_in: Tensor, expert_out: Tensor,
-                  activation: str) -> tuple[Tensor, Tensor]:
+                  in_read: Tensor, out_read: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """``in_read``, ``out_read``: the tables the per-token passes read (the tables
+    themselves, or copies of their retrieved rows); the gradients are the tables'."""
     x_ND, idx_NJ, gates_NJ = x_ND.contiguous(), idx_NJ.contiguous(), gates_NJ.contiguous()
     (N, D), J = x_ND.shape, idx_NJ.shape[1]
     y_ND = x_ND.new_empty(N, D)
     pre_NJ = torch.empty(N, J if activation != "none" else 0, dtype=torch.float32, device=x_ND.device)  # every entry written
     if N:
-        launch(_peer_forward_kernel)[(N,)](x_ND, idx_NJ, gates_NJ, expert_in.contiguous(), expert_out.contiguous(), y_ND,
+        launch(_peer_forward_kernel)[(N,)](x_ND, idx_NJ, gates_NJ, in_read.contiguous(), out_read.contiguous(), y_ND,
                                    pre_NJ, D, **_sizes(D, J, activation))
     return y_ND, pre_NJ
 
 
 @fake(_peer_experts)
-def _(x_ND, idx_NJ, gates_NJ, expert_in, expert_out, activation):
+def _(x_ND, idx_NJ, gates_NJ, expert_in, expert_out, in_read, out_read, activation):
     J = idx_NJ.shape[1] if activation != "none" else 0
     return x_ND.new_empty(x_ND.shape), x_ND.new_empty(x_ND.shape[0], J, dtype=torch.float32)
 
 
 @kernel_op("finemoe::peer_experts_backward", mutates_args=())
 def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, pre_NJ: Tensor,
-                           expert_in: Tensor, expert_out: Tensor, activation: str
+                           expert_in: Tensor, expert_out: Tensor, in_read: Tensor, out_read: Tensor, activation: str
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dy_ND, x_ND = dy_ND.contiguous(), x_ND.contiguous()
     idx_NJ, gates_NJ = idx_NJ.contiguous(), gates_NJ.contiguous()
@@ -295,7 +358,7 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
     d_in = torch.empty(expert_in.shape if has_u else (0,), dtype=expert_in.dtype, device=x_ND.device)
     d_out = torch.empty_like(expert_out)  # every row written, zero where never retrieved
     if N:
-        launch(_peer_backward_kernel)[(N,)](dy_ND, idx_NJ, gates_NJ, pre_NJ, expert_in.contiguous(), expert_out.contiguous(),
+        launch(_peer_backward_kernel)[(N,)](dy_ND, idx_NJ, gates_NJ, pre_NJ, in_read.contiguous(), out_read.contiguous(),
                                     dx_ND, dgates_NJ, dpre_NJ, D, **sizes)
     # the (token, slot) pairs grouped by the row they retrieved, each row's in a fixed order
     order, offsets = group_by_index(idx_NJ, P)
@@ -304,36 +367,43 @@ def _peer_experts_backward(dy_ND: Tensor, x_ND: Tensor, idx_NJ: Tensor, gates_NJ
 
 
 @fake(_peer_experts_backward)
-def _(dy_ND, x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out, activation):
+def _(dy_ND, x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out, in_read, out_read, activation):
     d_in = torch.empty_like(expert_in) if activation != "none" else expert_in.new_empty(0)
     return torch.empty_like(x_ND), torch.empty_like(gates_NJ), d_in, torch.empty_like(expert_out)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_ND, idx_NJ, gates_NJ, expert_in, expert_out, activation = inputs
-    ctx.save_for_backward(x_ND, idx_NJ, gates_NJ, output[1], expert_in, expert_out)
+    x_ND, idx_NJ, gates_NJ, expert_in, expert_out, in_read, out_read, activation = inputs
+    ctx.save_for_backward(x_ND, idx_NJ, gates_NJ, output[1], expert_in, expert_out, in_read, out_read)
     ctx.activation = activation
 
 
 def _backward(ctx, dy_ND: Tensor, _dpre):
-    x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out = ctx.saved_tensors
+    x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out, in_read, out_read = ctx.saved_tensors
     dx, dgates, d_in, d_out = _peer_experts_backward(dy_ND, x_ND, idx_NJ, gates_NJ, pre_NJ, expert_in, expert_out,
-                                                     ctx.activation)
+                                                     in_read, out_read, ctx.activation)
     has_u = ctx.activation != "none"
-    return dx if has_u else None, None, dgates, d_in if has_u else None, d_out, None
+    return dx if has_u else None, None, dgates, d_in if has_u else None, d_out, None, None, None
 
 
 _peer_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
 def peer_experts(x_ND: Tensor, idx_NJ: Tensor, gates_NJ: Tensor, expert_in: Tensor | None, expert_out: Tensor,
-                 activation: str) -> Tensor:
+                 activation: str, table_copies: bool = False) -> Tensor:
     """``y_n = Σ_j g_j σ(u_{idx_j} · x_n) v_{idx_j}`` (PEER), or ``Σ_j g_j v_{idx_j}`` with
-    ``activation="none"`` and no ``expert_in`` (PKM). ``(N, D)`` in the dtype of ``x``."""
+    ``activation="none"`` and no ``expert_in`` (PKM). ``(N, D)`` in the dtype of ``x``.
+    ``table_copies``: the per-token passes read copies of the retrieved rows in ``x``'s
+    dtype (see the module docstring and ``table_copies_pay``)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
     if (expert_in is None) != (activation == "none"):
         raise ValueError("expert_in is given exactly when there is an activation (PEER, not PKM)")
-    y_ND, _ = _peer_experts(x_ND, idx_NJ, gates_NJ, expert_out if expert_in is None else expert_in, expert_out,
-                            activation)
+    expert_in = expert_out if expert_in is None else expert_in
+    in_read, out_read = expert_in, expert_out
+    if table_copies:
+        has_u = activation != "none"
+        in_read, out_read = _retrieved_row_copies(idx_NJ, expert_in.detach(), expert_out.detach(), x_ND.dtype, has_u)
+        in_read = in_read if has_u else out_read
+    y_ND, _ = _peer_experts(x_ND, idx_NJ, gates_NJ, expert_in, expert_out, in_read, out_read, activation)
     return y_ND

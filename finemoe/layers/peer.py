@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finemoe.config import check
-from finemoe.kernels.peer_experts import peer_experts, peer_experts_available
+from finemoe.kernels.peer_experts import peer_experts, peer_experts_available, table_copies_pay
 from finemoe.kernels.product_keys import fused_product_key_topk, fused_product_key_topk_supported
 from finemoe.kernels.swiglu import triton_kernels_available
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
@@ -68,6 +68,13 @@ class ProductKeyConfig(FFNConfig):
     ``(N, H, k, D)`` gather; row gradients summed per row, deterministic); ``auto``
     (default) takes Triton on a CUDA device. The eager path is also taken when the
     activations are recorded (``finemoe analyze``)."""
+    table_copies: Literal["auto", "on", "off"] = "auto"
+    """Whether the Triton expert passes read copies of the retrieved rows in the input's
+    dtype (bf16 under autocast) instead of the float32 tables: ``auto`` (default) where
+    the input is narrower than the tables and a batch reads each row ≥ 8 times on average
+    (``finemoe.kernels.peer_experts.table_copies_pay``: s120m-peer's training batches,
+    not issue 12's layer size). The ``v`` rows are then rounded to bf16 (the eager path
+    reads them in float32; its ``u`` rows are cast to bf16 already)."""
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "num_heads", "top_k", "key_dim"):
@@ -87,6 +94,8 @@ class ProductKeyConfig(FFNConfig):
         for name in ("retrieval_impl", "experts_impl"):
             check(getattr(self, name) in ("auto", "eager", "triton"), name,
                   f"must be 'auto', 'eager' or 'triton', got {getattr(self, name)!r}")
+        check(self.table_copies in ("auto", "on", "off"), "table_copies",
+              f"must be 'auto', 'on' or 'off', got {self.table_copies!r}")
 
     @property
     def sub_keys(self) -> int:
@@ -194,6 +203,19 @@ def fused_experts_input(u_ND: Tensor) -> Tensor:
     return u_ND.to(compute_dtype(u_ND))
 
 
+def fused_experts(config: ProductKeyConfig, u_ND: Tensor, idx_NHk: Tensor, gates_NHk: Tensor,
+                  expert_in: Tensor | None, expert_out: Tensor, activation: str) -> Tensor:
+    """The retrieved experts by ``finemoe.kernels.peer_experts`` (PEER; PKM with no
+    ``expert_in`` and ``activation="none"``), ``(N, D)``, on ``fused_experts_input``; the
+    tables are read through copies of their retrieved rows where ``table_copies`` says so."""
+    x_ND = fused_experts_input(u_ND)
+    idx_NJ, gates_NJ = idx_NHk.reshape(x_ND.shape[0], -1), gates_NHk.reshape(x_ND.shape[0], -1)
+    copies = config.table_copies == "on" or (
+        config.table_copies == "auto" and table_copies_pay(idx_NJ.numel(), expert_out.shape[0], x_ND.dtype,
+                                                           expert_out.dtype))
+    return peer_experts(x_ND, idx_NJ, gates_NJ, expert_in, expert_out, activation, table_copies=copies)
+
+
 class PEERFFN(FFN):
     def __init__(self, config: PEERConfig, d_model: int):
         super().__init__()
@@ -210,8 +232,7 @@ class PEERFFN(FFN):
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND, stats)
         if runs_fused_experts(self, u_ND, stats):
-            y_ND = peer_experts(fused_experts_input(u_ND), idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1),
-                                self.expert_in, self.expert_out, cfg.activation)
+            y_ND = fused_experts(cfg, u_ND, idx_NHk, gates_NHk, self.expert_in, self.expert_out, cfg.activation)
         else:
             y_ND = self.eager_experts(u_ND, idx_NHk, gates_NHk, stats)
         return FFNOutput(update=y_ND.to(h_BTD.dtype).reshape(B, T, D))

@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from finemoe.layers.base import CallContext, FFN, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.common import RMSNorm
-from finemoe.kernels.peer_experts import peer_experts
-from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, fused_experts_input, runs_fused_experts
+from finemoe.layers.peer import ProductKeyConfig, ProductKeyRetrieval, fused_experts, runs_fused_experts
 
 
 @register_ffn
@@ -56,8 +55,7 @@ class PKMFFN(FFN):
         u_ND = self.norm(h_BTD).reshape(B * T, D)
         idx_NHk, gates_NHk = self.retrieval.route(u_ND, stats)
         if runs_fused_experts(self, u_ND, stats):
-            y_ND = peer_experts(fused_experts_input(u_ND), idx_NHk.reshape(B * T, -1), gates_NHk.reshape(B * T, -1),
-                                None, self.values, "none")
+            y_ND = fused_experts(self.config, u_ND, idx_NHk, gates_NHk, None, self.values, "none")
         else:
             y_ND = F.embedding_bag(
                 idx_NHk.reshape(B * T, -1), self.values,
