@@ -290,7 +290,7 @@ def test_table_copies_under_autocast_stay_within_bf16_rounding(kind):
     base = config_type(num_experts=128**2, num_heads=4, top_k=8, key_dim=64)
     assert table_copies_pay(8192 * 4 * 8, 128**2, torch.bfloat16, torch.float32)
     layers = {name: base.replace(**options).build(256).cuda() for name, options in (
-        ("copies", {"table_copies": "auto"}), ("tables", {"table_copies": "off"}),
+        ("copies", {"table_copies": "auto"}), ("tables", {"table_copies": "never"}),
         ("eager", {"retrieval_impl": "eager", "experts_impl": "eager"}))}
     for layer in layers.values():
         layer.load_state_dict(layers["eager"].state_dict())

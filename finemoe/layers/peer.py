@@ -68,7 +68,7 @@ class ProductKeyConfig(FFNConfig):
     ``(N, H, k, D)`` gather; row gradients summed per row, deterministic); ``auto``
     (default) takes Triton on a CUDA device. The eager path is also taken when the
     activations are recorded (``finemoe analyze``)."""
-    table_copies: Literal["auto", "on", "off"] = "auto"
+    table_copies: Literal["auto", "always", "never"] = "auto"
     """Whether the Triton expert passes read copies of the retrieved rows in the input's
     dtype (bf16 under autocast) instead of the float32 tables: ``auto`` (default) where
     the input is narrower than the tables and a batch reads each row ≥ 8 times on average
@@ -94,8 +94,8 @@ class ProductKeyConfig(FFNConfig):
         for name in ("retrieval_impl", "experts_impl"):
             check(getattr(self, name) in ("auto", "eager", "triton"), name,
                   f"must be 'auto', 'eager' or 'triton', got {getattr(self, name)!r}")
-        check(self.table_copies in ("auto", "on", "off"), "table_copies",
-              f"must be 'auto', 'on' or 'off', got {self.table_copies!r}")
+        check(self.table_copies in ("auto", "always", "never"), "table_copies",
+              f"must be 'auto', 'always' or 'never', got {self.table_copies!r}")
 
     @property
     def sub_keys(self) -> int:
@@ -210,7 +210,7 @@ def fused_experts(config: ProductKeyConfig, u_ND: Tensor, idx_NHk: Tensor, gates
     tables are read through copies of their retrieved rows where ``table_copies`` says so."""
     x_ND = fused_experts_input(u_ND)
     idx_NJ, gates_NJ = idx_NHk.reshape(x_ND.shape[0], -1), gates_NHk.reshape(x_ND.shape[0], -1)
-    copies = config.table_copies == "on" or (
+    copies = config.table_copies == "always" or (
         config.table_copies == "auto" and table_copies_pay(idx_NJ.numel(), expert_out.shape[0], x_ND.dtype,
                                                            expert_out.dtype))
     return peer_experts(x_ND, idx_NJ, gates_NJ, expert_in, expert_out, activation, table_copies=copies)
