@@ -14,8 +14,7 @@ score products are 2 × 0.9 ms. Here the score products stay cuBLAS float32 matr
 products (router math stays float32; Triton's IEEE float32 ``tl.dot`` in the kernel
 measured ten times slower: ``benchmarks/experiments/product_key_topk_ab.py``), and one
 kernel takes R query rows (one warp for two rows): it loads the ``(R, S)`` scores of one
-half, pulls out the k best by k rounds of max-and-mask in registers (each round one
-integer max over keys that hold the score's bits and the index: ties go to the lower
+half, pulls out the k best by k rounds of max-and-mask in registers (ties go to the lower
 index), does the same for the other half, then the top-k of the pair sums the same way —
 over only two blocks of pairs that hold every pair that can win, those of the i-th and
 j-th best with (i + 1)(j + 1) ≤ k (128 of the k² = 256 pairs at k = 16). The score
@@ -53,7 +52,7 @@ try:
     import triton
     import triton.language as tl
 
-    from finemoe.kernels.topk import key_column, key_value, ranking_keys, top_k_rounds
+    from finemoe.kernels.topk import top_k_rounds
 except ImportError:
     triton = None
 
@@ -104,17 +103,17 @@ if triton is not None:
         lower = top1[:, :, None] + _leading(top2, JB)[:, None, :]
         lower = tl.reshape(tl.where(kcols[None, :, None] >= I, lower, float("-inf")), (ROWS, KP * JB))
         p_lower = tl.reshape(kcols[:, None] * KP + j_b[None, :], (KP * JB,))
-        # k rounds of max-and-mask over both tiles, on (sum, pair) keys: one integer max a
-        # round (ties to the lower p: i, then j)
-        upper = ranking_keys(upper, p_upper, KP * KP)
-        lower = ranking_keys(lower, p_lower, KP * KP)
-        chosen = tl.full((ROWS, KP), -9223372036854775807 - 1, tl.int64)
+        # k rounds of max-and-mask over both tiles (ties to the lower p: i, then j)
+        best = tl.full((ROWS, KP), float("-inf"), tl.float32)
+        p = tl.zeros((ROWS, KP), dtype=tl.int32)
         for t in range(K):
             top = tl.maximum(tl.max(upper, axis=1), tl.max(lower, axis=1))
-            chosen = tl.where(kcols[None, :] == t, top[:, None], chosen)
-            upper = tl.where(upper == top[:, None], -9223372036854775807 - 1, upper)
-            lower = tl.where(lower == top[:, None], -9223372036854775807 - 1, lower)
-        best, p = key_value(chosen), key_column(chosen, KP * KP)
+            at = tl.minimum(tl.min(tl.where(upper == top[:, None], p_upper[None, :], KP * KP), axis=1),
+                            tl.min(tl.where(lower == top[:, None], p_lower[None, :], KP * KP), axis=1))
+            best = tl.where(kcols[None, :] == t, top[:, None], best)
+            p = tl.where(kcols[None, :] == t, at[:, None], p)
+            upper = tl.where(p_upper[None, :] == at[:, None], float("-inf"), upper)
+            lower = tl.where(p_lower[None, :] == at[:, None], float("-inf"), lower)
         # a[p // KP] and b[p % KP], picked out of the registers by a one-hot sum
         out_a = tl.sum(tl.where((p // KP)[:, :, None] == kcols[None, None, :], a[:, None, :], 0), axis=2)
         out_b = tl.sum(tl.where((p % KP)[:, :, None] == kcols[None, None, :], b[:, None, :], 0), axis=2)

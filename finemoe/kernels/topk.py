@@ -47,42 +47,20 @@ def row_topk_supported(x: Tensor, k: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def ranking_keys(values, cols, COLS: tl.constexpr):
-        """int64 keys that order (value, column) pairs as the top-k wants them: the larger
-        float32 value first, then the lower column (< COLS). The value's bits, made
-        order-preserving as a signed integer (negative floats' magnitude bits flipped),
-        fill the high half; COLS - 1 - column the low half. Keys are unique per column,
-        so one integer max per round finds both the best value and its column."""
-        bits = values.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        return (ordered.to(tl.int64) << 32) | (cols.to(tl.int64) * -1 + (COLS - 1))  # (tensor first: the interpreter)
-
-    @triton.jit
-    def key_value(key):
-        """The float32 value a ``ranking_keys`` key was made of (bit for bit)."""
-        ordered = (key >> 32).to(tl.int32)
-        return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def key_column(key, COLS: tl.constexpr):
-        """The column a ``ranking_keys`` key was made of."""
-        return ((key >> 32 << 32) - key + (COLS - 1)).to(tl.int32)
-
-    @triton.jit
     def top_k_rounds(scores, cols, K: tl.constexpr, KP: tl.constexpr):
         """The K largest of each row of ``scores`` (R, C), best first, by K rounds of
-        max-and-mask: ``(values (R, KP), column (R, KP))``; padding columns hold -inf.
-        Ties go to the lower column. Each round is one integer max over ``ranking_keys``
-        (value and column at once) instead of a float max and then a search for its
-        column."""
+        max-and-mask: ``(values (R, KP), column (R, KP))``; padding columns hold -inf."""
         kcols = tl.arange(0, KP)
-        keys = ranking_keys(scores, cols, scores.shape[1])
-        chosen = tl.full((scores.shape[0], KP), -9223372036854775807 - 1, tl.int64)
+        values = tl.full((scores.shape[0], KP), float("-inf"), tl.float32)
+        where = tl.zeros((scores.shape[0], KP), dtype=tl.int32)
         for t in range(K):  # a loop, not unrolled: k rounds over an (R, S) tile compile slowly unrolled
-            top = tl.max(keys, axis=1)
-            chosen = tl.where(kcols[None, :] == t, top[:, None], chosen)
-            keys = tl.where(keys == top[:, None], -9223372036854775807 - 1, keys)
-        return key_value(chosen), key_column(chosen, scores.shape[1])
+            best = tl.max(scores, axis=1)
+            # the lowest column holding the maximum (ties to the lower index)
+            at = tl.min(tl.where(scores == best[:, None], cols[None, :], scores.shape[1]), axis=1)
+            values = tl.where(kcols[None, :] == t, best[:, None], values)
+            where = tl.where(kcols[None, :] == t, at[:, None], where)
+            scores = tl.where(cols[None, :] == at[:, None], float("-inf"), scores)
+        return values, where
 
     @triton.jit
     def _row_topk_kernel(x_ptr, idx_ptr, M, C, K: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
@@ -94,8 +72,8 @@ if triton is not None:
                     other=float("-inf")).to(tl.float32)
         _, where = top_k_rounds(x, cols, K, KP)
         kcols = tl.arange(0, KP)
-        # a NaN's key ranks it first, as torch.topk does (the loss is not finite either way,
-        # and the trainer stops on it); keep every index in range
+        # a row holding NaN matches no maximum: keep its index in range (torch.topk ranks
+        # NaN first; the loss is not finite either way, and the trainer stops on it)
         where = tl.minimum(where, C - 1)
         tl.store(idx_ptr + rows[:, None] * K + kcols[None, :], where.to(tl.int64),
                  mask=rmask[:, None] & (kcols[None, :] < K))
