@@ -33,8 +33,9 @@ Under bf16 autocast the per-token passes can read the retrieved rows from bf16 c
 for writing the copies, made of the rows this batch retrieved only (the others are never
 read, and are left unwritten). The eager layer casts the ``u`` rows to bf16 too; the
 ``v`` rows it reads in float32, so with copies the output differs from it by the bf16
-rounding of ``v`` (relative 2⁻⁹ per entry, below the rounding of the bf16 output). The
-table gradients do not change: they are sums over x and dy, not the tables.
+rounding of ``v`` (relative 2⁻⁹ per entry, below the rounding of the bf16 output); the
+gradients carry it through ``dw = dy · v`` (the row pass itself reads x and dy, not the
+tables).
 
 Kernel → launcher → ``torch.library.custom_op`` (fake implementation) → autograd; the
 eager layer (``finemoe.layers.peer``) is the reference; tests run these kernels on the
