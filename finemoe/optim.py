@@ -80,9 +80,9 @@ class RowSparseAdamW(torch.optim.AdamW):
         tables = [p for p in params if id(p) in table_ids]
         dense = [p for p in params if id(p) not in table_ids]
         norms = [torch.nn.utils.get_total_norm([p.grad for p in dense])] if dense else []
-        self._touched = {}
+        touched = {}
         for p in tables:
-            squares, self._touched[p] = row_squares(p.grad)
+            squares, touched[p] = row_squares(p.grad)
             norms.append(squares.sum().sqrt())
         if not norms:
             return torch.zeros(())
@@ -90,12 +90,11 @@ class RowSparseAdamW(torch.optim.AdamW):
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         if dense:
             torch.nn.utils.clip_grads_with_norm_(dense, max_norm, norm)
-        self._row_grad_scale = factor if tables else None
+        self._clipped = (factor, touched) if tables else None
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._row_grad_scale = None  # a clipping factor belongs to the gradients it was computed for
-        self._touched = {}  # and so do the touched rows found with it
+        self._clipped = None  # the clipping factor and touched rows belong to the gradients they came from
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
@@ -105,8 +104,9 @@ class RowSparseAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         lazy = [g for g in self.param_groups if g["row_sparse"]]
-        grad_scale, self._row_grad_scale = getattr(self, "_row_grad_scale", None), None
-        touched, self._touched = getattr(self, "_touched", {}), {}
+        # the row tables' clipping factor and touched rows, from clip_grad_norm_ since zero_grad
+        grad_scale, touched = getattr(self, "_clipped", None) or (None, {})
+        self._clipped = None
         held = []  # the row tables' gradients, hidden from AdamW's own step below
         for group in lazy:
             beta1, beta2 = group["betas"]
