@@ -321,11 +321,26 @@ def test_fused_product_key_retrieval_equals_brute_force_and_the_eager_path(rows,
                                    atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("sub_keys,k", [(40, 16), (64, 32), (6, 5)])
+def _ranked_pairs_top_k(q_MQ, keys_1, keys_2, k):
+    """The kernel's order spelled out: each half's k best sub-keys (score descending,
+    lower sub-key first among ties), then the k best of their k² pairs by sum, the
+    lower (rank in half 1, rank in half 2) first among ties. Integer inputs: exact."""
+    S, half = keys_1.shape
+    experts = []
+    for s1, s2 in zip((q_MQ[:, :half] @ keys_1.t()).tolist(), (q_MQ[:, half:] @ keys_2.t()).tolist()):
+        top1 = sorted(range(S), key=lambda a: (-s1[a], a))[:k]
+        top2 = sorted(range(S), key=lambda b: (-s2[b], b))[:k]
+        pairs = sorted(((i, j) for i in range(len(top1)) for j in range(len(top2))),
+                       key=lambda ij: (-(s1[top1[ij[0]]] + s2[top2[ij[1]]]), ij))[:k]
+        experts.append([top1[i] * S + top2[j] for i, j in pairs])
+    return torch.tensor(experts)
+
+
+@pytest.mark.parametrize("sub_keys,k", [(40, 16), (64, 32), (6, 5), (300, 16), (1024, 32)])
 def test_fused_product_key_retrieval_is_exact_among_ties(sub_keys, k):
-    """Small integer queries and keys: many of the S² sums tie. The kernel, which weighs
-    only the pairs that can win (not all k²), still returns brute force's k best scores
-    rank by rank, k distinct experts per row, each with the score it reports."""
+    """Small integer queries and keys: many of the S² sums tie. The kernel returns brute
+    force's k best scores rank by rank, k distinct experts per row, each with the score
+    it reports, chosen among ties exactly as the order spelled out in Python."""
     from finemoe.kernels.product_keys import fused_product_key_topk
 
     torch.manual_seed(sub_keys + k)
@@ -342,6 +357,7 @@ def test_fused_product_key_retrieval_is_exact_among_ties(sub_keys, k):
                   (q.reshape(-1, 1, width)[..., width // 2:] * keys_2[b]).sum(-1)
     assert torch.equal(true_scores, scores)
     assert all(len(set(row.tolist())) == k for row in idx)
+    assert torch.equal(idx.cpu(), _ranked_pairs_top_k(q.reshape(-1, width).cpu(), keys_1.cpu(), keys_2.cpu(), k))
 
 
 def test_fused_product_key_retrieval_passes_opcheck():

@@ -13,12 +13,12 @@ them: 10 ms of its 21 ms forward + backward at that size on an H100, of which th
 score products are 2 × 0.9 ms. Here the score products stay cuBLAS float32 matrix
 products (router math stays float32; Triton's IEEE float32 ``tl.dot`` in the kernel
 measured ten times slower: ``benchmarks/experiments/product_key_topk_ab.py``), and one
-kernel takes R query rows (one warp for two rows): it loads the ``(R, S)`` scores of one
-half, pulls out the k best by k rounds of max-and-mask in registers (ties go to the lower
-index), does the same for the other half, then the top-k of the pair sums the same way —
-over only two blocks of pairs that hold every pair that can win, those of the i-th and
-j-th best with (i + 1)(j + 1) ≤ k (128 of the k² = 256 pairs at k = 16). The score
-matrices are written once and read once; nothing of size ``(N·H, k²)`` or the radix
+kernel takes R query rows: it loads the ``(R, S)`` scores of one half once and pulls out
+the k best by k rounds over the best of each of 32 column groups, reloading only the
+group a round took from (``finemoe.kernels.topk.top_k_by_groups``; ties to the lower
+index), does the same for the other half, then takes the k best pair sums by a frontier
+over the two sorted lists (O(k) a round, nothing of size k²). The score
+matrices are written once and read once (a round's reload mostly hits the cache); nothing of size ``(N·H, k²)`` or the radix
 top-k's passes is written, and only the ``(N·H, k)`` scores and indices are kept.
 
 Backward, with ``ds`` the gradient of the k retrieved scores and a, b the two halves of
@@ -52,15 +52,15 @@ try:
     import triton
     import triton.language as tl
 
-    from finemoe.kernels.topk import top_k_rounds
+    from finemoe.kernels.topk import top_k_by_groups
 except ImportError:
     triton = None
 
 __all__ = ["fused_product_key_topk", "fused_product_key_topk_supported"]
 
-_TOPK_ROWS = 2  # query rows per program of the top-k kernel, one warp each: a row's maxima then
-_TOPK_WARPS = 1  # need no exchange between warps (H100, product_key_topk_ab.py: 3.6 ms against 5.4
-# for 4 rows on 4 warps, the best of 4-32 rows on 4-8 warps before, at s120m-peer's size)
+_TOPK_ROWS = 8  # query rows per program of the top-k kernel, on 4 warps, and column groups per
+_TOPK_WARPS = 4  # sub-key score row (top_k_by_groups): within 5% of the best of 1-8 rows, 1-4 warps,
+_TOPK_GROUPS = 32  # 16-64 groups at both s120m-peer's and issue 12's sizes (H100; benchmarks/NOTES.md)
 _ROWS = 8  # query rows per program of the query-gradient kernel
 _PAIRS = 64  # (row, slot) pairs per step of the sub-key gradient pass
 _SPLITS = 16  # programs per sub-key in that pass (partial sums added after)
@@ -75,48 +75,37 @@ def fused_product_key_topk_supported(sub_keys: int, k: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _leading(x, N: tl.constexpr):
-        """The first N columns of ``x`` (R, KP), N a power of two ≤ KP: (R, N)."""
-        blocks = tl.reshape(x, (x.shape[0], x.shape[1] // N, N))
-        first = tl.arange(0, x.shape[1] // N)[None, :, None] == 0
-        return tl.max(tl.where(first, blocks, float("-inf")), axis=1)
-
-    @triton.jit
     def _product_key_topk_kernel(s1_ptr, s2_ptr, scores_ptr, idx_ptr, M, S, K: tl.constexpr, KP: tl.constexpr,
-                                 SP: tl.constexpr, I: tl.constexpr, JB: tl.constexpr, ROWS: tl.constexpr):
+                                 SP: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
-        sub = tl.arange(0, SP)
-        tile = rmask[:, None] & (sub[None, :] < S)
-        s1 = tl.load(s1_ptr + rows[:, None] * S + sub[None, :], mask=tile, other=float("-inf"))
-        top1, a = top_k_rounds(s1, sub, K, KP)
-        s2 = tl.load(s2_ptr + rows[:, None] * S + sub[None, :], mask=tile, other=float("-inf"))
-        top2, b = top_k_rounds(s2, sub, K, KP)
-        # The pair sums that can be among the k best (see _pair_blocks), as two tiles: the
-        # first I of one half with all of the other, (ROWS, I·KP), and the rest of the first
-        # half with the first JB of the other, (ROWS, KP·JB). Pair (i, j) is p = i·KP + j in
-        # both; padding is -inf.
+        top1, a = top_k_by_groups(s1_ptr + rows * S, rmask, S, SP, G, K, KP)
+        top2, b = top_k_by_groups(s2_ptr + rows * S, rmask, S, SP, G, K, KP)
+        # The k best pair sums top1[i] + top2[j] of the two sorted lists, ties to the lower
+        # p = i·KP + j, by a frontier: for each i, the next j not yet taken (sums fall as j
+        # grows, so a row i gives up its pairs in order j = 0, 1, ...). A round takes the
+        # best frontier sum (the lowest i among equals: any tied pair of a lower p sits
+        # on its row's frontier, since that row's frontier sum is at least its own) and
+        # moves that row's frontier one step: O(k) a round, nothing of size k².
         kcols = tl.arange(0, KP)
-        i_a, j_b = tl.arange(0, I), tl.arange(0, JB)
-        upper = tl.reshape(_leading(top1, I)[:, :, None] + top2[:, None, :], (ROWS, I * KP))
-        p_upper = tl.reshape(i_a[:, None] * KP + kcols[None, :], (I * KP,))
-        lower = top1[:, :, None] + _leading(top2, JB)[:, None, :]
-        lower = tl.reshape(tl.where(kcols[None, :, None] >= I, lower, float("-inf")), (ROWS, KP * JB))
-        p_lower = tl.reshape(kcols[:, None] * KP + j_b[None, :], (KP * JB,))
-        # k rounds of max-and-mask over both tiles (ties to the lower p: i, then j)
+        top2_first = tl.max(tl.where(kcols[None, :] == 0, top2, float("-inf")), axis=1)
+        frontier = top1 + top2_first[:, None]  # (ROWS, KP): row i's next sum; -inf past k
+        next_j = tl.zeros((ROWS, KP), dtype=tl.int32)
         best = tl.full((ROWS, KP), float("-inf"), tl.float32)
-        p = tl.zeros((ROWS, KP), dtype=tl.int32)
+        out_a = tl.zeros((ROWS, KP), dtype=tl.int32)
+        out_b = tl.zeros((ROWS, KP), dtype=tl.int32)
         for t in range(K):
-            top = tl.maximum(tl.max(upper, axis=1), tl.max(lower, axis=1))
-            at = tl.minimum(tl.min(tl.where(upper == top[:, None], p_upper[None, :], KP * KP), axis=1),
-                            tl.min(tl.where(lower == top[:, None], p_lower[None, :], KP * KP), axis=1))
+            top = tl.max(frontier, axis=1)
+            i = tl.min(tl.where(frontier == top[:, None], kcols[None, :], KP), axis=1)
+            row_i = kcols[None, :] == i[:, None]
+            j = tl.sum(tl.where(row_i, next_j, 0), axis=1)
             best = tl.where(kcols[None, :] == t, top[:, None], best)
-            p = tl.where(kcols[None, :] == t, at[:, None], p)
-            upper = tl.where(p_upper[None, :] == at[:, None], float("-inf"), upper)
-            lower = tl.where(p_lower[None, :] == at[:, None], float("-inf"), lower)
-        # a[p // KP] and b[p % KP], picked out of the registers by a one-hot sum
-        out_a = tl.sum(tl.where((p // KP)[:, :, None] == kcols[None, None, :], a[:, None, :], 0), axis=2)
-        out_b = tl.sum(tl.where((p % KP)[:, :, None] == kcols[None, None, :], b[:, None, :], 0), axis=2)
+            out_a = tl.where(kcols[None, :] == t, tl.sum(tl.where(row_i, a, 0), axis=1)[:, None], out_a)
+            col_j = kcols[None, :] == j[:, None]
+            out_b = tl.where(kcols[None, :] == t, tl.sum(tl.where(col_j, b, 0), axis=1)[:, None], out_b)
+            after_j = tl.max(tl.where(kcols[None, :] == j[:, None] + 1, top2, float("-inf")), axis=1)
+            frontier = tl.where(row_i, top1 + after_j[:, None], frontier)
+            next_j = tl.where(row_i, next_j + 1, next_j)
         kmask = rmask[:, None] & (kcols[None, :] < K)
         out = rows[:, None] * K + kcols[None, :]
         tl.store(scores_ptr + out, best, mask=kmask)
@@ -171,22 +160,6 @@ if triton is not None:
         tl.store(partial_ptr + (split * S + sub) * HALF + cols, acc, mask=cols < HALF)
 
 
-def _pair_blocks(k: int) -> tuple[int, int]:
-    """``(I, JB)``: the pair sums the top-k kernel weighs. Pair (i, j) — the i-th best
-    sub-key of one half with the j-th best of the other — is beaten or tied by the
-    (i + 1)(j + 1) − 1 pairs (i' ≤ i, j' ≤ j) that precede it in the kernel's order (sum,
-    then i, then j), so only pairs with (i + 1)(j + 1) ≤ k can be chosen: those with
-    i < I, or with j < k // (I + 1) ≤ JB. Both blocks hold every pair that precedes one
-    of theirs, so the argument holds within them. I, JB powers of two, I chosen for the
-    fewest pairs: 128 instead of k² = 256 at k = 16, 384 instead of 1,024 at k = 32."""
-    kp = max(2, triton.next_power_of_2(k))
-    blocks = []
-    for i in (2**e for e in range(kp.bit_length())):
-        jb = triton.next_power_of_2(max(1, k // (i + 1)))
-        blocks.append((i * kp + kp * jb, i, jb))
-    return min(blocks)[1:]
-
-
 def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     M = q_MQ.shape[0]
     S, half = keys_1.shape
@@ -196,11 +169,10 @@ def _launch(q_MQ: Tensor, keys_1: Tensor, keys_2: Tensor, k: int) -> tuple[Tenso
         # the two (M, S) score matrices by cuBLAS in float32 (Triton's IEEE float32 dot
         # measured ten times slower); the kernel reads each once
         s1, s2 = q_MQ[:, :half] @ keys_1.t(), q_MQ[:, half:] @ keys_2.t()
-        first_rows, second_cols = _pair_blocks(k)
+        sp = max(16, triton.next_power_of_2(S))
         launch(_product_key_topk_kernel)[(triton.cdiv(M, _TOPK_ROWS),)](
-            s1, s2, scores, idx, M, S, K=k, KP=max(2, triton.next_power_of_2(k)),
-            SP=max(16, triton.next_power_of_2(S)), I=first_rows, JB=second_cols, ROWS=_TOPK_ROWS,
-            num_warps=_TOPK_WARPS)
+            s1, s2, scores, idx, M, S, K=k, KP=max(2, triton.next_power_of_2(k)), SP=sp,
+            G=min(sp, _TOPK_GROUPS), ROWS=_TOPK_ROWS, num_warps=_TOPK_WARPS)
     return scores, idx
 
 

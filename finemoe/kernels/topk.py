@@ -63,6 +63,50 @@ if triton is not None:
         return values, where
 
     @triton.jit
+    def top_k_by_groups(row_ptrs, rmask, C, CP: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+                        KP: tl.constexpr):
+        """The K largest of each of R rows of C entries in memory (``row_ptrs`` (R,) points
+        at each row's first entry), best first, ties to the lower column, as
+        ``top_k_rounds``: ``(values (R, KP), column (R, KP))``, padding -inf.
+
+        For long rows (hundreds of entries) where ``top_k_rounds`` spends each of its K
+        rounds on three passes over the whole (R, C) tile: the row is loaded once and cut
+        into G groups of W = CP / G columns, and only each group's best remaining entry
+        is held, (R, G). A round takes the best of those, then reloads the W entries of
+        the group it came from (still in L1/L2) to find that group's next best: the
+        entries after the one just taken in the order (value descending, column
+        ascending), since a group gives up its entries in that order. A round costs
+        O(G + W) instead of O(C)."""
+        W: tl.constexpr = CP // G
+        cols = tl.arange(0, CP)
+        tile = tl.load(row_ptrs[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < C),
+                       other=float("-inf"))
+        groups = tl.reshape(tile, (tile.shape[0], G, W))
+        group_best = tl.max(groups, axis=2)
+        group_at = tl.min(tl.where(groups == group_best[:, :, None], tl.reshape(cols, (G, W))[None, :, :], CP),
+                          axis=2)
+        gcols, wcols, kcols = tl.arange(0, G), tl.arange(0, W), tl.arange(0, KP)
+        values = tl.full((tile.shape[0], KP), float("-inf"), tl.float32)
+        where = tl.zeros((tile.shape[0], KP), dtype=tl.int32)
+        for t in range(K):
+            best = tl.max(group_best, axis=1)
+            at = tl.min(tl.where(group_best == best[:, None], group_at, CP), axis=1)
+            values = tl.where(kcols[None, :] == t, best[:, None], values)
+            where = tl.where(kcols[None, :] == t, at[:, None], where)
+            # the next best of the group that gave it: its entries after (best, at)
+            group = at // W
+            gc = group[:, None] * W + wcols[None, :]
+            v = tl.load(row_ptrs[:, None] + gc, mask=rmask[:, None] & (gc < C), other=float("-inf"))
+            after = (v < best[:, None]) | ((v == best[:, None]) & (gc > at[:, None]))
+            v = tl.where(after, v, float("-inf"))
+            next_best = tl.max(v, axis=1)
+            next_at = tl.min(tl.where(after & (v == next_best[:, None]), gc, CP), axis=1)
+            here = gcols[None, :] == group[:, None]
+            group_best = tl.where(here, next_best[:, None], group_best)
+            group_at = tl.where(here, next_at[:, None], group_at)
+        return values, where
+
+    @triton.jit
     def _row_topk_kernel(x_ptr, idx_ptr, M, C, K: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
                          ROWS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
