@@ -1,7 +1,8 @@
 """Experiment: product-key retrieval's forward at issue 12's size (16,384 tokens × 8
 heads = 131,072 queries, key width 256, 1024 sub-keys per table, k = 16; other sizes by
 option, e.g. s120m-peer's: --tokens 32768 --sub-keys 512 --key-width 128), in one process:
-the eager path, the fused path at several tile settings, and the pieces apart — the
+the eager path, the fused path at several tile settings (rows and warps per program,
+column groups of ``top_k_by_groups``), and the pieces apart — the
 float32 score product (cuBLAS), ``torch.topk`` vs ``torch.sort`` over its rows, and the
 kernel's k rounds of max-and-mask alone on precomputed scores.
 
@@ -53,11 +54,12 @@ def main() -> None:
     q = torch.randn(args.tokens, 8, Q, device="cuda")
     keys = torch.randn(2, S, Q // 2, device="cuda")
     rows = {"eager (2 GEMMs, 3 topk)": lambda: product_key_topk(q, keys[0], keys[1], k)}
-    for rows_per_program, warps in ((1, 1), (2, 1), (4, 1), (4, 2), (8, 2), (4, 4), (8, 4), (8, 8)):
-        def fused(r=rows_per_program, w=warps):
-            product_keys._TOPK_ROWS, product_keys._TOPK_WARPS = r, w
-            fused_product_key_topk(q, keys[0], keys[1], k)
-        rows[f"fused (cuBLAS scores + rounds kernel), {rows_per_program} rows, {warps} warps"] = fused
+    for groups in (16, 32, 64):
+        for rows_per_program, warps in ((1, 1), (2, 1), (4, 1), (4, 2), (8, 4)):
+            def fused(r=rows_per_program, w=warps, g=groups):
+                product_keys._TOPK_ROWS, product_keys._TOPK_WARPS, product_keys._TOPK_GROUPS = r, w, g
+                fused_product_key_topk(q, keys[0], keys[1], k)
+            rows[f"fused (cuBLAS scores + kernel), {groups} groups, {rows_per_program} rows, {warps} warps"] = fused
     scores = q[..., :Q // 2].reshape(M, Q // 2) @ keys[0].t()
     rows["one score GEMM (M, S) fp32"] = lambda: q[..., :Q // 2].reshape(M, Q // 2) @ keys[0].t()
     rows["torch.topk over (M, S)"] = lambda: scores.topk(k, dim=-1)

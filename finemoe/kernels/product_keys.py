@@ -59,7 +59,7 @@ except ImportError:
 __all__ = ["fused_product_key_topk", "fused_product_key_topk_supported"]
 
 _TOPK_ROWS = 8  # query rows per program of the top-k kernel, on 4 warps, and column groups per
-_TOPK_WARPS = 4  # sub-key score row (top_k_by_groups): within 5% of the best of 1-8 rows, 1-4 warps,
+_TOPK_WARPS = 4  # sub-key score row (top_k_by_groups): within 7% of the best of 1-8 rows, 1-4 warps,
 _TOPK_GROUPS = 32  # 16-64 groups at both s120m-peer's and issue 12's sizes (H100; benchmarks/NOTES.md)
 _ROWS = 8  # query rows per program of the query-gradient kernel
 _PAIRS = 64  # (row, slot) pairs per step of the sub-key gradient pass
