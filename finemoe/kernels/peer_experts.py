@@ -232,26 +232,26 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = cols < D
         first = tl.program_id(0).to(tl.int64) * ROWS
-        several = 0
+        most = tl.zeros((ZERO_ROWS,), dtype=parts_ptr.dtype.element_ty)
         for b in tl.static_range(ROWS // ZERO_ROWS):
             rows = first + b * ZERO_ROWS + tl.arange(0, ZERO_ROWS)
             parts = tl.load(parts_ptr + rows, mask=rows < P, other=1)
-            several = tl.maximum(several, tl.max(parts))
+            most = tl.maximum(most, parts)
             unused = ((parts == 0) & (rows < P))[:, None] & dmask[None, :]
             zeros = tl.zeros((ZERO_ROWS, BLOCK_D), dtype=dv_ptr.dtype.element_ty)
             tl.store(dv_ptr + rows[:, None] * D + cols[None, :], zeros, mask=unused)
             if HAS_U:
                 tl.store(du_ptr + rows[:, None] * D + cols[None, :], zeros.to(du_ptr.dtype.element_ty), mask=unused)
-        if several > 1:  # rare: rows of more than _ROW_PART pairs
+        if tl.max(most) > 1:  # rare: rows of more than _ROW_PART pairs
             for r in range(ROWS):
                 row = first + r
                 if row < P:
-                    parts = tl.load(parts_ptr + row)
-                    if parts > 1:
+                    count = tl.load(parts_ptr + row)
+                    if count > 1:
                         du = tl.zeros((BLOCK_D,), dtype=tl.float32)
                         dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-                        spilled = tl.load(spill_ends_ptr + row) - parts
-                        last = spilled + parts
+                        spilled = tl.load(spill_ends_ptr + row) - count
+                        last = spilled + count
                         while spilled < last:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
                             dv += tl.load(dv_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
                             if HAS_U:
