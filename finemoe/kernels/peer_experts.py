@@ -68,8 +68,7 @@ _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 ti
 # of a real s120m-peer batch and on uniform ones; benchmarks/NOTES.md). Loading 16 pairs' rows
 # as one (16, 256) tile measured 10x slower.
 _ROW_BLOCK_D, _ROW_WARPS, _ROW_UNROLL, _ROW_PART = 256, 2, 4, 512
-_FINISH_ROWS = 64  # rows per program of the pass that sums the spilled parts (and zeroes unused rows),
-_ZERO_ROWS = 8  # whose counts it reads 8 at a time (an (8, 256) tile of zeros per store)
+_FINISH_ROWS = 64  # rows per program of the pass that sums the spilled parts (and zeroes unused rows)
 _NUM_WARPS = 4  # of the per-token passes
 _COPY_ROWS = 8  # rows per program of the copy of the retrieved rows (most programs only read flags)
 _COPY_READS = 8  # table copies pay when a batch reads each row this many times on average
@@ -222,44 +221,31 @@ if triton is not None:
 
     @triton.jit
     def _row_finish_kernel(parts_ptr, spill_ends_ptr, du_ptr, dv_ptr, du_spill_ptr, dv_spill_ptr, D, P,
-                           HAS_U: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ZERO_ROWS: tl.constexpr):
-        """Pass 2b, one program per (ROWS pool rows, column block): a row no pair retrieved
-        is zero; a row of several parts is the sum of its spilled parts in order; a row of
-        one part was written by pass 2a (most used rows: ROWS of them per program, not one
-        program each that would only read its count). The counts are read ZERO_ROWS at a
-        time and the zero rows stored as one tile: a loop reading one count a row waited
-        on each load in turn (0.9 ms at 1024² rows, twice the bytes' time)."""
+                           HAS_U: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        """Pass 2b, one program per (ROWS pool rows, column block): a row of several parts
+        is the sum of its spilled parts in order; a row no pair retrieved is zero; a row of
+        one part was written by pass 2a (most rows: ROWS of them per program, not one
+        program each that would only read its count)."""
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = cols < D
-        first = tl.program_id(0).to(tl.int64) * ROWS
-        most = tl.zeros((ZERO_ROWS,), dtype=parts_ptr.dtype.element_ty)
-        for b in tl.static_range(ROWS // ZERO_ROWS):
-            rows = first + b * ZERO_ROWS + tl.arange(0, ZERO_ROWS)
-            parts = tl.load(parts_ptr + rows, mask=rows < P, other=1)
-            most = tl.maximum(most, parts)
-            unused = ((parts == 0) & (rows < P))[:, None] & dmask[None, :]
-            zeros = tl.zeros((ZERO_ROWS, BLOCK_D), dtype=dv_ptr.dtype.element_ty)
-            tl.store(dv_ptr + rows[:, None] * D + cols[None, :], zeros, mask=unused)
-            if HAS_U:
-                tl.store(du_ptr + rows[:, None] * D + cols[None, :], zeros.to(du_ptr.dtype.element_ty), mask=unused)
-        if tl.max(most) > 1:  # rare: rows of more than _ROW_PART pairs
-            for r in range(ROWS):
-                row = first + r
-                if row < P:
-                    count = tl.load(parts_ptr + row)
-                    if count > 1:
-                        du = tl.zeros((BLOCK_D,), dtype=tl.float32)
-                        dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-                        spilled = tl.load(spill_ends_ptr + row) - count
-                        last = spilled + count
-                        while spilled < last:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
-                            dv += tl.load(dv_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
-                            if HAS_U:
-                                du += tl.load(du_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
-                            spilled += 1
-                        tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
+        for r in range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            if row < P:
+                parts = tl.load(parts_ptr + row)
+                if parts != 1:
+                    du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                    dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                    spilled = tl.load(spill_ends_ptr + row) - parts
+                    last = spilled + parts
+                    while spilled < last:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
+                        dv += tl.load(dv_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
                         if HAS_U:
-                            tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
+                            du += tl.load(du_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
+                        spilled += 1
+                    tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
+                    if HAS_U:
+                        tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
+
 
     @triton.jit
     def _retrieved_copy_kernel(flag_ptr, in_ptr, out_ptr, in_copy_ptr, out_copy_ptr, D, P, HAS_U: tl.constexpr,
@@ -327,7 +313,6 @@ def _row_gradients(order: Tensor, offsets: Tensor, x_ND: Tensor, dy_ND: Tensor, 
         num_warps=_ROW_WARPS)
     launch(_row_finish_kernel)[(triton.cdiv(P, _FINISH_ROWS), column_blocks)](
         parts, spill_ends, d_in, d_out, du_spill, dv_spill, D, P, HAS_U=has_u, BLOCK_D=block_d, ROWS=_FINISH_ROWS,
-        ZERO_ROWS=_ZERO_ROWS,
         num_warps=_ROW_WARPS)
 
 
