@@ -192,7 +192,6 @@ def test_peer_experts_kernel_equals_the_formula(activation, tokens, retrieved, w
     from finemoe.kernels.peer_experts import peer_experts
 
     monkeypatch.setattr(kernels, "_ROW_PART", row_part)
-    monkeypatch.setattr(kernels, "_FINISH_ROWS", 16)  # 4 programs of the finishing pass: one holds the long row
 
     torch.manual_seed(len(activation) + tokens)
     pool = 50

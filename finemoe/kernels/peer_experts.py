@@ -63,12 +63,13 @@ __all__ = ["ACTIVATIONS", "peer_experts", "peer_experts_available", "table_copie
 
 ACTIVATIONS = ("gelu", "relu", "none")  # "none": PKM (w = g)
 _BLOCK_D = 64  # columns per step of the per-token passes (a (JP, 64) float32 tile)
-# The per-row gradient pass: rows cut into parts of at most 512 pairs, 256 columns per program
-# at 2 warps, 4 pairs per step (H100, benchmarks/experiments/peer_row_pass.py on the retrievals
-# of a real s120m-peer batch and on uniform ones; benchmarks/NOTES.md). Loading 16 pairs' rows
-# as one (16, 256) tile measured 10x slower.
+# The per-row gradient pass: rows of more than 512 pairs cut into parts of 512, 256 columns per
+# program at 2 warps, 4 pairs per step (H100, benchmarks/experiments/peer_row_pass.py on the
+# retrievals of a real s120m-peer batch and on uniform ones; benchmarks/NOTES.md); shorter rows
+# one program each, 1,024 columns at 4 warps. Loading 16 pairs' rows as one (16, 256) tile
+# measured 10x slower.
 _ROW_BLOCK_D, _ROW_WARPS, _ROW_UNROLL, _ROW_PART = 256, 2, 4, 512
-_FINISH_ROWS = 64  # rows per program of the pass that sums the spilled parts (and zeroes unused rows)
+_SHORT_BLOCK_D, _SHORT_WARPS = 1024, 4
 _NUM_WARPS = 4  # of the per-token passes
 _COPY_ROWS = 8  # rows per program of the copy of the retrieved rows (most programs only read flags)
 _COPY_READS = 8  # table copies pay when a batch reads each row this many times on average
@@ -170,82 +171,103 @@ if triton is not None:
             tl.store(dgate_ptr + n * J + js, dw, mask=jmask)
 
     @triton.jit
-    def _row_part_kernel(part_row_ptr, parts_ptr, part_ends_ptr, spill_ends_ptr, order_ptr, offsets_ptr, x_ptr, dy_ptr,
-                         gate_ptr, pre_ptr, dpre_ptr, du_ptr, dv_ptr, du_spill_ptr, dv_spill_ptr, D, P,
-                         J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr,
-                         UNROLL: tl.constexpr, PART: tl.constexpr):
-        """Pass 2a, one program per (part of a pool row, column block): the gradient
-        rows summed over up to PART of the row's (token, slot) pairs, in sorted order.
-        A row with one part is written where it belongs; the parts of a longer row (a
-        frequent token's rows hold thousands of pairs: one program each would run alone
-        long after the rest) go to a spill buffer, in order, for pass 2b. UNROLL pairs per
-        step, their loads independent of each other (in flight at once); the sum still
-        adds the pairs one by one."""
+    def _add_pairs(o, end, du, dv, cols, order_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, D,
+                   J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr, STEP: tl.constexpr):
+        """The gradient-row terms of pairs ``o … o + STEP`` (those before ``end``) added to
+        ``du``, ``dv`` one by one, in order; their loads are independent of each other (in
+        flight at once)."""
+        for u in tl.static_range(STEP):
+            ok = o + u < end
+            # (the bound as a scalar: a vector mask, as the interpreter needs, that keeps the
+            # loads vectorised as a column mask's)
+            ok_d = cols < tl.where(ok, D, 0)
+            pair = tl.load(order_ptr + o + u, mask=ok, other=0)  # n·J + j in the flattened (N, J)
+            n = pair // J
+            w = tl.where(ok, tl.load(gate_ptr + pair).to(tl.float32), 0.0)
+            dy = tl.load(dy_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
+            if HAS_U:
+                w = w * _act(tl.load(pre_ptr + pair), ACT)
+                x = tl.load(x_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
+                du += tl.where(ok, tl.load(dpre_ptr + pair), 0.0) * x
+            dv += w * dy
+        return du, dv
+
+    @triton.jit
+    def _row_short_kernel(order_ptr, offsets_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, du_ptr, dv_ptr, D,
+                          J: tl.constexpr, HAS_U: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr,
+                          UNROLL: tl.constexpr, PART: tl.constexpr):
+        """Pass 2a, one program per (pool row, column block) for the rows of at most PART
+        pairs (nearly all): the gradient rows summed over the row's pairs in sorted order,
+        UNROLL at a time while UNROLL are left, then one by one (a row of two pairs does
+        not pay for UNROLL masked ones); a row no pair retrieved is written as zeros."""
+        row = tl.program_id(0).to(tl.int64)
+        o = tl.load(offsets_ptr + row)
+        end = tl.load(offsets_ptr + row + 1)
+        if end - o <= PART:
+            cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            while o + UNROLL <= end:  # while loops: runtime bounds (also under TRITON_INTERPRET=1)
+                du, dv = _add_pairs(o, end, du, dv, cols, order_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, D,
+                                    J, HAS_U, ACT, UNROLL)
+                o += UNROLL
+            while o < end:
+                du, dv = _add_pairs(o, end, du, dv, cols, order_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, D,
+                                    J, HAS_U, ACT, 1)
+                o += 1
+            dmask = cols < D
+            tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
+            if HAS_U:
+                tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _row_part_kernel(part_row_ptr, part_ends_ptr, order_ptr, offsets_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr,
+                         dpre_ptr, du_spill_ptr, dv_spill_ptr, D, P, J: tl.constexpr, HAS_U: tl.constexpr,
+                         ACT: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr, PART: tl.constexpr):
+        """Pass 2b, one program per (part of a row of more than PART pairs, column block):
+        a frequent token's rows hold thousands of pairs, and one program each would run
+        alone long after the rest. The part's sum goes to the spill buffer at the part's
+        own index (parts numbered row after row, in order) for pass 2c."""
         part = tl.program_id(0)
         row = tl.load(part_row_ptr + part).to(tl.int64)
         if row < P:  # programs past the last part have nothing to do
             cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-            dmask = cols < D
-            parts = tl.load(parts_ptr + row)
-            k = part - (tl.load(part_ends_ptr + row) - parts)  # which part of its row
-            o = tl.load(offsets_ptr + row) + k * PART
+            start = tl.load(offsets_ptr + row)
+            first_part = tl.load(part_ends_ptr + row) - tl.cdiv(tl.load(offsets_ptr + row + 1) - start, PART)
+            o = start + (part - first_part) * PART
             end = tl.minimum(o + PART, tl.load(offsets_ptr + row + 1))
             du = tl.zeros((BLOCK_D,), dtype=tl.float32)
             dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
             while o < end:  # a while loop: runtime bounds (also under TRITON_INTERPRET=1)
-                for u in tl.static_range(UNROLL):
-                    ok = o + u < end
-                    # (the bound as a scalar: a vector mask, as the interpreter needs, that
-                    # keeps the loads vectorised as dmask's)
-                    ok_d = cols < tl.where(ok, D, 0)
-                    pair = tl.load(order_ptr + o + u, mask=ok, other=0)  # n·J + j in the flattened (N, J)
-                    n = pair // J
-                    w = tl.where(ok, tl.load(gate_ptr + pair).to(tl.float32), 0.0)
-                    dy = tl.load(dy_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
-                    if HAS_U:
-                        w = w * _act(tl.load(pre_ptr + pair), ACT)
-                        x = tl.load(x_ptr + n * D + cols, mask=ok_d, other=0.0).to(tl.float32)
-                        du += tl.where(ok, tl.load(dpre_ptr + pair), 0.0) * x
-                    dv += w * dy
+                du, dv = _add_pairs(o, end, du, dv, cols, order_ptr, x_ptr, dy_ptr, gate_ptr, pre_ptr, dpre_ptr, D,
+                                    J, HAS_U, ACT, UNROLL)
                 o += UNROLL
-            if parts == 1:
-                target = row * D + cols
-                tl.store(dv_ptr + target, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
-                if HAS_U:
-                    tl.store(du_ptr + target, du.to(du_ptr.dtype.element_ty), mask=dmask)
-            else:
-                spill = (tl.load(spill_ends_ptr + row) - parts + k) * D + cols
-                tl.store(dv_spill_ptr + spill, dv, mask=dmask)
-                if HAS_U:
-                    tl.store(du_spill_ptr + spill, du, mask=dmask)
+            spill = part.to(tl.int64) * D + cols
+            tl.store(dv_spill_ptr + spill, dv, mask=cols < D)
+            if HAS_U:
+                tl.store(du_spill_ptr + spill, du, mask=cols < D)
 
     @triton.jit
-    def _row_finish_kernel(parts_ptr, spill_ends_ptr, du_ptr, dv_ptr, du_spill_ptr, dv_spill_ptr, D, P,
-                           HAS_U: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-        """Pass 2b, one program per (ROWS pool rows, column block): a row of several parts
-        is the sum of its spilled parts in order; a row no pair retrieved is zero; a row of
-        one part was written by pass 2a (most rows: ROWS of them per program, not one
-        program each that would only read its count)."""
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = cols < D
-        for r in range(ROWS):
-            row = tl.program_id(0).to(tl.int64) * ROWS + r
-            if row < P:
-                parts = tl.load(parts_ptr + row)
-                if parts != 1:
-                    du = tl.zeros((BLOCK_D,), dtype=tl.float32)
-                    dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-                    spilled = tl.load(spill_ends_ptr + row) - parts
-                    last = spilled + parts
-                    while spilled < last:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
-                        dv += tl.load(dv_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
-                        if HAS_U:
-                            du += tl.load(du_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
-                        spilled += 1
-                    tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
-                    if HAS_U:
-                        tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
-
+    def _row_finish_kernel(long_row_ptr, part_ends_ptr, offsets_ptr, du_ptr, dv_ptr, du_spill_ptr, dv_spill_ptr, D,
+                           P, HAS_U: tl.constexpr, BLOCK_D: tl.constexpr, PART: tl.constexpr):
+        """Pass 2c, one program per (row of more than PART pairs, column block): the sum of
+        its spilled parts, in order."""
+        row = tl.load(long_row_ptr + tl.program_id(0)).to(tl.int64)
+        if row < P:
+            cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            dmask = cols < D
+            last = tl.load(part_ends_ptr + row).to(tl.int64)
+            spilled = last - tl.cdiv(tl.load(offsets_ptr + row + 1) - tl.load(offsets_ptr + row), PART)
+            du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            while spilled < last:  # runtime bounds: a while loop (also under TRITON_INTERPRET=1)
+                dv += tl.load(dv_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
+                if HAS_U:
+                    du += tl.load(du_spill_ptr + spilled * D + cols, mask=dmask, other=0.0)
+                spilled += 1
+            tl.store(dv_ptr + row * D + cols, dv.to(dv_ptr.dtype.element_ty), mask=dmask)
+            if HAS_U:
+                tl.store(du_ptr + row * D + cols, du.to(du_ptr.dtype.element_ty), mask=dmask)
 
     @triton.jit
     def _retrieved_copy_kernel(flag_ptr, in_ptr, out_ptr, in_copy_ptr, out_copy_ptr, D, P, HAS_U: tl.constexpr,
@@ -290,29 +312,35 @@ def _(idx_NJ, expert_in, expert_out, dtype, has_u):
 def _row_gradients(order: Tensor, offsets: Tensor, x_ND: Tensor, dy_ND: Tensor, gates_NJ: Tensor, pre_NJ: Tensor,
                    dpre_NJ: Tensor, d_in: Tensor, d_out: Tensor, has_u: bool, act: int) -> None:
     """Pass 2 (the table gradients ``d_in``, ``d_out``, every row written) from the pairs
-    ``order`` sorted by row, row r's pairs at ``offsets[r] … offsets[r+1]``. The rows are
-    cut into parts of at most ``_ROW_PART`` pairs; each part's position, and each
-    multi-part row's place in the spill buffer, come from cumulative sums on the device
-    (no host sync): the grid is sized by the most parts any retrieval could make."""
+    ``order`` sorted by row, row r's pairs at ``offsets[r] … offsets[r+1]``. Rows of at
+    most ``_ROW_PART`` pairs, one program each; longer rows cut into parts of
+    ``_ROW_PART``, summed apart, then over their parts in order. Each part's row and place
+    in the spill buffer come from cumulative sums on the device (no host sync): the grids
+    of the long rows' passes are sized by the most any retrieval could make."""
     (N, D), J, P = x_ND.shape, gates_NJ.shape[1], d_out.shape[0]
     part = _ROW_PART
     counts = offsets[1:] - offsets[:-1]
-    parts = (counts + part - 1) // part
-    part_ends = torch.cumsum(parts, 0)
-    spill_ends = torch.cumsum(torch.where(parts > 1, parts, 0), 0)
-    most_parts = P + triton.cdiv(N * J, part)  # Σ ceil(c / PART) ≤ Σ (c / PART + 1) over used rows
-    most_spilled = 2 * triton.cdiv(N * J, part)  # rows of c > PART pairs: ceil(c / PART) < 2c / PART
-    part_row = torch.searchsorted(part_ends, torch.arange(most_parts, device=x_ND.device), right=True)
-    dv_spill = torch.empty(most_spilled, D, dtype=torch.float32, device=x_ND.device)
+    long = counts > part
+    part_ends = torch.cumsum(torch.where(long, (counts + part - 1) // part, 0), 0)
+    most_parts = 2 * triton.cdiv(N * J, part)  # a row of c > PART pairs: ceil(c / PART) < 2c / PART parts
+    most_long = triton.cdiv(N * J, part + 1)
+    arange = torch.arange(most_parts, device=x_ND.device)
+    part_row = torch.searchsorted(part_ends, arange, right=True)
+    long_row = torch.searchsorted(torch.cumsum(long, 0), arange[:most_long], right=True)
+    dv_spill = torch.empty(most_parts, D, dtype=torch.float32, device=x_ND.device)
     du_spill = torch.empty_like(dv_spill) if has_u else dv_spill  # (not read without u)
+    common = {"J": J, "HAS_U": has_u, "ACT": act, "UNROLL": _ROW_UNROLL, "PART": part}
+    short_block = min(_SHORT_BLOCK_D, triton.next_power_of_2(D))
+    launch(_row_short_kernel)[(P, triton.cdiv(D, short_block))](
+        order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out, D, BLOCK_D=short_block,
+        num_warps=_SHORT_WARPS, **common)
     block_d = min(_ROW_BLOCK_D, triton.next_power_of_2(D))
     column_blocks = triton.cdiv(D, block_d)
     launch(_row_part_kernel)[(most_parts, column_blocks)](
-        part_row, parts, part_ends, spill_ends, order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, d_in, d_out,
-        du_spill, dv_spill, D, P, J=J, HAS_U=has_u, ACT=act, BLOCK_D=block_d, UNROLL=_ROW_UNROLL, PART=part,
-        num_warps=_ROW_WARPS)
-    launch(_row_finish_kernel)[(triton.cdiv(P, _FINISH_ROWS), column_blocks)](
-        parts, spill_ends, d_in, d_out, du_spill, dv_spill, D, P, HAS_U=has_u, BLOCK_D=block_d, ROWS=_FINISH_ROWS,
+        part_row, part_ends, order, offsets, x_ND, dy_ND, gates_NJ, pre_NJ, dpre_NJ, du_spill, dv_spill, D, P,
+        BLOCK_D=block_d, num_warps=_ROW_WARPS, **common)
+    launch(_row_finish_kernel)[(most_long, column_blocks)](
+        long_row, part_ends, offsets, d_in, d_out, du_spill, dv_spill, D, P, HAS_U=has_u, BLOCK_D=block_d, PART=part,
         num_warps=_ROW_WARPS)
 
 
