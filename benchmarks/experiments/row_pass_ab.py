@@ -8,6 +8,7 @@ gradients and their GPU times (median of 20, twice each, interleaved).
 
     git show dfead6e:finemoe/kernels/peer_experts.py > .cache/old_peer_experts.py
     python benchmarks/experiments/row_pass_ab.py --previous .cache/old_peer_experts.py
+    python benchmarks/experiments/row_pass_ab.py --previous ... --sweep   # + the short rows' tiles
 
 (The earlier module registers its operators under the library's names when imported;
 only its ``_row_gradients``, a plain function, is called here.)
@@ -33,6 +34,7 @@ from finemoe.kernels import peer_experts as library  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--previous", required=True, help="a copy of an earlier finemoe/kernels/peer_experts.py")
+    parser.add_argument("--sweep", action="store_true", help="also the library with other tiles for its short rows")
     args = parser.parse_args()
     spec = importlib.util.spec_from_file_location("previous_peer_experts", args.previous)
     previous = importlib.util.module_from_spec(spec)
@@ -69,6 +71,14 @@ def main() -> None:
                                                                        d_out, True, 0), warmup=3, repeats=20)
         print(f"{name}: {int((counts > 0).sum()):,} of {P:,} rows used, longest {int(counts.max()):,} pairs; "
               f"identical {same}; " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
+        if args.sweep:
+            kept = library._SHORT_BLOCK_D, library._SHORT_WARPS
+            for block_d, warps in ((256, 1), (256, 2), (512, 2), (512, 4), (1024, 4), (1024, 8)):
+                library._SHORT_BLOCK_D, library._SHORT_WARPS = block_d, warps
+                ms = median_ms(lambda: library._row_gradients(order, offsets, x, dy, gates, pre, dpre, d_in, d_out,
+                                                              True, 0), warmup=3, repeats=20)
+                print(f"    short rows {block_d} columns, {warps} warps: {ms:.3f} ms", flush=True)
+            library._SHORT_BLOCK_D, library._SHORT_WARPS = kept
 
 
 if __name__ == "__main__":
