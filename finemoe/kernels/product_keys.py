@@ -17,9 +17,10 @@ kernel takes R query rows: it loads the ``(R, S)`` scores of one half once and p
 the k best by k rounds over the best of each of 32 column groups, reloading only the
 group a round took from (``finemoe.kernels.topk.top_k_by_groups``; ties to the lower
 index), does the same for the other half, then takes the k best pair sums by a frontier
-over the two sorted lists (O(k) a round, nothing of size k²). The score
-matrices are written once and read once (a round's reload mostly hits the cache); nothing of size ``(N·H, k²)`` or the radix
-top-k's passes is written, and only the ``(N·H, k)`` scores and indices are kept.
+over the two sorted lists (O(k) a round, nothing of size k²). The score matrices are
+written once and read once (a round's reload mostly hits the cache); nothing of size
+``(N·H, k²)`` or the radix top-k's passes is written, and only the ``(N·H, k)`` scores
+and indices are kept.
 
 Backward, with ``ds`` the gradient of the k retrieved scores and a, b the two halves of
 each retrieved index, two kernels and no ``(N·H, S)`` tensor (the eager backward

@@ -5,8 +5,9 @@ rows of a few experts that is most of a routed layer's routing time (32,768 toke
 E = 8, k = 2 on an H100: 70 µs, against 2 µs for a kernel that reads the 1 MB of
 probabilities once; benchmarks/experiments/routing_ops.py). Here one program takes a
 block of rows, holds them in registers and pulls out the k largest by k rounds of
-max-and-mask (``top_k_rounds``, also the product-key retrieval's), best first, ties to
-the lower index.
+max-and-mask (``top_k_rounds``), best first, ties to the lower index. The product-key
+retrieval's rows of up to 1,024 sub-key scores use ``top_k_by_groups``, whose rounds
+cost O(G + C/G) for G column groups instead of O(C).
 
 Only the indices come out of the kernel: the router's weights are gathered from the
 probabilities in PyTorch (``probs.gather(-1, idx)``), so their gradient is autograd's
