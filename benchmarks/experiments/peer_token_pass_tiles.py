@@ -43,7 +43,8 @@ def _sweep(label: str, x, idx, gates, u, v, u_read, v_read) -> None:
         ref = ref if ref is not None else y.clone()
         fwd = median_ms(lambda: kernels._peer_experts(x, idx, gates, u, v, u_read, v_read, "gelu"), warmup=3,
                         repeats=20)
-        bwd = median_ms(lambda: kernels._peer_experts_backward(dy, x, idx, gates, pre, u, v, u_read, v_read, "gelu"),
+        bwd = median_ms(lambda pre=pre: kernels._peer_experts_backward(dy, x, idx, gates, pre, u, v, u_read, v_read,
+                                                                       "gelu"),
                         warmup=3, repeats=20)
         mark = " (the library's)" if (block_d, warps) == kept else ""
         print(f"| {block_d}, {warps}{mark} | {fwd:.3f} | {bwd:.3f} |  max |y - first| {float((y - ref).abs().max()):.1e}",
