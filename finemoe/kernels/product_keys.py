@@ -66,11 +66,13 @@ _ROWS = 8  # query rows per program of the query-gradient kernel
 _PAIRS = 64  # (row, slot) pairs per step of the sub-key gradient pass
 _SPLITS = 16  # programs per sub-key in that pass (partial sums added after)
 _MAX_SUB_KEYS = 1024  # an (R, S) float32 tile in registers; S = 1024 is N = 1024² experts
+_MAX_K = 32  # the largest k tested on the GPU (PKM's); the pair frontier holds (R, k) vectors
 
 
 def fused_product_key_topk_supported(sub_keys: int, k: int) -> bool:
-    """Triton installed and the tables small enough for one register tile per half."""
-    return triton is not None and sub_keys <= _MAX_SUB_KEYS and k * k <= _MAX_SUB_KEYS
+    """Triton installed, the tables small enough for one register tile per half, and k
+    within the tested range."""
+    return triton is not None and sub_keys <= _MAX_SUB_KEYS and k <= _MAX_K
 
 
 if triton is not None:
