@@ -4,10 +4,9 @@ active FLOPs, in one process (so the ratios hold whatever the machine).
 For each size (d = 1024 with 16,384 tokens, and d = 512 with 4,096 tokens), every layer
 has the active FLOPs of a dense SwiGLU of width 4·d. Forward + backward under bf16
 autocast (float32 on the CPU), a random cotangent, CUDA events, median of the repeats
-after warm-up. The ratio is speed per active FLOP against the dense FFN, timed in
-alternation with each layer (one dense step, one layer step, repeated) so that both
-medians come from the same minutes of the run: ``(dense ms / layer ms) · (layer FLOPs /
-dense FLOPs)``. Also measured: DSMoE
+after warm-up. The ratio is speed per active FLOP against the dense FFN, timed again
+just before and just after each layer (so both medians come from the same seconds of
+the run): ``(dense ms / layer ms) · (layer FLOPs / dense FLOPs)``. Also measured: DSMoE
 inference (forward, eval, sparse path; the share of active blocks is reported) against
 the dense forward, for a prefill batch and for decoding one token, and two eager
 anchors written the way people write MoE layers: a Hugging Face Mixtral-style loop over
@@ -201,22 +200,19 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> tuple[float, list[flo
     return statistics.median(times), times, peak
 
 
-def time_paired(fn, baseline, device: str, warmup: int, repeats: int) -> tuple[float, list[float], float, float]:
-    """``fn`` timed in rounds that alternate with ``baseline`` (the dense FFN's step): its
-    median, all its times, its peak memory (one call alone) and the baseline's median
-    over the same rounds. Between runs of one table the dense FFN's CUDA graph took
-    2.53–2.84 ms while the routed layers took the same; measured side by side, a ratio no
-    longer depends on when in the run the baseline and the layer were timed."""
-    timer = _timer(device)
-    for _ in range(warmup):
-        baseline()
-        fn()
-    peak = _peak_gib(fn, device)
-    times, baseline_times = [], []
-    for _ in range(repeats):
-        baseline_times.append(timer(baseline))
-        times.append(timer(fn))
-    return statistics.median(times), times, peak, statistics.median(baseline_times)
+def time_bracketed(fn, baseline, device: str, warmup: int, repeats: int) -> tuple[float, list[float], float, float]:
+    """``fn`` timed between two timings of ``baseline`` (the dense FFN's step), each
+    after its own warm-up: ``fn``'s median, all its times, its peak memory (one call
+    alone) and the baseline's median over both brackets. Between runs of one table the
+    dense FFN's CUDA graph took 2.53–2.84 ms while the routed layers took the same, so a
+    ratio is taken against the baseline as measured just before and after the layer, not
+    once at the start of the run. (Strict alternation, one baseline call per layer call,
+    was tried: the baseline then runs in its partner's wake, e.g. the eager dense step
+    took 2.5 ms alone and 3.6–3.9 ms between calls of a slow eager layer.)"""
+    before = time_ms(baseline, device, warmup, repeats)[1]
+    ms, times, peak = time_ms(fn, device, warmup, repeats)
+    after = time_ms(baseline, device, warmup, repeats)[1]
+    return ms, times, peak, statistics.median(before + after)
 
 
 def median_ms(fn, warmup: int = 3, repeats: int = 10, device: str = "cuda") -> float:
@@ -305,8 +301,8 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
 
     def add(name, config_spec, flops, fn, *, against=None, kind="fwd+bwd", extra=None):
         """Time ``fn`` and add its row. ``against``: the baseline's step (the dense FFN of
-        this mode, or the dense forward for the inference rows), timed alternately with
-        ``fn`` for the ratio; ``None`` for a baseline's own row."""
+        this mode, or the dense forward for the inference rows), timed just before and
+        after ``fn`` for the ratio; ``None`` for a baseline's own row."""
         if only and not name.startswith("dense") and not any(part in name for part in only.split(",")):
             return
         if compile:
@@ -315,7 +311,7 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
             ms, times, peak = time_ms(fn, device, warmup, repeats)
             ref_ms = ms
         else:
-            ms, times, peak, ref_ms = time_paired(fn, against, device, warmup, repeats)
+            ms, times, peak, ref_ms = time_bracketed(fn, against, device, warmup, repeats)
         if cuda_graphs:  # the graphs' memory pool is allocated in warm-up, before the peak is reset
             peak = float("nan")
         row = {"name": name, "d_model": d, "tokens": tokens, "pass": kind, "ms": ms, "ms_all": times,
@@ -412,8 +408,8 @@ def markdown(result: dict) -> str:
         f"Commit `{result['commit']}`; command `{result['command']}`.",
         "Forward + backward under bf16 autocast (forward only where marked), median of "
         f"{result['repeats']} after {result['warmup']} warm-up runs; ratio = speed per active FLOP against finemoe's "
-        "dense FFN, timed in alternation with each layer in the same process (the DSMoE inference rows against the "
-        "dense forward of the same batch); \"dense ms\" is the baseline's median over those rounds.",
+        "dense FFN, timed just before and after each layer in the same process (the DSMoE inference rows against the "
+        "dense forward of the same batch); \"dense ms\" is the baseline's median over those two timings.",
         "",
     ]
     for (d, tokens) in result["sizes"]:
