@@ -200,19 +200,22 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> tuple[float, list[flo
     return statistics.median(times), times, peak
 
 
-def time_bracketed(fn, baseline, device: str, warmup: int, repeats: int) -> tuple[float, list[float], float, float]:
+def time_bracketed(fn, baseline, device: str, warmup: int, repeats: int
+                   ) -> tuple[float, list[float], float, list[float]]:
     """``fn`` timed between two timings of ``baseline`` (the dense FFN's step), each
     after its own warm-up: ``fn``'s median, all its times, its peak memory (one call
-    alone) and the baseline's median over both brackets. Between runs of one table the
-    dense FFN's CUDA graph took 2.53–2.84 ms while the routed layers took the same, so a
-    ratio is taken against the baseline as measured just before and after the layer, not
-    once at the start of the run. (Strict alternation, one baseline call per layer call,
-    was tried: the baseline then runs in its partner's wake, e.g. the eager dense step
-    took 2.5 ms alone and 3.6–3.9 ms between calls of a slow eager layer.)"""
+    alone) and the baseline's times from both brackets.
+
+    Between runs of one table the dense FFN's CUDA graph took 2.53–2.84 ms while the
+    routed layers took the same, so a ratio is taken against the baseline as measured
+    just before and after the layer, not once at the start of the run. (Strict
+    alternation, one baseline call per layer call, was tried: the baseline then runs in
+    its partner's wake, e.g. the eager dense step took 2.5 ms alone and 3.6–3.9 ms
+    between calls of a slow eager layer.)"""
     before = time_ms(baseline, device, warmup, repeats)[1]
     ms, times, peak = time_ms(fn, device, warmup, repeats)
     after = time_ms(baseline, device, warmup, repeats)[1]
-    return ms, times, peak, statistics.median(before + after)
+    return ms, times, peak, before + after
 
 
 def median_ms(fn, warmup: int = 3, repeats: int = 10, device: str = "cuda") -> float:
@@ -298,11 +301,14 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
     configs = {name: from_dict(FFNConfig, dict(spec)) for name, spec in layer_configs(d).items()}
     dense_flops = configs["dense"].flops_per_token(d)
     rows: list[dict] = []
+    baseline_rows: dict[int, dict] = {}
 
     def add(name, config_spec, flops, fn, *, against=None, kind="fwd+bwd", extra=None):
         """Time ``fn`` and add its row. ``against``: the baseline's step (the dense FFN of
         this mode, or the dense forward for the inference rows), timed just before and
-        after ``fn`` for the ratio; ``None`` for a baseline's own row."""
+        after ``fn`` for the ratio; ``None`` for a baseline's own row, whose time becomes
+        the median over all its timings in the run (its first one alone, at the start
+        of a run, took up to 1.3× the later ones as CUDA graphs)."""
         if only and not name.startswith("dense") and not any(part in name for part in only.split(",")):
             return
         if compile:
@@ -311,7 +317,13 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
             ms, times, peak = time_ms(fn, device, warmup, repeats)
             ref_ms = ms
         else:
-            ms, times, peak, ref_ms = time_bracketed(fn, against, device, warmup, repeats)
+            ms, times, peak, brackets = time_bracketed(fn, against, device, warmup, repeats)
+            ref_ms = statistics.median(brackets)
+            baseline_row = baseline_rows[id(against)]  # its time: the median over all its timings
+            baseline_row["ms_all"] += brackets
+            before, baseline_row["ms"] = baseline_row["ms"], statistics.median(baseline_row["ms_all"])
+            baseline_row["baseline_ms"] = baseline_row["ms"]
+            baseline_row["tflops"] *= before / baseline_row["ms"]
         if cuda_graphs:  # the graphs' memory pool is allocated in warm-up, before the peak is reset
             peak = float("nan")
         row = {"name": name, "d_model": d, "tokens": tokens, "pass": kind, "ms": ms, "ms_all": times,
@@ -319,6 +331,8 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
                "active_flops_per_token": flops, "tflops": (3 if kind == "fwd+bwd" else 1) * flops * tokens / ms / 1e9,
                "peak_gib": peak, "config": config_spec} | (extra or {})
         rows.append(row)
+        if against is None:
+            baseline_rows[id(fn)] = row
         print(f"  {name:48s} {kind:8s} {ms:8.3f} ms  (dense {ref_ms:.3f})  ratio {row['ratio_vs_dense']:.2f}  "
               f"{row['tflops']:6.1f} TFLOP/s  peak {peak:.2f} GiB", flush=True)
 
