@@ -545,3 +545,90 @@ def test_row_topk_kernel_equals_torch_topk(rows, columns, k):
 def test_row_topk_passes_opcheck():
     probs = torch.softmax(torch.randn(9, 8, device=DEVICE), dim=-1)
     torch.library.opcheck(torch.ops.finemoe.row_topk_indices.default, (probs, 2))
+
+
+@pytest.mark.parametrize("tokens,width,columns,bias", [(37, 64, 10, True), (5, 48, 1, False), (40, 300, 17, True),
+                                                       (0, 32, 8, False)])
+def test_norm_and_router_kernels_equal_the_norm_and_the_float32_product(tokens, width, columns, bias):
+    """RMSNorm and the router in one pass forward, two backward, against the layer's own
+    modules in float64: the normed input, the logits and the gradients of the input, the
+    norm weight, the router weight and bias. Widths that are not a power of two (and one
+    over a column tile), one column, more columns than one 16-column tile, no tokens."""
+    from finemoe.kernels.norm_router import norm_and_router
+    from finemoe.layers.common import RMSNorm, float32_linear
+
+    torch.manual_seed(0)
+    norm = RMSNorm(width).double().to(DEVICE)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    h = torch.randn(tokens, width, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(columns, width, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(columns, dtype=torch.float64, device=DEVICE, requires_grad=True) if bias else None
+    probe_x = torch.randn(tokens, width, dtype=torch.float64, device=DEVICE)
+    probe_logits = torch.randn(tokens, columns, dtype=torch.float64, device=DEVICE)
+    u = norm(h)
+    logits = float32_linear(u, weight, b)
+    leaves = [h, norm.weight, weight] + ([b] if bias else [])
+    want = torch.autograd.grad((u * probe_x).sum() + (logits * probe_logits).sum(), leaves)
+
+    leaves32 = [t.detach().float().requires_grad_(True) for t in leaves]
+    x, got_logits = norm_and_router(leaves32[0], leaves32[1], norm.eps, leaves32[2], leaves32[3] if bias else None)
+    got = torch.autograd.grad((x * probe_x.float()).sum() + (got_logits * probe_logits.float()).sum(), leaves32)
+    torch.testing.assert_close(x.double(), u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_logits.double(), logits, atol=1e-4, rtol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-5)
+
+
+def test_norm_and_router_kernels_with_only_the_logits_used():
+    """A backward with no gradient for the normed input (only the logits used) and one
+    with none for the logits: each equals the reference of the part that was used."""
+    from finemoe.kernels.norm_router import norm_and_router
+    from finemoe.layers.common import RMSNorm, float32_linear
+
+    torch.manual_seed(1)
+    norm = RMSNorm(32).to(DEVICE)
+    h = torch.randn(9, 32, device=DEVICE, requires_grad=True)
+    weight = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    for used in ("logits", "x"):
+        x, logits = norm_and_router(h, norm.weight, norm.eps, weight)
+        got = torch.autograd.grad((logits if used == "logits" else x).square().sum(), [h, weight], allow_unused=True)
+        u = norm(h)
+        ref = float32_linear(u, weight) if used == "logits" else u
+        want = torch.autograd.grad(ref.square().sum(), [h, weight], allow_unused=True)
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+        if used == "logits":
+            torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+        else:
+            assert want[1] is None and torch.count_nonzero(got[1]) == 0
+
+
+@pytest.mark.parametrize("routing,shared_mix", [("token_choice", "gate"), ("token_choice", "add"),
+                                                ("expert_choice", "gate")])
+def test_moe_layer_with_the_norm_and_router_kernels_equals_its_pytorch_path(routing, shared_mix, monkeypatch):
+    """The routed layer taking the kernels (as on a GPU) against the same layer with the
+    norm and the router in PyTorch: output, aux losses and every gradient, in float32."""
+    import copy
+
+    from finemoe.layers import MoEConfig
+    from finemoe.layers import moe as moe_module
+
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16, num_shared_experts=1,
+                       shared_mix=shared_mix, routing=routing, router_z_loss_coef=1e-3)
+    pytorch_path = config.build(32).to(DEVICE)
+    with_kernels = copy.deepcopy(pytorch_path)
+    h = torch.randn(2, 9, 32, device=DEVICE)
+    results = []
+    for layer, applies in ((pytorch_path, lambda h, c: False), (with_kernels, lambda h, c: h.dtype == torch.float32)):
+        monkeypatch.setattr(moe_module, "norm_and_router_applies", applies)
+        x = h.clone().requires_grad_(True)
+        out = layer(x)
+        loss = (out.update * h).sum() + sum(out.aux_losses.values())
+        loss.backward()
+        results.append((out.update, x.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (out_k, gx_k, gp_k), (out_p, gx_p, gp_p) = results[1], results[0]
+    torch.testing.assert_close(out_k, out_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_k, gx_p, atol=1e-5, rtol=1e-5)
+    for name, grad in gp_p.items():
+        torch.testing.assert_close(gp_k[name], grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
