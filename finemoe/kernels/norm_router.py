@@ -54,9 +54,9 @@ _MAX_COLUMNS = 64
 """Most router columns (the forward sums one product per column and row)."""
 _MAX_WIDTH = 8192
 """Widest ``D`` (a forward program holds whole rows)."""
-_FORWARD_ROWS = 8
-_STAT_ROWS, _STAT_COLS = 16, 256
-_GRAD_ROWS, _GRAD_COLS, _GRAD_GROUPS = 16, 128, 64
+_FORWARD_ROWS, _FORWARD_WARPS = 8, 4
+_STAT_ROWS, _STAT_COLS, _STAT_WARPS = 16, 256, 4
+_GRAD_ROWS, _GRAD_COLS, _GRAD_GROUPS, _GRAD_WARPS = 16, 128, 64, 4
 """Second backward pass: programs of ``_GRAD_COLS`` columns, each over every
 ``_GRAD_GROUPS``-th block of ``_GRAD_ROWS`` rows (so partial sums are (groups, C, D))."""
 
@@ -172,7 +172,7 @@ def _norm_and_router(h_ND: Tensor, norm_weight: Tensor, weight_CD: Tensor, bias_
         rows = max(1, min(_FORWARD_ROWS, _MAX_WIDTH // D_PAD))  # at most 8,192 values a program
         launch(_forward_kernel)[(triton.cdiv(N, rows),)](
             h_ND, norm_weight, weight_CD, weight_CD if bias_C is None else bias_C.contiguous(), x_ND, logits_NC, N,
-            eps, D=D, D_PAD=D_PAD, C=C, HAS_BIAS=bias_C is not None, ROWS=rows, num_warps=4 if D_PAD <= 2048 else 8)
+            eps, D=D, D_PAD=D_PAD, C=C, HAS_BIAS=bias_C is not None, ROWS=rows, num_warps=_FORWARD_WARPS if D_PAD <= 2048 else 8)
     return x_ND, logits_NC
 
 
@@ -196,11 +196,11 @@ def _norm_and_router_backward(h_ND: Tensor, norm_weight: Tensor, weight_CD: Tens
         coef_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
         launch(_row_stats_kernel)[(triton.cdiv(N, _STAT_ROWS),)](
             h_ND, norm_weight, weight_CD, dx_ND, dlogits_NC, rstd_N, coef_N, N, eps, D=D, C=C, C_PAD=C_PAD,
-            ROWS=_STAT_ROWS, COLS=min(_STAT_COLS, _padded(D)))
+            ROWS=_STAT_ROWS, COLS=min(_STAT_COLS, _padded(D)), num_warps=_STAT_WARPS)
         cols = min(_GRAD_COLS, _padded(D))
         launch(_grads_kernel)[(triton.cdiv(D, cols), _GRAD_GROUPS)](
             h_ND, norm_weight, weight_CD, dx_ND, dlogits_NC, rstd_N, coef_N, dh_ND, dw_part, dW_part, N, D=D, C=C,
-            C_PAD=C_PAD, ROWS=_GRAD_ROWS, COLS=cols, GROUPS=_GRAD_GROUPS)
+            C_PAD=C_PAD, ROWS=_GRAD_ROWS, COLS=cols, GROUPS=_GRAD_GROUPS, num_warps=_GRAD_WARPS)
     return dh_ND, dw_part.sum(0), dW_part.sum(0)[:C].contiguous()
 
 
