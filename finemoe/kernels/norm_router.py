@@ -54,9 +54,9 @@ _MAX_COLUMNS = 64
 """Most router columns (the forward sums one product per column and row)."""
 _MAX_WIDTH = 8192
 """Widest ``D`` (a forward program holds whole rows)."""
-_FORWARD_ROWS, _FORWARD_WARPS = 8, 4
-_STAT_ROWS, _STAT_COLS, _STAT_WARPS = 16, 256, 4
-_GRAD_ROWS, _GRAD_COLS, _GRAD_GROUPS, _GRAD_WARPS = 16, 128, 64, 4
+_FORWARD_ROWS, _FORWARD_WARPS = 4, 1
+_STAT_ROWS, _STAT_COLS, _STAT_WARPS = 8, 128, 2
+_GRAD_ROWS, _GRAD_COLS, _GRAD_GROUPS, _GRAD_WARPS = 32, 128, 64, 4
 """Second backward pass: programs of ``_GRAD_COLS`` columns, each over every
 ``_GRAD_GROUPS``-th block of ``_GRAD_ROWS`` rows (so partial sums are (groups, C, D))."""
 
