@@ -205,5 +205,4 @@ def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Ten
     token_S = idx_EC.reshape(-1)                               # already grouped by expert
     counts_E = torch.full((E,), C, dtype=torch.long, device=x_ND.device)
     y_SD = experts(x_ND[token_S], counts_E, weights_EC.reshape(-1), stats)
-    out_dtype = torch.promote_types(x_ND.dtype, torch.float32)  # summed in float32 whatever x's dtype
-    return x_ND.new_zeros(x_ND.shape, dtype=out_dtype).index_add_(0, token_S, y_SD.to(out_dtype))
+    return x_ND.new_zeros(x_ND.shape).index_add_(0, token_S, y_SD.to(x_ND.dtype))

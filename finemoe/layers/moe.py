@@ -29,14 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from finemoe.config import ConfigError, check
-from finemoe.kernels.norm_router import norm_and_router, norm_and_router_applies
 from finemoe.layers import routing
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.records import Routing
 from finemoe.layers.common import (RMSNorm, SwiGLU, dense_swiglu_weights, float32_linear, fresh_gate,
                                    swiglu_params)
-from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, compute_dtype,
-                                     dispatch_expert_choice, dispatch_token_choice, shared_experts_width)
+from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, shared_experts_width,
+                                     dispatch_expert_choice, dispatch_token_choice)
 
 
 @register_ffn
@@ -75,10 +74,8 @@ class MoEConfig(FFNConfig):
     which is how ``finemoe analyze`` measures robustness without changing the config."""
     experts_impl: ExpertsImpl = "auto"
     """How the experts run (``finemoe.layers.experts``): ``eager`` (one GEMM per expert, the
-    reference, with the norm and the router in PyTorch), ``grouped_mm`` (one grouped GEMM
-    per projection), ``auto`` (the fastest this device, dtype and torch support). Off
-    ``eager``, on a GPU, the norm and the float32 router also run as one kernel pass
-    (``finemoe.kernels.norm_router``)."""
+    reference), ``grouped_mm`` (one grouped GEMM per projection), ``auto`` (the fastest
+    this device, dtype and torch support)."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -269,7 +266,8 @@ class MoEFFN(FFN):
         cfg = self.config
         skip_top1 = cfg.disable_top1 or self.intervening("disable_top1")
         B, T, D = h_BTD.shape
-        u_ND, logits_NE, mix_logits_N2 = self._normed_input_and_logits(h_BTD.reshape(B * T, D))
+        u_ND = self.norm(h_BTD).reshape(B * T, D)
+        logits_NE, mix_logits_N2 = self._router_logits(u_ND)
         probs_NE = routing.router_probs(logits_NE)
 
         aux: dict[str, Tensor] = {}
@@ -308,27 +306,18 @@ class MoEFFN(FFN):
 
         return FFNOutput(update=y_ND.reshape(B, T, D), aux_losses=aux)
 
-    def _normed_input_and_logits(self, h_ND: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``u = RMSNorm(h)``, the router logits ``u W_r`` (N, E) in float32 and, with a gated
-        shared expert, the mixing gate's ``u W_c + b_c`` (N, 2): one float32 product of E + 2
-        columns (the normed input read once, one input gradient instead of two; measured
-        faster, benchmarks/NOTES.md), the router's columns with a zero bias.
-
-        Off the eager reference path, on a GPU, the norm and the router run as one pass
-        forward and two backward (``finemoe.kernels.norm_router``); ``u`` then comes back in
-        the compute dtype, which is what the experts read (the router still sees float32)."""
-        E = self.router.out_features
+    def _router_logits(self, u_ND: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Router logits ``u W_r`` (N, E) in float32 and, with a gated shared expert, the
+        mixing gate's ``u W_c + b_c`` (N, 2): one float32 product of E + 2 columns (the
+        normed input read once, one input gradient instead of two; measured faster,
+        benchmarks/NOTES.md), the router's columns with a zero bias."""
         if self.shared_gate is None:
-            weight, bias = self.router.weight, None
-        else:
-            weight = torch.cat([self.router.weight, self.shared_gate.weight])
-            bias = torch.cat([self.shared_gate.bias.new_zeros(E), self.shared_gate.bias])
-        if self.experts.impl != "eager" and norm_and_router_applies(h_ND, weight.shape[0]):
-            u_ND, logits_N = norm_and_router(h_ND, self.norm.weight, self.norm.eps, weight, bias, compute_dtype(h_ND))
-        else:
-            u_ND = self.norm(h_ND)
-            logits_N = float32_linear(u_ND, weight, bias)
-        return u_ND, logits_N[:, :E], None if self.shared_gate is None else logits_N[:, E:]
+            return float32_linear(u_ND, self.router.weight), None
+        E = self.router.out_features
+        weight = torch.cat([self.router.weight, self.shared_gate.weight])
+        bias = torch.cat([self.shared_gate.bias.new_zeros(E), self.shared_gate.bias])
+        logits_N = float32_linear(u_ND, weight, bias)
+        return logits_N[:, :E], logits_N[:, E:]
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.norm.reset_parameters()
