@@ -36,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finemoe.config import from_dict  # noqa: E402
 from finemoe.layers import FFNConfig  # noqa: E402
 from finemoe.environment import git_commit  # noqa: E402
+from finemoe.kernels.quack_experts import quack_installed  # noqa: E402
 
 
 def layer_configs(d: int) -> dict[str, dict]:
     """Every layer at the active FLOPs of a dense SwiGLU of width F = 4·d."""
     F_ = 4 * d
-    return {
+    configs = {
         "dense": {"kind": "dense", "intermediate_size": F_},
         "moe E=8 k=2": {"kind": "moe", "num_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_size": F_ // 2},
         "moe E=64 k=8 (fine-grained)": {"kind": "moe", "num_experts": 64, "num_experts_per_tok": 8,
@@ -62,6 +63,16 @@ def layer_configs(d: int) -> dict[str, dict]:
                                         "expert_intermediate_size": F_ // 16, "gate_kernel": False},
         "dsmoe n=8 (training path)": {"kind": "dsmoe", "intermediate_size": F_, "num_experts": 8},
     }
+    if quack_installed():  # the opt-in QuACK path beside the default one (finemoe.kernels.quack_experts)
+        configs = {name: spec for base, base_spec in configs.items()
+                   for name, spec in [(base, base_spec)] + ([(f"{base} [experts_impl=quack]",
+                                                              base_spec | {"experts_impl": "quack"})]
+                                                            if base in TOKEN_CHOICE else [])}
+    return configs
+
+
+TOKEN_CHOICE = ("moe E=8 k=2", "moe E=64 k=8 (fine-grained)", "moe SMoE-Share (E=8 k=2 F/4 + shared)",
+                "cartesian (8 sub-experts, k=2, + shared)")
 
 
 EAGER_REFERENCE = ("moe E=8 k=2", "moe E=64 k=8 (fine-grained)", "cartesian (8 sub-experts, k=2, + shared)")

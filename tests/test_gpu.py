@@ -461,3 +461,69 @@ def test_row_sparse_adamw_on_cuda_takes_the_kernel_and_equals_the_reference(clip
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(optimizers[1].state[tables[1]][key].cpu(), optimizers[0].state[tables[0]][key],
                                    atol=1e-6, rtol=1e-5)
+
+
+def _quack_or_skip():
+    from finemoe.kernels import quack_experts
+
+    if not quack_experts.quack_available(torch.zeros(1, device="cuda")):
+        pytest.skip("needs the quack-kernels package and an sm90/sm100 GPU")
+    return quack_experts
+
+
+@pytest.mark.parametrize("routing", ["random", "two experts only", "all on one expert"])
+def test_quack_experts_bf16_match_the_float32_eager_reference(routing, monkeypatch):
+    """Token choice on QuACK's GEMMs (gather, SwiGLU and the weight gradients inside them)
+    under bf16 against the eager per-expert loop in float32: output and the gradients of
+    the input, the three weight banks and the routing weights, relative error < 2e-2;
+    experts that receive no token get exactly zero gradient."""
+    from finemoe.layers.experts import SwiGLUExperts, dispatch_token_choice
+
+    monkeypatch.setattr(_quack_or_skip(), "_TUNED", False)  # QuACK's default tiles: no autotuning in a test
+    torch.manual_seed(0)
+    N, K, E, D, F_ = 1000, 2, 8, 256, 128
+    fast = SwiGLUExperts(E, D, F_, impl="quack").cuda()
+    reference = copy.deepcopy(fast)
+    reference.impl = "eager"
+    x = torch.randn(N, D, device="cuda")
+    idx = {"random": torch.rand(N, E, device="cuda").topk(K, dim=1).indices,
+           "two experts only": torch.stack([torch.full((N,), 3), torch.full((N,), 5)], 1).cuda(),
+           "all on one expert": torch.stack([torch.full((N,), 6), torch.randint(0, 6, (N,))], 1).cuda()}[routing]
+    weights = torch.rand(N, K, device="cuda")
+    probe = torch.randn(N, D, device="cuda")
+    results = []
+    for experts, dtype in ((fast, torch.bfloat16), (reference, torch.float32)):
+        xs, ws = x.to(dtype).requires_grad_(True), weights.clone().requires_grad_(True)
+        out = dispatch_token_choice(experts, xs, ws, idx)
+        (out.float() * probe).sum().backward()
+        results.append((out.float(), xs.grad.float(), ws.grad, {n: p.grad for n, p in experts.named_parameters()}))
+        experts.zero_grad(set_to_none=True)
+    (out, gx, gw, gp), (out_r, gx_r, gw_r, gp_r) = results
+    assert _rel(out, out_r) < 2e-2 and _rel(gx, gx_r) < 2e-2 and _rel(gw, gw_r) < 2e-2
+    unused = torch.ones(E, dtype=torch.bool)
+    unused[idx.unique().cpu()] = False
+    for name, grad in gp_r.items():
+        assert _rel(gp[name], grad) < 2e-2, name
+        assert gp[name].dtype == torch.float32 and bool((gp[name][unused] == 0).all()), name
+
+
+def test_quack_moe_layer_compiles_and_equals_its_eager_self(monkeypatch):
+    """The layer with ``experts_impl: quack`` under ``torch.compile(fullgraph=True)``: the
+    QuACK operators are opaque nodes with fake implementations; same output and gradients
+    as the eager layer."""
+    from finemoe.layers import MoEConfig
+
+    monkeypatch.setattr(_quack_or_skip(), "_TUNED", False)
+    torch.manual_seed(0)
+    layer = MoEConfig(num_experts=8, num_experts_per_tok=2, expert_intermediate_size=128,
+                      experts_impl="quack").build(256).cuda()
+    h = torch.randn(2, 300, 256, device="cuda")
+    runs = []
+    for run in (layer, torch.compile(layer, fullgraph=True)):
+        x = h.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(x).update
+        out.float().square().sum().backward()
+        runs.append((out.float(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+        layer.zero_grad(set_to_none=True)
+    _assert_same_results(runs[0], runs[1], tol=2e-2)

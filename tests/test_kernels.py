@@ -155,6 +155,30 @@ def test_sum_slots_equals_the_formula(tokens, K, width):
     torch.testing.assert_close(grad, want_grad)
 
 
+@pytest.mark.parametrize("tokens,K,width", [(5, 2, 40), (3, 8, 1100), (0, 4, 8)])
+def test_weighted_slot_sum_equals_the_formula(tokens, K, width):
+    """The kernel with a weight per slot (QuACK's expert path applies the routing weights
+    there): ``out[n] = Σ_k w[n, k] · y[position[n·K + k]]``, against a loop written here,
+    and the same reference formula the CPU takes."""
+    from finemoe.kernels.slots import _launch_sum, weighted_sum_slots
+
+    torch.manual_seed(K)
+    S = tokens * K
+    order = torch.randperm(S, device=DEVICE)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(S, device=DEVICE))
+    y = torch.randn(S, width, device=DEVICE)
+    weight = torch.rand(S, device=DEVICE)
+    want = torch.zeros(tokens, width, device=DEVICE)
+    for slot in range(S):
+        want[slot // K] += weight[slot] * y[position[slot]]
+    torch.testing.assert_close(_launch_sum(y, position, tokens, K, skip_negative=False, weight=weight), want,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weighted_sum_slots(y.double(), position, K, weight), want.double(), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(_launch_sum(y, position, tokens, K, skip_negative=False),
+                               weighted_sum_slots(y.double(), position, K).float(), atol=1e-5, rtol=1e-5)
+
+
 def test_sum_slots_passes_opcheck():
     order = torch.randperm(12, device=DEVICE)
     position = torch.empty_like(order).scatter_(0, order, torch.arange(12, device=DEVICE))

@@ -35,7 +35,7 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["gather_rows", "sum_listed_rows", "sum_slots", "sum_slots_reference"]
+__all__ = ["gather_rows", "sum_listed_rows", "sum_slots", "sum_slots_reference", "weighted_sum_slots"]
 
 _BLOCK_D = 1024
 
@@ -48,9 +48,10 @@ def sum_slots_reference(y_SD: Tensor, position_S: Tensor, K: int) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _sum_slots_kernel(y_ptr, position_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr,
-                          SKIP_NEGATIVE: tl.constexpr):
-        # SKIP_NEGATIVE: a position of -1 names no row (a slot that was not used)
+    def _sum_slots_kernel(y_ptr, position_ptr, weight_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr,
+                          SKIP_NEGATIVE: tl.constexpr, WEIGHTED: tl.constexpr):
+        # SKIP_NEGATIVE: a position of -1 names no row (a slot that was not used);
+        # WEIGHTED: each slot's row times its float32 weight
         n = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -58,22 +59,42 @@ if triton is not None:
         for k in tl.static_range(K):
             row = tl.load(position_ptr + n * K + k).to(tl.int64)
             if SKIP_NEGATIVE:
-                acc += tl.load(y_ptr + row * D + cols, mask=mask & (row >= 0), other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + row * D + cols, mask=mask & (row >= 0), other=0.0).to(tl.float32)
             else:
-                acc += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            if WEIGHTED:
+                y = y * tl.load(weight_ptr + n * K + k).to(tl.float32)
+            acc += y
         tl.store(out_ptr + n * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_sum(y_SD: Tensor, position: Tensor, N: int, K: int, skip_negative: bool) -> Tensor:
-    """``out[n] = Σ_k y[position[n·K + k]]``, ``(N, D)``: one program per (token, tile of columns)."""
+def _launch_sum(y_SD: Tensor, position: Tensor, N: int, K: int, skip_negative: bool,
+                weight: Tensor | None = None) -> Tensor:
+    """``out[n] = Σ_k (weight[n·K + k] ·) y[position[n·K + k]]``, ``(N, D)``: one program per
+    (token, tile of columns)."""
     y_SD = y_SD.contiguous()
     D = y_SD.shape[1]
     out_ND = y_SD.new_empty(N, D)
     if out_ND.numel():
         block = min(_BLOCK_D, triton.next_power_of_2(D))
-        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](y_SD, position.contiguous(), out_ND, D, K=K,
-                                                              BLOCK_D=block, SKIP_NEGATIVE=skip_negative)
+        weighted = weight is not None
+        launch(_sum_slots_kernel)[(N, triton.cdiv(D, block))](
+            y_SD, position.contiguous(), weight.contiguous() if weighted else position, out_ND, D, K=K,
+            BLOCK_D=block, SKIP_NEGATIVE=skip_negative, WEIGHTED=weighted)
     return out_ND
+
+
+def weighted_sum_slots(y_SD: Tensor, position_S: Tensor, K: int, weight_S: Tensor | None = None) -> Tensor:
+    """``out[n] = Σ_k weight[n·K + k] · y[position[n·K + k]]`` (unweighted without
+    ``weight_S``), ``(N, D)``, summed in float32 in the order k = 0 … K−1. No autograd: for
+    the bodies of operators that have their own backward (``finemoe.kernels.quack_experts``)."""
+    N = position_S.shape[0] // K
+    if triton_kernels_available(y_SD):
+        return _launch_sum(y_SD, position_S, N, K, skip_negative=False, weight=weight_S)
+    rows_NKD = y_SD.index_select(0, position_S).view(N, K, y_SD.shape[1]).float()
+    if weight_S is not None:
+        rows_NKD = rows_NKD * weight_S.view(N, K, 1).float()
+    return rows_NKD.sum(1).to(y_SD.dtype)
 
 
 @kernel_op("finemoe::sum_slots", mutates_args=())

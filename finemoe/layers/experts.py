@@ -22,6 +22,11 @@ torchtitan (``use_grouped_mm``) and Hugging Face (``experts_implementation``):
   to ``torch.compile``. Where that
   kernel does not apply (float64, float32 on a GPU, an old torch) the op loops over
   the groups inside itself, so a model still compiles with ``fullgraph=True``.
+- ``quack``: token choice on QuACK's grouped GEMMs (``finemoe.kernels.quack_experts``,
+  SonicMoE's layout: the slot gather inside the GEMMs, SwiGLU in their epilogues, float32
+  weight gradients), where the optional ``quack-kernels`` package is installed and the
+  GPU is an sm90/sm100 one; the grouped_mm path elsewhere (expert choice, recording
+  activations, float32, the CPU). Opt-in: its GEMMs are autotuned on first use.
 
 Shapes: N tokens, S routed slots (N·K for token choice, E·C for expert choice),
 D model width, F expert width, E experts.
@@ -30,6 +35,7 @@ D model width, F expert width, E experts.
 from __future__ import annotations
 
 import typing
+import warnings
 from typing import Literal
 
 import torch
@@ -37,6 +43,7 @@ from torch import Tensor, nn
 
 from finemoe.config import check
 from finemoe.kernels import grouped_mm
+from finemoe.kernels.quack_experts import quack_available, quack_installed, quack_token_choice
 from finemoe.kernels.slots import gather_rows, sum_slots
 from finemoe.layers.common import swiglu_hidden, swiglu_hidden_packed
 from finemoe.layers.records import Stats
@@ -54,7 +61,7 @@ __all__ = [
     "shared_experts_width",
 ]
 
-ExpertsImpl = Literal["auto", "eager", "grouped_mm"]
+ExpertsImpl = Literal["auto", "eager", "grouped_mm", "quack"]
 EXPERTS_IMPLS = typing.get_args(ExpertsImpl)
 
 
@@ -98,7 +105,7 @@ def run_swiglu_experts(
     strided views (DSMoE runs the blocks of a dense FFN this way). ``stats``: where the
     experts' activations are recorded, when the caller wants them."""
     scale_S1 = None if scale_S is None else scale_S.reshape(-1, 1)
-    if impl in ("auto", "grouped_mm"):
+    if impl in ("auto", "grouped_mm", "quack"):
         return _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats)
     if impl == "eager":
         return _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats)
@@ -193,8 +200,24 @@ def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tens
     sorted_ids_S, order_S = sort_by_expert(idx_NK, experts.num_experts)  # slots grouped by expert
     position_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(order_S.numel(), device=order_S.device))
     counts_E = counts_of_sorted(sorted_ids_S, experts.num_experts)
+    if _runs_on_quack(experts.impl, x_ND, stats):
+        token_S = torch.div(order_S, K, rounding_mode="floor")
+        return quack_token_choice(x_ND, experts.w_gate, experts.w_up, experts.w_down, weights_NK, token_S, position_S,
+                                  order_S, counts_E)
     y_SD = experts(_GatherSlots.apply(x_ND, order_S, position_S, K), counts_E, weights_NK.reshape(-1)[order_S], stats)
     return sum_slots(y_SD, position_S, order_S, K)
+
+
+def _runs_on_quack(impl: str, x_ND: Tensor, stats: Stats | None) -> bool:
+    """Whether token choice runs on QuACK's kernels (``finemoe.kernels.quack_experts``):
+    asked for, in bf16 on an sm90/sm100 GPU, and no activations to record (the kernels
+    never write the hidden units out)."""
+    if impl != "quack" or stats is not None or x_ND.dtype != torch.bfloat16 or not x_ND.is_cuda:
+        return False
+    if not quack_installed():
+        warnings.warn("experts_impl='quack' needs the quack-kernels package (pip install 'finemoe[quack]'); "
+                      "running the grouped_mm path instead", stacklevel=3)
+    return quack_available(x_ND)
 
 
 def dispatch_expert_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_EC: Tensor, idx_EC: Tensor,
