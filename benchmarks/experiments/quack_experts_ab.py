@@ -104,7 +104,7 @@ def eager_times(names, d: int = 1024, tokens: int = 16384) -> None:
             restore = _use(quack)()
             try:
                 times.append(f"{gpu_ms(fwd_bwd(layer, h, cotangent, autocast), calls=10):.3f}")
-            except Exception:
+            except Exception:  # noqa: BLE001  (report and go on)
                 traceback.print_exc()
                 times.append("failed")
             finally:
