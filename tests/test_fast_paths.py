@@ -201,3 +201,20 @@ def test_statistics_records_compile_fullgraph_and_equal_eager(kind):
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_quack_experts_fall_back_to_grouped_mm_off_the_gpu():
+    """``experts_impl: quack`` where QuACK cannot run (the CPU, float64): the grouped_mm
+    path, so the same model runs anywhere; output and gradients equal grouped_mm's."""
+    torch.manual_seed(0)
+    quack = randomise(MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16,
+                                experts_impl="quack").build(D)).double()
+    grouped = copy.deepcopy(quack)
+    for module in grouped.modules():
+        if hasattr(module, "impl"):
+            module.impl = "grouped_mm"
+    h, probe = torch.randn(B, T, D, dtype=torch.float64), torch.randn(B, T, D, dtype=torch.float64)
+    got, want = _run(quack, h, probe), _run(grouped, h, probe)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for key, grad in want[2].items():
+        torch.testing.assert_close(got[2][key], grad, rtol=0, atol=0)
