@@ -417,6 +417,12 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
             add(f"dsmoe sparse inference ({label}) [CUDA graph]", dsmoe_spec, dense_flops,
                 cuda_graph_forward(dsmoe, x, autocast), against=dense_graph, kind="fwd",
                 extra={"tokens": n, "active_share": share})
+            if label == "prefill" and quack_installed():  # the blocks on QuACK's gathered GEMMs
+                dsmoe_quack = dsmoe_cfg.replace(experts_impl="quack").build(d).to(device).eval()
+                dsmoe_quack.load_state_dict(dsmoe.state_dict())
+                add(f"dsmoe sparse inference ({label}) [experts_impl=quack] [CUDA graph]",
+                    dsmoe_spec | {"experts_impl": "quack"}, dense_flops, cuda_graph_forward(dsmoe_quack, x, autocast),
+                    against=dense_graph, kind="fwd", extra={"tokens": n, "active_share": share})
     return rows
 
 

@@ -179,6 +179,40 @@ def test_weighted_slot_sum_equals_the_formula(tokens, K, width):
                                weighted_sum_slots(y.double(), position, K).float(), atol=1e-5, rtol=1e-5)
 
 
+def test_weighted_slot_sum_skips_unlisted_rows():
+    """With ``skip_negative`` (DSMoE's blocks that a token left off: position -1) those
+    slots add nothing, whatever their weight; kernel and CPU formula against a loop."""
+    from finemoe.kernels.slots import _launch_sum, weighted_sum_slots
+
+    torch.manual_seed(0)
+    tokens, K, width = 7, 3, 50
+    y = torch.randn(tokens * K, width, device=DEVICE)
+    position = torch.randperm(tokens * K, device=DEVICE)
+    position[torch.rand(tokens * K, device=DEVICE) < 0.4] = -1
+    weight = torch.rand(tokens * K, device=DEVICE)
+    want = torch.zeros(tokens, width, device=DEVICE)
+    for slot in range(tokens * K):
+        if position[slot] >= 0:
+            want[slot // K] += weight[slot] * y[position[slot]]
+    torch.testing.assert_close(_launch_sum(y, position, tokens, K, skip_negative=True, weight=weight), want,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weighted_sum_slots(y.double(), position, K, weight, skip_negative=True),
+                               want.double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,half", [(5, 3), (17, 200), (1, 1), (0, 4)])
+def test_deinterleave_columns_splits_even_and_odd_columns(rows, half):
+    """QuACK's gated GEMMs pair gate column j with up column j as columns 2j, 2j + 1; the
+    kernel writes them apart, ``(R, 2F) → (2, R, F)``, against slicing written here."""
+    from finemoe.kernels.quack_experts import deinterleave_columns
+
+    src = torch.randn(rows, 2 * half, device=DEVICE)
+    out = deinterleave_columns(src)
+    assert out.shape == (2, rows, half)
+    torch.testing.assert_close(out[0], src[:, 0::2], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], src[:, 1::2], rtol=0, atol=0)
+
+
 def test_sum_slots_passes_opcheck():
     order = torch.randperm(12, device=DEVICE)
     position = torch.empty_like(order).scatter_(0, order, torch.arange(12, device=DEVICE))

@@ -58,8 +58,9 @@ if triton is not None:
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for k in tl.static_range(K):
             row = tl.load(position_ptr + n * K + k).to(tl.int64)
-            if SKIP_NEGATIVE:
-                y = tl.load(y_ptr + row * D + cols, mask=mask & (row >= 0), other=0.0).to(tl.float32)
+            if SKIP_NEGATIVE:  # the bound as a scalar: a vector mask (and Triton's interpreter takes it)
+                y = tl.load(y_ptr + tl.maximum(row, 0) * D + cols, mask=cols < tl.where(row >= 0, D, 0),
+                            other=0.0).to(tl.float32)
             else:
                 y = tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             if WEIGHTED:
@@ -84,17 +85,20 @@ def _launch_sum(y_SD: Tensor, position: Tensor, N: int, K: int, skip_negative: b
     return out_ND
 
 
-def weighted_sum_slots(y_SD: Tensor, position_S: Tensor, K: int, weight_S: Tensor | None = None) -> Tensor:
+def weighted_sum_slots(y_SD: Tensor, position_S: Tensor, K: int, weight_S: Tensor | None = None,
+                       skip_negative: bool = False) -> Tensor:
     """``out[n] = Σ_k weight[n·K + k] · y[position[n·K + k]]`` (unweighted without
-    ``weight_S``), ``(N, D)``, summed in float32 in the order k = 0 … K−1. No autograd: for
-    the bodies of operators that have their own backward (``finemoe.kernels.quack_experts``)."""
+    ``weight_S``; with ``skip_negative``, a position of -1 adds nothing), ``(N, D)``,
+    summed in float32 in the order k = 0 … K−1. No autograd: for the bodies of operators
+    that have their own backward, and inference (``finemoe.kernels.quack_experts``)."""
     N = position_S.shape[0] // K
     if triton_kernels_available(y_SD):
-        return _launch_sum(y_SD, position_S, N, K, skip_negative=False, weight=weight_S)
-    rows_NKD = y_SD.index_select(0, position_S).view(N, K, y_SD.shape[1]).float()
+        return _launch_sum(y_SD, position_S, N, K, skip_negative=skip_negative, weight=weight_S)
+    listed_S1 = (position_S >= 0).unsqueeze(-1)
+    rows_SD = torch.where(listed_S1, y_SD.index_select(0, position_S.clamp_min(0)).float(), 0.0)
     if weight_S is not None:
-        rows_NKD = rows_NKD * weight_S.view(N, K, 1).float()
-    return rows_NKD.sum(1).to(y_SD.dtype)
+        rows_SD = rows_SD * weight_S.reshape(-1, 1).float()
+    return rows_SD.view(N, K, y_SD.shape[1]).sum(1).to(y_SD.dtype)
 
 
 @kernel_op("finemoe::sum_slots", mutates_args=())
