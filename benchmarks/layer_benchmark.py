@@ -344,7 +344,7 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
         rows.append(row)
         if against is None:
             baseline_rows[id(fn)] = row
-        print(f"  {name:48s} {kind:8s} {ms:8.3f} ms  (dense {ref_ms:.3f})  ratio {row['ratio_vs_dense']:.2f}  "
+        print(f"  {name:48s} {kind:8s} {ms:8.3f} ms  (dense {ref_ms:.3f})  ratio {row['ratio_vs_dense']:.3f}  "
               f"{row['tflops']:6.1f} TFLOP/s  peak {peak:.2f} GiB", flush=True)
 
     dense_step = None
@@ -417,12 +417,6 @@ def run_size(d: int, tokens: int, device: str, warmup: int, repeats: int, only: 
             add(f"dsmoe sparse inference ({label}) [CUDA graph]", dsmoe_spec, dense_flops,
                 cuda_graph_forward(dsmoe, x, autocast), against=dense_graph, kind="fwd",
                 extra={"tokens": n, "active_share": share})
-            if label == "prefill" and quack_installed():  # the blocks on QuACK's gathered GEMMs
-                dsmoe_quack = dsmoe_cfg.replace(experts_impl="quack").build(d).to(device).eval()
-                dsmoe_quack.load_state_dict(dsmoe.state_dict())
-                add(f"dsmoe sparse inference ({label}) [experts_impl=quack] [CUDA graph]",
-                    dsmoe_spec | {"experts_impl": "quack"}, dense_flops, cuda_graph_forward(dsmoe_quack, x, autocast),
-                    against=dense_graph, kind="fwd", extra={"tokens": n, "active_share": share})
     return rows
 
 
@@ -453,7 +447,7 @@ def markdown(result: dict) -> str:
         for r in rows:
             share = f" ({r['active_share']:.0%} of blocks on)" if "active_share" in r else ""
             lines.append(f"| {r['name']}{share} | {r['pass']} | {r['ms']:.3f} | {r['baseline_ms']:.3f} | "
-                         f"{r['ratio_vs_dense']:.2f} | "
+                         f"{r['ratio_vs_dense']:.3f} | "
                          f"{r['tflops']:.1f} | {r['peak_gib']:.2f} |")
         lines.append("")
     return "\n".join(lines)

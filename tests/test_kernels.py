@@ -179,10 +179,11 @@ def test_weighted_slot_sum_equals_the_formula(tokens, K, width):
                                weighted_sum_slots(y.double(), position, K).float(), atol=1e-5, rtol=1e-5)
 
 
-def test_weighted_slot_sum_skips_unlisted_rows():
-    """With ``skip_negative`` (DSMoE's blocks that a token left off: position -1) those
-    slots add nothing, whatever their weight; kernel and CPU formula against a loop."""
-    from finemoe.kernels.slots import _launch_sum, weighted_sum_slots
+def test_slot_sum_skips_unlisted_rows():
+    """With ``skip_negative`` (DSMoE's blocks that a token left off: position -1, the
+    prefill's ``sum_listed_rows``) those slots add nothing, weighted or not; the kernel
+    and the CPU formula against a loop."""
+    from finemoe.kernels.slots import _launch_sum, sum_listed_rows
 
     torch.manual_seed(0)
     tokens, K, width = 7, 3, 50
@@ -196,8 +197,13 @@ def test_weighted_slot_sum_skips_unlisted_rows():
             want[slot // K] += weight[slot] * y[position[slot]]
     torch.testing.assert_close(_launch_sum(y, position, tokens, K, skip_negative=True, weight=weight), want,
                                atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(weighted_sum_slots(y.double(), position, K, weight, skip_negative=True),
-                               want.double(), atol=1e-5, rtol=1e-5)
+    unweighted = torch.zeros(tokens, width, device=DEVICE)
+    for slot in range(tokens * K):
+        if position[slot] >= 0:
+            unweighted[slot // K] += y[position[slot]]
+    torch.testing.assert_close(_launch_sum(y, position, tokens, K, skip_negative=True), unweighted,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sum_listed_rows(y, position.view(tokens, K)), unweighted, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows,half", [(5, 3), (17, 200), (1, 1), (0, 4)])

@@ -45,7 +45,7 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["deinterleave_columns", "quack_available", "quack_blocks_forward", "quack_installed", "quack_token_choice"]
+__all__ = ["deinterleave_columns", "quack_available", "quack_installed", "quack_token_choice"]
 
 try:  # an optional dependency: pip install "finemoe[quack]"
     from quack.gemm_interface import gemm as _gemm
@@ -182,25 +182,6 @@ class _QuackTokenChoice(torch.autograd.Function):
         g_dt, u_dt, d_dt, s_dt = ctx.weight_dtypes
         return (grad_x, grad_gate.to(g_dt), grad_up.to(u_dt), grad_down.to(d_dt), grad_weight.to(s_dt),
                 None, None, None, None)
-
-
-def quack_blocks_forward(x_ND: Tensor, token_S: Tensor, position_Nn: Tensor, weight_Nn: Tensor, ends_n: Tensor,
-                         w_gate_nDb: Tensor, w_up_nDb: Tensor, w_down_nbD: Tensor) -> Tensor:
-    """DSMoE's sparse inference (forward only) on QuACK: ``out_t = Σ_i weight[t, i] ·
-    SwiGLU_i(x_t)`` over the blocks i that token t switched on. The pairs are laid out as
-    ``finemoe.kernels.dsmoe_prefill.block_pairs`` lays them out (active pairs first,
-    grouped by block, ``ends_n`` the cumulative counts; ``position[t, i]`` a pair's row or
-    -1): the gated GEMM gathers each pair's token row and writes only the hidden units
-    (no pre-activation kept), the down GEMM follows, and each token sums its blocks'
-    rows weighted by its gates (``finemoe.kernels.slots``). Rows past the active pairs
-    are never computed nor read."""
-    cu_n1 = torch.nn.functional.pad(ends_n.to(torch.int32), (1, 0))
-    w_gu = _interleave(w_gate_nDb, w_up_nDb, x_ND.dtype)
-    _, h_Sb = _gemm_gated(x_ND, w_gu, activation="swiglu", cu_seqlens_m=cu_n1, A_idx=token_S.to(torch.int32),
-                          store_preact=False, dynamic_scheduler=False, tuned=_TUNED)
-    y_SD = _gemm(h_Sb, w_down_nbD.to(x_ND.dtype), cu_seqlens_m=cu_n1, dynamic_scheduler=False, tuned=_TUNED)
-    return weighted_sum_slots(y_SD, position_Nn.reshape(-1), position_Nn.shape[1], weight_Nn.reshape(-1).float(),
-                              skip_negative=True)
 
 
 def quack_token_choice(x_ND: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, weight_NK: Tensor,

@@ -85,20 +85,17 @@ def _launch_sum(y_SD: Tensor, position: Tensor, N: int, K: int, skip_negative: b
     return out_ND
 
 
-def weighted_sum_slots(y_SD: Tensor, position_S: Tensor, K: int, weight_S: Tensor | None = None,
-                       skip_negative: bool = False) -> Tensor:
+def weighted_sum_slots(y_SD: Tensor, position_S: Tensor, K: int, weight_S: Tensor | None = None) -> Tensor:
     """``out[n] = Σ_k weight[n·K + k] · y[position[n·K + k]]`` (unweighted without
-    ``weight_S``; with ``skip_negative``, a position of -1 adds nothing), ``(N, D)``,
-    summed in float32 in the order k = 0 … K−1. No autograd: for the bodies of operators
-    that have their own backward, and inference (``finemoe.kernels.quack_experts``)."""
+    ``weight_S``), ``(N, D)``, summed in float32 in the order k = 0 … K−1. No autograd: for
+    the bodies of operators that have their own backward (``finemoe.kernels.quack_experts``)."""
     N = position_S.shape[0] // K
     if triton_kernels_available(y_SD):
-        return _launch_sum(y_SD, position_S, N, K, skip_negative=skip_negative, weight=weight_S)
-    listed_S1 = (position_S >= 0).unsqueeze(-1)
-    rows_SD = torch.where(listed_S1, y_SD.index_select(0, position_S.clamp_min(0)).float(), 0.0)
+        return _launch_sum(y_SD, position_S, N, K, skip_negative=False, weight=weight_S)
+    rows_NKD = y_SD.index_select(0, position_S).view(N, K, y_SD.shape[1]).float()
     if weight_S is not None:
-        rows_SD = rows_SD * weight_S.reshape(-1, 1).float()
-    return rows_SD.view(N, K, y_SD.shape[1]).sum(1).to(y_SD.dtype)
+        rows_NKD = rows_NKD * weight_S.view(N, K, 1).float()
+    return rows_NKD.sum(1).to(y_SD.dtype)
 
 
 @kernel_op("finemoe::sum_slots", mutates_args=())

@@ -40,7 +40,6 @@ from finemoe.kernels.dsmoe_decode import dsmoe_decode, dsmoe_decode_applies
 from finemoe.kernels.dsmoe_prefill import block_pairs, norm_and_gates
 from finemoe.kernels.gathered_swiglu import gathered_swiglu, gathered_swiglu_applies
 from finemoe.kernels.grouped_mm import grouped_mm
-from finemoe.kernels.quack_experts import quack_available, quack_blocks_forward
 from finemoe.kernels.slots import sum_listed_rows
 from finemoe.layers.experts import ExpertsImpl, compute_dtype, run_swiglu_experts
 from finemoe.layers.routing import count_per_expert
@@ -196,14 +195,9 @@ class DSMoEFFN(FFN):
         """``sparse_forward`` in kernels: the layout of the pairs
         (``finemoe.kernels.dsmoe_prefill``), the gathered gate and up products with the
         SwiGLU (``finemoe.kernels.gathered_swiglu``), the down products (torch's grouped
-        GEMM), and each token's sum over its blocks (``finemoe.kernels.slots``); with
-        ``experts_impl: quack``, the products on QuACK's gathered grouped GEMMs
-        (``finemoe.kernels.quack_experts.quack_blocks_forward``)."""
+        GEMM), and each token's sum over its blocks (``finemoe.kernels.slots``)."""
         w_gate, w_up, w_down = self.block_weights()
         token_S, scale_S, position_Nn, counts_n, ends_n = block_pairs(G_Nn, self.config.rescale)
-        if self.config.experts_impl == "quack" and quack_available(x_ND):
-            weight_Nn = G_Nn * self._scale(G_Nn > 0, G_Nn.dtype)
-            return quack_blocks_forward(x_ND, token_S, position_Nn, weight_Nn, ends_n, w_gate, w_up, w_down)
         hidden_Sb = gathered_swiglu(x_ND, token_S, scale_S, counts_n, w_gate, w_up)
         return sum_listed_rows(grouped_mm(hidden_Sb, w_down.to(x_ND.dtype), ends_n), position_Nn)
 
