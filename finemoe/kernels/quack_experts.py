@@ -20,7 +20,11 @@ backward, with g = ∂L/∂out:
 
 so no ``(S, D)`` copy of the input or of the output gradient is ever written, SwiGLU costs
 no pass of its own, and the weight gradients are written in float32. QuACK's kernels are
-compiled on first use (seconds each; cached on disk by CuTe DSL) and need an sm90/sm100 GPU.
+compiled and autotuned on first use (cached on disk with ``QUACK_CACHE_AUTOTUNING=1``) and
+need an sm90/sm100 GPU. Each GEMM is a Python call through QuACK's interface, so the path
+pays where the step is replayed as CUDA graphs (``train.compile_mode=reduce-overhead``):
+compiled without graphs, s120m-cartesian trained at 0.58 of dense's MFU against 0.76 on
+grouped_mm, and as graphs at 0.82 against 0.77 (benchmarks/NOTES.md).
 
 Operator → autograd → ``dispatch_token_choice`` when ``experts_impl`` is ``quack`` (or
 ``auto`` where measured faster); the grouped_mm and eager paths are the references it is

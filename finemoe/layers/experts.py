@@ -26,7 +26,8 @@ torchtitan (``use_grouped_mm``) and Hugging Face (``experts_implementation``):
   SonicMoE's layout: the slot gather inside the GEMMs, SwiGLU in their epilogues, float32
   weight gradients), where the optional ``quack-kernels`` package is installed and the
   GPU is an sm90/sm100 one; the grouped_mm path elsewhere (expert choice, recording
-  activations, float32, the CPU). Opt-in: its GEMMs are autotuned on first use.
+  activations, float32, the CPU). Opt-in: its GEMMs are autotuned on first use, and it
+  pays under CUDA-graph replay (its launches cost host time: benchmarks/NOTES.md).
 
 Shapes: N tokens, S routed slots (N·K for token choice, E·C for expert choice),
 D model width, F expert width, E experts.
