@@ -26,9 +26,10 @@ pays where the step is replayed as CUDA graphs (``train.compile_mode=reduce-over
 compiled without graphs, s120m-cartesian trained at 0.58 of dense's MFU against 0.76 on
 grouped_mm, and as graphs at 0.82 against 0.77 (benchmarks/NOTES.md).
 
-Operator → autograd → ``dispatch_token_choice`` when ``experts_impl`` is ``quack`` (or
-``auto`` where measured faster); the grouped_mm and eager paths are the references it is
-tested against (tests/test_gpu.py).
+Operator → autograd → ``dispatch_token_choice`` when ``experts_impl`` is ``quack`` (opt-in;
+``auto`` stays on grouped_mm); the grouped_mm and eager paths are the references it is
+tested against (tests/test_gpu.py), and ``deinterleave_columns`` is tested under Triton's
+interpreter (tests/test_kernels.py).
 
 Shapes: N tokens, K slots per token, S = N·K rows sorted by expert, D model width,
 F expert width, E experts.
