@@ -114,6 +114,9 @@ def eager_times(names, d: int = 1024, tokens: int = 16384) -> None:
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    if "--compiled-only" in sys.argv:  # the quack rows alone, compiled (e.g. one setting against another)
+        compare(("dense",) + ROUTED[:2], {"quack": _use(True)})
+        sys.exit()
     if "--skip-agreement" not in sys.argv:
         agreement(ROUTED)
     eager_times(("dense",) + (ROUTED if "--skip-agreement" not in sys.argv else ROUTED[:2]))
