@@ -66,11 +66,6 @@ keeps the choices on disk). With QuACK's default tiles the layer was slower than
 grouped_mm path (moe E = 8: 3.38 against 2.90 ms), tuned faster (2.71): benchmarks/NOTES.md."""
 
 
-_DYNAMIC = os.environ.get("FINEMOE_QUACK_DYNAMIC", "0") == "1"
-"""Whether QuACK's GEMMs take their tiles from a device-side counter (its dynamic
-persistent scheduler) rather than a static assignment; SonicMoE runs them static."""
-
-
 def quack_installed() -> bool:
     """Whether QuACK (``pip install "finemoe[quack]"``) could be imported."""
     return _gemm is not None
@@ -124,8 +119,8 @@ def deinterleave_columns(src_R2F: Tensor) -> Tensor:
 def _forward(x_ND: Tensor, w_gu_ED2F: Tensor, w_down_EFD: Tensor, weight_NK: Tensor, token_S: Tensor,
              position_S: Tensor, cu_E1: Tensor) -> tuple[Tensor, Tensor]:
     z_S2F, h_SF = _gemm_gated(x_ND, w_gu_ED2F, activation="swiglu", cu_seqlens_m=cu_E1, A_idx=token_S,
-                              dynamic_scheduler=_DYNAMIC, tuned=_TUNED)
-    y_SD = _gemm(h_SF, w_down_EFD, cu_seqlens_m=cu_E1, dynamic_scheduler=_DYNAMIC, tuned=_TUNED)
+                              dynamic_scheduler=False, tuned=_TUNED)
+    y_SD = _gemm(h_SF, w_down_EFD, cu_seqlens_m=cu_E1, dynamic_scheduler=False, tuned=_TUNED)
     return weighted_sum_slots(y_SD, position_S, weight_NK.shape[1], weight_NK.reshape(-1)), z_S2F
 
 
@@ -145,14 +140,14 @@ def _backward(grad_ND: Tensor, x_ND: Tensor, w_gu_ED2F: Tensor, w_down_EFD: Tens
     grad_ND = grad_ND.contiguous()
     dz_S2F, hs_SF, ds_S = _gemm_dgated(grad_ND, w_down_EFD.transpose(1, 2), PreAct=z_S2F, activation="swiglu",
                                        colvec_scale=weight_S, colvec_reduce=True, cu_seqlens_m=cu_E1,
-                                       A_idx=token_S, dynamic_scheduler=_DYNAMIC, tuned=_TUNED)
+                                       A_idx=token_S, dynamic_scheduler=False, tuned=_TUNED)
     grad_w_down_EFD = grad_ND.new_empty(E, F, D, dtype=torch.float32)
     _gemm(grad_ND.T, hs_SF, out=grad_w_down_EFD.transpose(1, 2), cu_seqlens_k=cu_E1, A_idx=token_S,
-          dynamic_scheduler=_DYNAMIC, tuned=_TUNED)
+          dynamic_scheduler=False, tuned=_TUNED)
     grad_w_gu_ED2F = grad_ND.new_empty(E, D, 2 * F, dtype=torch.float32)
-    _gemm(x_ND.T, dz_S2F, out=grad_w_gu_ED2F, cu_seqlens_k=cu_E1, A_idx=token_S, dynamic_scheduler=_DYNAMIC,
+    _gemm(x_ND.T, dz_S2F, out=grad_w_gu_ED2F, cu_seqlens_k=cu_E1, A_idx=token_S, dynamic_scheduler=False,
           tuned=_TUNED)
-    grad_x_SD = _gemm(dz_S2F, w_gu_ED2F.transpose(1, 2), cu_seqlens_m=cu_E1, dynamic_scheduler=_DYNAMIC,
+    grad_x_SD = _gemm(dz_S2F, w_gu_ED2F.transpose(1, 2), cu_seqlens_m=cu_E1, dynamic_scheduler=False,
                       tuned=_TUNED)
     K = position_S.shape[0] // N
     grad_x_ND = weighted_sum_slots(grad_x_SD, position_S, K)
