@@ -309,7 +309,11 @@ class Trainer:
                            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
         else:
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as e:  # e.g. written when a layer stored its weights as other tensors
+                raise CheckpointError(f"{state['path']}: its optimizer state does not fit this model's parameters "
+                                      f"({e}); start a new run from its weights with train.init_from") from None
         self.step = int(state["step"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])

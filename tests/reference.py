@@ -24,6 +24,13 @@ def swiglu(x, w_gate_DF, w_up_DF, w_down_FD):
     return (silu(x @ w_gate_DF) * (x @ w_up_DF)) @ w_down_FD
 
 
+def routed_expert(p, e, x):
+    """Expert e of a bank stored as ``experts.w_gate_up`` (E, D, 2F), the gate's column j at
+    2j and the up projection's at 2j + 1, and ``experts.w_down`` (E, F, D)."""
+    gate_up = p["experts.w_gate_up"][e]
+    return swiglu(x, gate_up[:, 0::2], gate_up[:, 1::2], p["experts.w_down"][e])
+
+
 def softmax(v):
     e = torch.exp(v - v.max())
     return e / e.sum()
@@ -47,7 +54,7 @@ def moe_ffn(h, p, cfg):
     out = [torch.zeros(D, dtype=h.dtype) for _ in range(N)]
 
     def expert(e, x):
-        return swiglu(x, p["experts.w_gate"][e], p["experts.w_up"][e], p["experts.w_down"][e])
+        return routed_expert(p, e, x)
 
     logits = [u[n] @ p["router.weight"].T for n in range(N)]
     probs = [softmax(logits[n]) for n in range(N)]
@@ -207,7 +214,7 @@ def hash_ffn(h, token_ids, p, cfg):
     for n, token in enumerate(token_ids.reshape(-1).tolist()):
         mixed = (token * 2654435761 + cfg.hash_seed * 0x9E3779B9) % 2**32
         e = mixed * cfg.num_experts // 2**32
-        y = swiglu(u[n], p["experts.w_gate"][e], p["experts.w_up"][e], p["experts.w_down"][e])
+        y = routed_expert(p, e, u[n])
         if cfg.shared_width:
             y = y + swiglu(u[n], p["shared.gate_proj.weight"].T, p["shared.up_proj.weight"].T,
                            p["shared.down_proj.weight"].T)
@@ -235,7 +242,7 @@ def topp_ffn(h, p, cfg):
         if cfg.renormalize:
             total = sum(weights)
             weights = [w / total for w in weights]
-        y = sum(w * swiglu(u[n], p["experts.w_gate"][e], p["experts.w_up"][e], p["experts.w_down"][e])
+        y = sum(w * routed_expert(p, e, u[n])
                 for w, e in zip(weights, chosen))
         if cfg.shared_width:
             y = y + swiglu(u[n], p["shared.gate_proj.weight"].T, p["shared.up_proj.weight"].T,

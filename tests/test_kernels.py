@@ -206,19 +206,6 @@ def test_slot_sum_skips_unlisted_rows():
     torch.testing.assert_close(sum_listed_rows(y, position.view(tokens, K)), unweighted, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows,half", [(5, 3), (17, 200), (1, 1), (0, 4)])
-def test_deinterleave_columns_splits_even_and_odd_columns(rows, half):
-    """QuACK's gated GEMMs pair gate column j with up column j as columns 2j, 2j + 1; the
-    kernel writes them apart, ``(R, 2F) → (2, R, F)``, against slicing written here."""
-    from finemoe.kernels.quack_experts import deinterleave_columns
-
-    src = torch.randn(rows, 2 * half, device=DEVICE)
-    out = deinterleave_columns(src)
-    assert out.shape == (2, rows, half)
-    torch.testing.assert_close(out[0], src[:, 0::2], rtol=0, atol=0)
-    torch.testing.assert_close(out[1], src[:, 1::2], rtol=0, atol=0)
-
-
 def test_sum_slots_passes_opcheck():
     order = torch.randperm(12, device=DEVICE)
     position = torch.empty_like(order).scatter_(0, order, torch.arange(12, device=DEVICE))

@@ -178,3 +178,22 @@ def test_router_products_stay_float32_in_the_compiled_backward(bias):
         for got, ref in zip(grads, want):
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_expert_bank_interleaves_gate_and_up_and_reads_the_layout_before_it():
+    """``experts.w_gate_up`` holds the gate's column j at 2j and the up projection's at
+    2j + 1 (the views ``w_gate``/``w_up`` read them back); a state dict of the earlier
+    layout, ``w_gate`` and ``w_up`` as two banks, loads into it unchanged."""
+    torch.manual_seed(0)
+    layer = randomise(MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=6).build(D)).double()
+    bank = layer.experts.w_gate_up.detach()
+    assert bank.shape == (4, D, 12)
+    torch.testing.assert_close(layer.experts.w_gate, bank[:, :, [0, 2, 4, 6, 8, 10]], rtol=0, atol=0)
+    torch.testing.assert_close(layer.experts.w_up, bank[:, :, [1, 3, 5, 7, 9, 11]], rtol=0, atol=0)
+    legacy = {k: v for k, v in layer.state_dict().items() if k != "experts.w_gate_up"}
+    legacy["experts.w_gate"], legacy["experts.w_up"] = bank[..., 0::2].clone(), bank[..., 1::2].clone()
+    restored = MoEConfig(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=6).build(D).double()
+    restored.load_state_dict(legacy)
+    torch.testing.assert_close(restored.experts.w_gate_up, bank, rtol=0, atol=0)
+    h = torch.randn(B, T, D, dtype=torch.float64)
+    torch.testing.assert_close(restored(h).update, layer(h).update, rtol=0, atol=0)

@@ -124,6 +124,35 @@ def test_init_from_seeds_a_fresh_run_and_a_resume_keeps_its_own_weights(shards, 
                 progress=False)
 
 
+def test_a_checkpoint_of_the_earlier_expert_layout_seeds_a_run_but_does_not_resume(shards, tmp_path):
+    """A checkpoint written when the expert bank kept ``w_gate`` and ``w_up`` apart: its
+    weights load (``train.init_from``), its optimizer state (one tensor more) is refused
+    with a one-line error instead of a stack trace from inside the optimizer."""
+    extra = ("model.ffn_layers.0.ffn.expert_intermediate_size=16", "train.steps=4")
+    Trainer(_config(shards, tmp_path / "old", *extra, preset="tiny-moe"), progress=False).fit()
+    state = load_checkpoint(tmp_path / "old")
+    model = {}
+    for key, value in state["model"].items():  # rewritten in the earlier layout
+        if key.endswith("experts.w_gate_up"):
+            stem = key[:-len("_gate_up")]
+            model[stem + "_gate"], model[stem + "_up"] = value[..., 0::2].clone(), value[..., 1::2].clone()
+        else:
+            model[key] = value
+    state["model"] = model
+    state["optimizer"]["param_groups"][0]["params"].append(max(state["optimizer"]["state"]) + 1)
+    path = state.pop("path")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="optimizer state does not fit this model's parameters"):
+        Trainer(_config(shards, tmp_path / "old", *extra, "train.steps=8", preset="tiny-moe"), resume=True,
+                progress=False)
+    seeded = Trainer(_config(shards, tmp_path / "new", *extra, f"train.init_from={tmp_path / 'old'}",
+                             preset="tiny-moe"), progress=False)
+    for key, value in seeded.model.state_dict().items():
+        if key.endswith("experts.w_gate_up"):
+            gate_key = key[:-len("_gate_up")] + "_gate"
+            torch.testing.assert_close(value[..., 0::2].cpu(), model[gate_key], rtol=0, atol=0)
+
+
 def test_keep_zero_weights_keeps_a_pruned_mask_through_training(shards, tmp_path):
     source = Trainer(_config(shards, tmp_path / "source", "train.steps=2", "train.warmup_steps=0"), progress=False)
     source.fit()

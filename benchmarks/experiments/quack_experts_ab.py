@@ -124,16 +124,6 @@ if __name__ == "__main__":
         compare(("dense",) + ROUTED[:2], {"grouped_mm": _use(False), "quack": _use(True)})
     except Exception:  # noqa: BLE001  (report and go on)
         traceback.print_exc()
-    from finemoe.kernels.quack_experts import deinterleave_columns
-
-    for rows, half in ((8 * 1024, 2048), (64 * 1024, 512)):  # the gate/up gradient of E = 8 and E = 64
-        src = torch.randn(rows, 2 * half, device="cuda")
-        for label, fn in (("Triton", lambda src=src: deinterleave_columns(src)),
-                          ("ATen permute copy",
-                           lambda src=src, r=rows, f=half: src.view(r, f, 2).permute(2, 0, 1).contiguous())):
-            ms = gpu_ms(fn, calls=20)
-            print(f"de-interleave ({rows}, {2 * half}) float32, {label}: {ms * 1e3:.1f} µs, "
-                  f"{2 * src.numel() * 4 / ms / 1e9:.2f} TB/s", flush=True)
     for name in ("moe E=8 k=2", "moe E=64 k=8 (fine-grained)"):
         print(f"\nkernels of one compiled QuACK step: {name}")
         restore = _use(True)()

@@ -8,7 +8,8 @@ SonicMoE) has grouped GEMMs whose A operand is gathered row by row while it is l
 whose epilogues do SwiGLU forward and backward. The layout is SonicMoE's (arXiv:2512.14080):
 
 forward, with ``t(p)`` the token of sorted row p and ``s_p`` its routing weight,
-    z = x[t] W_gu            (grouped, A gathered; W_gu: gate and up columns interleaved)
+    z = x[t] W_gu            (grouped, A gathered; W_gu: gate and up columns interleaved, as
+                              ``SwiGLUExperts.w_gate_up`` stores them)
     h = silu(z_gate) ⊙ z_up  (in the same GEMM's epilogue; z is kept for the backward)
     y = h W_d                (grouped)
     out_n = Σ_k s_{n,k} · y[position(n, k)]     (``finemoe.kernels.slots``, fixed order)
@@ -28,8 +29,7 @@ grouped_mm, and as graphs at 0.82 against 0.77 (benchmarks/NOTES.md).
 
 Operator → autograd → ``dispatch_token_choice`` when ``experts_impl`` is ``quack`` (opt-in;
 ``auto`` stays on grouped_mm); the grouped_mm and eager paths are the references it is
-tested against (tests/test_gpu.py), and ``deinterleave_columns`` is tested under Triton's
-interpreter (tests/test_kernels.py).
+tested against (tests/test_gpu.py).
 
 Shapes: N tokens, K slots per token, S = N·K rows sorted by expert, D model width,
 F expert width, E experts.
@@ -44,13 +44,7 @@ from torch import Tensor
 
 from finemoe.kernels.slots import weighted_sum_slots
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-__all__ = ["deinterleave_columns", "quack_available", "quack_installed", "quack_token_choice"]
+__all__ = ["quack_available", "quack_installed", "quack_token_choice"]
 
 try:  # an optional dependency: pip install "finemoe[quack]"
     from quack.gemm_interface import gemm as _gemm
@@ -75,44 +69,6 @@ def quack_available(x: Tensor) -> bool:
     """Whether QuACK's kernels can run the experts for ``x``: installed, and ``x`` on an
     sm90/sm100 GPU."""
     return _gemm is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
-
-
-def _interleave(w_gate_EDF: Tensor, w_up_EDF: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(E, D, 2F)`` with column 2j the gate's column j and 2j + 1 the up projection's:
-    the layout of QuACK's gated epilogue."""
-    E, D, F = w_gate_EDF.shape
-    return torch.stack([w_gate_EDF.to(dtype), w_up_EDF.to(dtype)], dim=-1).view(E, D, 2 * F)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _deinterleave_kernel(src_ptr, dst_ptr, R, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)      # columns of each half
-        pairs = tl.program_id(1) * 2 * BLOCK_F + tl.arange(0, 2 * BLOCK_F)  # columns of the source
-        rows64 = rows.to(tl.int64)[:, None]
-        both = tl.load(src_ptr + rows64 * 2 * F + pairs[None, :],
-                       mask=(rows[:, None] < R) & (pairs[None, :] < 2 * F), other=0.0)
-        first, second = tl.split(tl.reshape(both, (BLOCK_R, BLOCK_F, 2)))
-        mask = (rows[:, None] < R) & (cols[None, :] < F)
-        tl.store(dst_ptr + rows64 * F + cols[None, :], first, mask=mask)
-        tl.store(dst_ptr + R * F + rows64 * F + cols[None, :], second, mask=mask)
-
-
-def deinterleave_columns(src_R2F: Tensor) -> Tensor:
-    """``(R, 2F) → (2, R, F)``: even columns into the first half, odd into the second, in one
-    pass that reads each row once (QuACK's gated GEMMs pair column 2j of the gate with
-    2j + 1 of the up projection; the expert bank keeps them apart). The ATen permute copy
-    took 144 µs for moe E = 8's gradient (1.9 TB/s)."""
-    R, F2 = src_R2F.shape
-    dst = src_R2F.new_empty(2, R, F2 // 2)
-    if triton is None or not (src_R2F.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return dst.copy_(src_R2F.view(R, F2 // 2, 2).permute(2, 0, 1))
-    block_f = min(128, triton.next_power_of_2(max(F2 // 2, 1)))
-    grid = (triton.cdiv(R, 8), triton.cdiv(F2 // 2, block_f))
-    _deinterleave_kernel[grid](src_R2F.contiguous(), dst, R, F2 // 2, BLOCK_R=8, BLOCK_F=block_f)
-    return dst
 
 
 @torch.library.custom_op("finemoe::quack_experts_forward", mutates_args=())
@@ -152,8 +108,7 @@ def _backward(grad_ND: Tensor, x_ND: Tensor, w_gu_ED2F: Tensor, w_down_EFD: Tens
     K = position_S.shape[0] // N
     grad_x_ND = weighted_sum_slots(grad_x_SD, position_S, K)
     grad_weight_NK = ds_S.index_select(0, position_S).view(N, K)
-    return grad_x_ND, deinterleave_columns(grad_w_gu_ED2F.view(E * D, 2 * F)).view(2, E, D, F), grad_w_down_EFD, \
-        grad_weight_NK
+    return grad_x_ND, grad_w_gu_ED2F, grad_w_down_EFD, grad_weight_NK
 
 
 @_backward.register_fake
@@ -161,40 +116,39 @@ def _(grad_ND, x_ND, w_gu_ED2F, w_down_EFD, z_S2F, weight_S, token_S, position_S
     E, F, D = w_down_EFD.shape
     N = grad_ND.shape[0]
     K = position_S.shape[0] // N
-    return (grad_ND.new_empty(N, D), grad_ND.new_empty(2, E, D, F, dtype=torch.float32),
+    return (grad_ND.new_empty(N, D), grad_ND.new_empty(E, D, 2 * F, dtype=torch.float32),
             grad_ND.new_empty(E, F, D, dtype=torch.float32), grad_ND.new_empty(N, K, dtype=torch.float32))
 
 
 class _QuackTokenChoice(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, weight_NK, token_S, position_S, order_S, cu_E1):
+    def forward(ctx, x_ND, w_gate_up_ED2F, w_down_EFD, weight_NK, token_S, position_S, order_S, cu_E1):
         dtype = x_ND.dtype
-        w_gu_ED2F = _interleave(w_gate_EDF, w_up_EDF, dtype)
-        w_down = w_down_EFD.to(dtype)
-        out_ND, z_S2F = _forward(x_ND, w_gu_ED2F, w_down, weight_NK.float(), token_S, position_S, cu_E1)
-        ctx.save_for_backward(x_ND, w_gu_ED2F, w_down, z_S2F, weight_NK, token_S, position_S, order_S, cu_E1)
-        ctx.weight_dtypes = (w_gate_EDF.dtype, w_up_EDF.dtype, w_down_EFD.dtype, weight_NK.dtype)
+        w_gu, w_down = w_gate_up_ED2F.to(dtype), w_down_EFD.to(dtype)
+        out_ND, z_S2F = _forward(x_ND, w_gu, w_down, weight_NK.float(), token_S, position_S, cu_E1)
+        ctx.save_for_backward(x_ND, w_gu, w_down, z_S2F, weight_NK, token_S, position_S, order_S, cu_E1)
+        ctx.weight_dtypes = (w_gate_up_ED2F.dtype, w_down_EFD.dtype, weight_NK.dtype)
         return out_ND
 
     @staticmethod
     def backward(ctx, grad_ND):
-        x_ND, w_gu_ED2F, w_down, z_S2F, weight_NK, token_S, position_S, order_S, cu_E1 = ctx.saved_tensors
+        x_ND, w_gu, w_down, z_S2F, weight_NK, token_S, position_S, order_S, cu_E1 = ctx.saved_tensors
         weight_S = weight_NK.reshape(-1).float().index_select(0, order_S)   # each sorted row's weight
-        grads = _backward(grad_ND.to(x_ND.dtype), x_ND, w_gu_ED2F, w_down, z_S2F, weight_S, token_S,
-                          position_S, cu_E1)
-        grad_x, grad_gate_up, grad_down, grad_weight = grads
-        grad_gate, grad_up = grad_gate_up.unbind(0)
-        g_dt, u_dt, d_dt, s_dt = ctx.weight_dtypes
-        return (grad_x, grad_gate.to(g_dt), grad_up.to(u_dt), grad_down.to(d_dt), grad_weight.to(s_dt),
-                None, None, None, None)
+        grad_x, grad_gate_up, grad_down, grad_weight = _backward(grad_ND.to(x_ND.dtype), x_ND, w_gu, w_down, z_S2F,
+                                                                 weight_S, token_S, position_S, cu_E1)
+        gu_dt, d_dt, s_dt = ctx.weight_dtypes
+        return grad_x, grad_gate_up.to(gu_dt), grad_down.to(d_dt), grad_weight.to(s_dt), None, None, None, None
 
 
-def quack_token_choice(x_ND: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, weight_NK: Tensor,
-                       token_S: Tensor, position_S: Tensor, order_S: Tensor, counts_E: Tensor) -> Tensor:
+def quack_token_choice(x_ND: Tensor, w_gate_up_ED2F: Tensor, w_down_EFD: Tensor, weight_NK: Tensor, token_S: Tensor,
+                       position_S: Tensor, order_S: Tensor, counts_E: Tensor) -> Tensor:
     """``out_n = Σ_k weight[n, k] · SwiGLU_{expert(n, k)}(x_n)`` with the slots sorted by
     expert: sorted row p is slot ``order[p]`` (token ``token[p] = order[p] // K``), slot j
     sits at row ``position[j]``, ``counts_E`` rows per expert. ``x_ND`` in the compute
-    dtype (bf16); weights of any float dtype (their gradients come back in it)."""
+    dtype (bf16); ``w_gate_up_ED2F`` with the gate's column j at 2j and the up
+    projection's at 2j + 1 (``SwiGLUExperts.w_gate_up``, the pairing of QuACK's gated
+    epilogue, so the weight gradient comes back in that layout as the GEMM writes it);
+    weights of any float dtype (their gradients come back in it)."""
     cu_E1 = torch.nn.functional.pad(torch.cumsum(counts_E, 0, dtype=torch.int32), (1, 0))
-    return _QuackTokenChoice.apply(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, weight_NK, token_S.to(torch.int32),
-                                   position_S, order_S, cu_E1)
+    return _QuackTokenChoice.apply(x_ND, w_gate_up_ED2F, w_down_EFD, weight_NK, token_S.to(torch.int32), position_S,
+                                   order_S, cu_E1)

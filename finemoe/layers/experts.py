@@ -58,8 +58,10 @@ __all__ = [
     "compute_dtype",
     "dispatch_expert_choice",
     "dispatch_token_choice",
+    "interleave_gate_up",
     "run_swiglu_experts",
     "shared_experts_width",
+    "split_gate_up",
 ]
 
 ExpertsImpl = Literal["auto", "eager", "grouped_mm", "quack"]
@@ -139,19 +141,47 @@ def _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, 
     return grouped_mm(hidden_SF, w_down_EFD.to(dtype), offs_E)
 
 
+def interleave_gate_up(w_gate_EDF: Tensor, w_up_EDF: Tensor) -> Tensor:
+    """``(E, D, 2F)`` with the gate's column j at column 2j and the up projection's at
+    2j + 1: ``SwiGLUExperts.w_gate_up``'s layout (GPT-OSS's ``gate_up_proj``, and the one
+    QuACK's gated GEMM epilogues pair columns in)."""
+    E, D, F = w_gate_EDF.shape
+    return torch.stack([w_gate_EDF, w_up_EDF], dim=-1).reshape(E, D, 2 * F)
+
+
+def split_gate_up(w_gate_up_ED2F: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse of ``interleave_gate_up``: the gate and up projections as ``(E, D, F)``
+    strided views."""
+    return w_gate_up_ED2F[..., 0::2], w_gate_up_ED2F[..., 1::2]
+
+
 class SwiGLUExperts(nn.Module):
     """E independent SwiGLU experts of width F, stored as stacked weights.
 
-    ``w_gate``/``w_up``: ``(E, D, F)``; ``w_down``: ``(E, F, D)``.
+    ``w_gate_up``: ``(E, D, 2F)``, expert e's gate column j at column 2j and its up
+    column j at 2j + 1 (``interleave_gate_up``); ``w_gate``/``w_up`` are its ``(E, D, F)``
+    views; ``w_down``: ``(E, F, D)``. One interleaved tensor because QuACK's gated GEMMs
+    pair columns that way: their weight gradient is the parameter's gradient as written,
+    where two banks cost a pass that split it (moe E = 64: 179 µs a step,
+    benchmarks/NOTES.md). Checkpoints written before this layout (``w_gate`` and ``w_up``
+    apart) still load.
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, impl: str = "auto"):
         super().__init__()
         self.num_experts, self.d_model, self.hidden, self.impl = num_experts, d_model, hidden, impl
-        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w_up = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.register_load_state_dict_pre_hook(_interleave_legacy_gate_up)
         self.init_weights(std=0.02, out_std=0.02)  # usable standalone; the model re-initialises
+
+    @property
+    def w_gate(self) -> Tensor:
+        return split_gate_up(self.w_gate_up)[0]
+
+    @property
+    def w_up(self) -> Tensor:
+        return split_gate_up(self.w_gate_up)[1]
 
     def forward(self, x_SD: Tensor, counts_E: Tensor, scale_S: Tensor | None = None,
                 stats: Stats | None = None) -> Tensor:
@@ -162,12 +192,22 @@ class SwiGLUExperts(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w_gate, std=std)
-        nn.init.normal_(self.w_up, std=std)
+        for half in split_gate_up(self.w_gate_up):  # drawn as two banks, as before the interleaved layout
+            half.copy_(nn.init.normal_(torch.empty_like(half, memory_format=torch.contiguous_format), std=std))
         nn.init.normal_(self.w_down, std=out_std)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, impl={self.impl}"
+
+
+def _interleave_legacy_gate_up(module, state_dict, prefix, *args) -> None:
+    """A checkpoint of the earlier layout holds ``w_gate`` and ``w_up`` as two ``(E, D, F)``
+    tensors: load them as ``w_gate_up``. (Such a checkpoint's optimizer state counts one
+    parameter more and does not load: its run cannot be resumed, only read.)"""
+    gate, up = prefix + "w_gate", prefix + "w_up"
+    if gate in state_dict and up in state_dict and prefix + "w_gate_up" not in state_dict \
+            and state_dict[gate].shape == state_dict[up].shape and state_dict[gate].dim() == 3:
+        state_dict[prefix + "w_gate_up"] = interleave_gate_up(state_dict.pop(gate), state_dict.pop(up))
 
 
 class _GatherSlots(torch.autograd.Function):
@@ -203,8 +243,8 @@ def dispatch_token_choice(experts: SwiGLUExperts, x_ND: Tensor, weights_NK: Tens
     counts_E = counts_of_sorted(sorted_ids_S, experts.num_experts)
     if _runs_on_quack(experts.impl, x_ND, stats):
         token_S = torch.div(order_S, K, rounding_mode="floor")
-        return quack_token_choice(x_ND, experts.w_gate, experts.w_up, experts.w_down, weights_NK, token_S, position_S,
-                                  order_S, counts_E)
+        return quack_token_choice(x_ND, experts.w_gate_up, experts.w_down, weights_NK, token_S, position_S, order_S,
+                                  counts_E)
     y_SD = experts(_GatherSlots.apply(x_ND, order_S, position_S, K), counts_E, weights_NK.reshape(-1)[order_S], stats)
     return sum_slots(y_SD, position_S, order_S, K)
 

@@ -34,8 +34,8 @@ from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerCon
 from finemoe.layers.records import Routing
 from finemoe.layers.common import (RMSNorm, SwiGLU, dense_swiglu_weights, float32_linear, fresh_gate,
                                    swiglu_params)
-from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, shared_experts_width,
-                                     dispatch_expert_choice, dispatch_token_choice)
+from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_expert_choice,
+                                     dispatch_token_choice, interleave_gate_up, shared_experts_width, split_gate_up)
 
 
 @register_ffn
@@ -173,8 +173,9 @@ class MoEConfig(FFNConfig):
         return {
             "norm.weight": dense_sd["norm.weight"],
             "router.weight": fresh_gate(n, D, w_g, generator),
-            "experts.w_gate": w_g.view(n, b, D).transpose(1, 2).contiguous(),  # (n, D, b): block i's columns
-            "experts.w_up": w_u.view(n, b, D).transpose(1, 2).contiguous(),
+            # (n, D, b) each: block i's columns
+            "experts.w_gate_up": interleave_gate_up(w_g.view(n, b, D).transpose(1, 2),
+                                                    w_u.view(n, b, D).transpose(1, 2)),
             "experts.w_down": w_d.t().reshape(n, b, D).contiguous(),  # rows of W_d (b, D) per block
         }
 
@@ -217,10 +218,11 @@ class MoEConfig(FFNConfig):
         and 5 both read it)."""
         hf = {prefix + "post_attention_layernorm.weight": sd["norm.weight"],
               prefix + "block_sparse_moe.gate.weight": sd["router.weight"]}
-        for j in range(sd["experts.w_gate"].shape[0]):  # (E, D, F) / (E, F, D) → nn.Linear (out, in)
+        w_gate, w_up = split_gate_up(sd["experts.w_gate_up"])
+        for j in range(w_gate.shape[0]):  # (E, D, F) / (E, F, D) → nn.Linear (out, in)
             expert = f"{prefix}block_sparse_moe.experts.{j}."
-            hf[expert + "w1.weight"] = sd["experts.w_gate"][j].t()
-            hf[expert + "w3.weight"] = sd["experts.w_up"][j].t()
+            hf[expert + "w1.weight"] = w_gate[j].t().contiguous()
+            hf[expert + "w3.weight"] = w_up[j].t().contiguous()
             hf[expert + "w2.weight"] = sd["experts.w_down"][j].t()
         return hf
 
@@ -332,18 +334,18 @@ class MoEFFN(FFN):
 
 def mixtral_experts_from_hf(hf_sd, prefix: str, num_experts: int) -> dict[str, Tensor]:
     """Router and expert weights of one Mixtral sparse-MoE block (``prefix`` ends with
-    ``.``), as ``MoEFFN`` keys ``router.weight`` and ``experts.w_{gate,up,down}``; both the
+    ``.``), as ``MoEFFN`` keys ``router.weight`` and ``experts.w_{gate_up,down}``; both the
     4.x layout (``experts.{j}.w1/w2/w3``) and the fused 5.x one (``experts.gate_up_proj``)."""
     out = {"router.weight": hf_sd[prefix + "gate.weight"]}
     if prefix + "experts.gate_up_proj" in hf_sd:  # transformers >= 5: fused (E, 2F, D) and (E, D, F)
         gate_up_EFD = hf_sd[prefix + "experts.gate_up_proj"]
         F_width = gate_up_EFD.shape[1] // 2
-        out["experts.w_gate"] = gate_up_EFD[:, :F_width, :].transpose(1, 2)
-        out["experts.w_up"] = gate_up_EFD[:, F_width:, :].transpose(1, 2)
+        out["experts.w_gate_up"] = interleave_gate_up(gate_up_EFD[:, :F_width, :].transpose(1, 2),
+                                                      gate_up_EFD[:, F_width:, :].transpose(1, 2))
         out["experts.w_down"] = hf_sd[prefix + "experts.down_proj"].transpose(1, 2)
     else:  # transformers 4.x: w1 = gate, w3 = up, w2 = down, as nn.Linear (out, in)
         e = range(num_experts)
-        out["experts.w_gate"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w1.weight"].t() for j in e])
-        out["experts.w_up"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w3.weight"].t() for j in e])
+        gate, up = ([hf_sd[f"{prefix}experts.{j}.{w}.weight"].t() for j in e] for w in ("w1", "w3"))
+        out["experts.w_gate_up"] = interleave_gate_up(torch.stack(gate), torch.stack(up))
         out["experts.w_down"] = torch.stack([hf_sd[f"{prefix}experts.{j}.w2.weight"].t() for j in e])
     return {k: v.contiguous() for k, v in out.items()}
