@@ -405,7 +405,7 @@ def test_finemoe_operators_pass_opcheck_on_cuda():
     gate, up = torch.randn(8, 64, device="cuda"), torch.randn(8, 64, device="cuda")
     torch.library.opcheck(torch.ops.finemoe.swiglu.default, (gate.requires_grad_(True), up, torch.rand(8, 4, device="cuda")))
     gate_up = torch.randn(8, 128, device="cuda", requires_grad=True)
-    torch.library.opcheck(torch.ops.finemoe.swiglu_packed.default, (gate_up, None))
+    torch.library.opcheck(torch.ops.finemoe.swiglu_packed.default, (gate_up, None, True))
     order = torch.randperm(12, device="cuda")
     position = torch.empty_like(order).scatter_(0, order, torch.arange(12, device="cuda"))
     y = torch.randn(12, 24, device="cuda", requires_grad=True)

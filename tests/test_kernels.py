@@ -39,21 +39,24 @@ def test_fused_swiglu_equals_the_formula(rows, width, blocks):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("rows,width,blocks", [(7, 40, None), (3, 2100, 3), (0, 48, 4)])
-def test_packed_swiglu_equals_the_formula(rows, width, blocks):
-    """Gate and up as the two halves of one tensor, read in place; the gradient comes
-    back in the same layout."""
+def test_packed_swiglu_equals_the_formula(rows, width, blocks, interleaved):
+    """Gate and up as the two halves of one tensor, or as its even and odd columns (the
+    expert bank's interleaved layout), read in place; the gradient comes back in the same
+    layout."""
     from finemoe.kernels.swiglu import fused_swiglu_packed
 
     torch.manual_seed(1)
     gate_up = torch.randn(rows, 2 * width, device=DEVICE, requires_grad=True)
     scale = torch.rand(rows, blocks, device=DEVICE, requires_grad=True) if blocks else None
     probe = torch.randn(rows, width, device=DEVICE)
-    out = fused_swiglu_packed(gate_up, scale)
+    out = fused_swiglu_packed(gate_up, scale, interleaved=interleaved)
     leaves = [t for t in (gate_up, scale) if t is not None]
     grads = torch.autograd.grad((out * probe).sum(), leaves)
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    ref = reference(*ref_leaves[0].chunk(2, dim=-1), ref_leaves[1] if blocks else None)
+    halves = (ref_leaves[0][:, 0::2], ref_leaves[0][:, 1::2]) if interleaved else ref_leaves[0].chunk(2, dim=-1)
+    ref = reference(*halves, ref_leaves[1] if blocks else None)
     ref_grads = torch.autograd.grad((ref * probe).sum(), ref_leaves)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, ref_grads):
@@ -65,8 +68,8 @@ def test_fused_swiglu_passes_opcheck():
     torch.library.opcheck(torch.ops.finemoe.swiglu.default, (gate, up, torch.rand(4, 3, device=DEVICE)))
     torch.library.opcheck(torch.ops.finemoe.swiglu.default, (gate.requires_grad_(True), up, None))
     gate_up = torch.randn(4, 96, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.finemoe.swiglu_packed.default, (gate_up, torch.rand(4, 3, device=DEVICE)))
-    torch.library.opcheck(torch.ops.finemoe.swiglu_packed.default, (gate_up, None))
+    torch.library.opcheck(torch.ops.finemoe.swiglu_packed.default, (gate_up, torch.rand(4, 3, device=DEVICE), False))
+    torch.library.opcheck(torch.ops.finemoe.swiglu_packed.default, (gate_up, None, True))
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 16])

@@ -65,8 +65,8 @@ if triton is not None:
     # _BLOCK columns without a scale) is covered by NUM_TILES tiles, a compile-time count.
 
     @triton.jit
-    def _swiglu_forward_kernel(g_ptr, u_ptr, s_ptr, h_ptr, C, b, n, IN_STRIDE, U_OFFSET, HAS_SCALE: tl.constexpr,
-                               BLOCK: tl.constexpr, NUM_TILES: tl.constexpr):
+    def _swiglu_forward_kernel(g_ptr, u_ptr, s_ptr, h_ptr, C, b, n, IN_STRIDE, U_OFFSET, COL_STRIDE: tl.constexpr,
+                               HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, NUM_TILES: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         if HAS_SCALE:
@@ -75,8 +75,8 @@ if triton is not None:
             within = tile * BLOCK + tl.arange(0, BLOCK)
             cols = blk * b + within
             mask = (within < b) & (cols < C)
-            g = tl.load(g_ptr + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + U_OFFSET + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + row * IN_STRIDE + cols * COL_STRIDE, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + U_OFFSET + row * IN_STRIDE + cols * COL_STRIDE, mask=mask, other=0.0).to(tl.float32)
             h = g * tl.sigmoid(g) * u
             if HAS_SCALE:
                 h = h * scale
@@ -84,8 +84,8 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, s_ptr, dg_ptr, du_ptr, ds_ptr, C, b, n, IN_STRIDE, U_OFFSET,
-                                HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, NUM_TILES: tl.constexpr,
-                                PACKED: tl.constexpr):
+                                COL_STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                                NUM_TILES: tl.constexpr, PACKED: tl.constexpr):
         # PACKED: both gradients go to dg_ptr (du at U_OFFSET), du_ptr is not written. One
         # output tensor passed once: a compiler that functionalises the kernel's writes
         # (``triton_op``) must not see two arguments aliasing one buffer. (No default
@@ -101,36 +101,38 @@ if triton is not None:
             cols = blk * b + within
             mask = (within < b) & (cols < C)
             dh = tl.load(dh_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + U_OFFSET + row * IN_STRIDE + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + row * IN_STRIDE + cols * COL_STRIDE, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + U_OFFSET + row * IN_STRIDE + cols * COL_STRIDE, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(g)
             silu = g * sig
             du = (dh * silu * scale).to(dg_ptr.dtype.element_ty)
             if PACKED:
-                tl.store(dg_ptr + U_OFFSET + row * IN_STRIDE + cols, du, mask=mask)
+                tl.store(dg_ptr + U_OFFSET + row * IN_STRIDE + cols * COL_STRIDE, du, mask=mask)
             else:
-                tl.store(du_ptr + U_OFFSET + row * IN_STRIDE + cols, du, mask=mask)
+                tl.store(du_ptr + U_OFFSET + row * IN_STRIDE + cols * COL_STRIDE, du, mask=mask)
             dg = dh * u * scale * sig * (1.0 + g * (1.0 - sig))
-            tl.store(dg_ptr + row * IN_STRIDE + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+            tl.store(dg_ptr + row * IN_STRIDE + cols * COL_STRIDE, dg.to(dg_ptr.dtype.element_ty), mask=mask)
             if HAS_SCALE:
                 ds += dh * silu * u
         if HAS_SCALE:
             tl.store(ds_ptr + row * n + blk, tl.sum(ds, axis=0))
 
 
-def _launch(C: int, R: int, scale: Tensor | None, packed: bool = False) -> tuple[tuple[int, int], dict]:
+def _launch(C: int, R: int, scale: Tensor | None, packed: bool = False,
+            interleaved: bool = False) -> tuple[tuple[int, int], dict]:
     """The grid and sizes for R rows of C hidden units: a program per (row, block) with a
     scale, else per (row, tile). ``packed``: gate and up are the two halves of one
-    ``(R, 2C)`` tensor (and so are their gradients)."""
-    in_stride, u_offset = (2 * C, C) if packed else (C, 0)
+    ``(R, 2C)`` tensor (and so are their gradients); ``interleaved``: its even and odd
+    columns."""
+    in_stride, u_offset, col_stride = (2 * C, 1, 2) if interleaved else (2 * C, C, 1) if packed else (C, 0, 1)
+    layout = dict(C=C, IN_STRIDE=in_stride, U_OFFSET=u_offset, COL_STRIDE=col_stride)
     if scale is None:
         block = min(_BLOCK, triton.next_power_of_2(C))
-        return (R, triton.cdiv(C, block)), dict(C=C, b=block, n=1, IN_STRIDE=in_stride, U_OFFSET=u_offset, HAS_SCALE=False, BLOCK=block,
-                                                  NUM_TILES=1)
+        return (R, triton.cdiv(C, block)), dict(layout, b=block, n=1, HAS_SCALE=False, BLOCK=block, NUM_TILES=1)
     n = scale.shape[-1]
     b = C // n
     block = min(_BLOCK, triton.next_power_of_2(b))
-    return (R, n), dict(C=C, b=b, n=n, IN_STRIDE=in_stride, U_OFFSET=u_offset, HAS_SCALE=True, BLOCK=block, NUM_TILES=triton.cdiv(b, block))
+    return (R, n), dict(layout, b=b, n=n, HAS_SCALE=True, BLOCK=block, NUM_TILES=triton.cdiv(b, block))
 
 
 @kernel_op("finemoe::swiglu", mutates_args=())
@@ -186,10 +188,10 @@ _swiglu.register_autograd(_backward, setup_context=_setup_context)
 
 
 @kernel_op("finemoe::swiglu_packed", mutates_args=())
-def _swiglu_packed(gate_up: Tensor, scale: Tensor | None) -> Tensor:
+def _swiglu_packed(gate_up: Tensor, scale: Tensor | None, interleaved: bool) -> Tensor:
     gate_up = gate_up.contiguous()
     C = gate_up.shape[-1] // 2
-    grid, sizes = _launch(C, gate_up.numel() // (2 * C), scale, packed=True)
+    grid, sizes = _launch(C, gate_up.numel() // (2 * C), scale, packed=True, interleaved=interleaved)
     hidden = gate_up.new_empty(*gate_up.shape[:-1], C)
     if hidden.numel() == 0:
         return hidden
@@ -199,15 +201,16 @@ def _swiglu_packed(gate_up: Tensor, scale: Tensor | None) -> Tensor:
 
 
 @fake(_swiglu_packed)
-def _(gate_up: Tensor, scale: Tensor | None) -> Tensor:
+def _(gate_up: Tensor, scale: Tensor | None, interleaved: bool) -> Tensor:
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
 @kernel_op("finemoe::swiglu_packed_backward", mutates_args=())
-def _swiglu_packed_backward(grad: Tensor, gate_up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+def _swiglu_packed_backward(grad: Tensor, gate_up: Tensor, scale: Tensor | None,
+                            interleaved: bool) -> tuple[Tensor, Tensor]:
     grad, gate_up = grad.contiguous(), gate_up.contiguous()
     C = gate_up.shape[-1] // 2
-    grid, sizes = _launch(C, gate_up.numel() // (2 * C), scale, packed=True)
+    grid, sizes = _launch(C, gate_up.numel() // (2 * C), scale, packed=True, interleaved=interleaved)
     d_gate_up = torch.empty_like(gate_up)
     d_scale = torch.zeros(grid[0], sizes["n"], dtype=torch.float32, device=gate_up.device)
     if grad.numel() == 0:
@@ -219,21 +222,21 @@ def _swiglu_packed_backward(grad: Tensor, gate_up: Tensor, scale: Tensor | None)
 
 
 @fake(_swiglu_packed_backward)
-def _(grad: Tensor, gate_up: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+def _(grad: Tensor, gate_up: Tensor, scale: Tensor | None, interleaved: bool) -> tuple[Tensor, Tensor]:
     n = 1 if scale is None else scale.shape[-1]
     return torch.empty_like(gate_up), gate_up.new_empty(gate_up.numel() // gate_up.shape[-1], n, dtype=torch.float32)
 
 
 def _setup_packed_context(ctx, inputs, output) -> None:
-    gate_up, scale = inputs
+    gate_up, scale, ctx.interleaved = inputs
     ctx.save_for_backward(gate_up, scale)
     ctx.has_scale = scale is not None
 
 
 def _packed_backward(ctx, grad: Tensor):
     gate_up, scale = ctx.saved_tensors
-    d_gate_up, d_scale = _swiglu_packed_backward(grad, gate_up, scale if ctx.has_scale else None)
-    return d_gate_up, d_scale.view(scale.shape).to(scale.dtype) if ctx.has_scale else None
+    d_gate_up, d_scale = _swiglu_packed_backward(grad, gate_up, scale if ctx.has_scale else None, ctx.interleaved)
+    return d_gate_up, d_scale.view(scale.shape).to(scale.dtype) if ctx.has_scale else None, None
 
 
 _swiglu_packed.register_autograd(_packed_backward, setup_context=_setup_packed_context)
@@ -249,14 +252,15 @@ def fused_swiglu(gate: Tensor, up: Tensor, scale: Tensor | None = None) -> Tenso
     return _swiglu(gate, up.to(gate.dtype), scale)
 
 
-def fused_swiglu_packed(gate_up: Tensor, scale: Tensor | None = None) -> Tensor:
+def fused_swiglu_packed(gate_up: Tensor, scale: Tensor | None = None, *, interleaved: bool = False) -> Tensor:
     """``fused_swiglu(gate, up, scale)`` where ``gate_up`` is ``[gate | up]`` along the
-    last axis (one GEMM computed both): no copy of either half, and the gradient comes
-    back as one tensor of the same layout."""
+    last axis (one GEMM computed both), or with ``interleaved`` gate column j at 2j and
+    up column j at 2j + 1 (a GEMM against ``SwiGLUExperts.w_gate_up``): no copy of
+    either, and the gradient comes back as one tensor of the same layout."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"a packed gate/up tensor has an even width, got {gate_up.shape[-1]}")
     if scale is not None:
         scale = scale.reshape(gate_up.numel() // gate_up.shape[-1], scale.shape[-1])
         if (gate_up.shape[-1] // 2) % scale.shape[-1]:
             raise ValueError(f"{scale.shape[-1]} blocks do not divide a width of {gate_up.shape[-1] // 2}")
-    return _swiglu_packed(gate_up, scale)
+    return _swiglu_packed(gate_up, scale, interleaved)

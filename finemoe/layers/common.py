@@ -126,13 +126,15 @@ def swiglu_hidden(gate: Tensor, up: Tensor, stats: Stats | None = None, *,
 
 
 def swiglu_hidden_packed(gate_up: Tensor, stats: Stats | None = None, *,
-                         block_scale: Tensor | None = None) -> Tensor:
+                         block_scale: Tensor | None = None, interleaved: bool = False) -> Tensor:
     """``swiglu_hidden(gate, up)`` for ``gate_up = [gate | up]`` (last axis), the output
     of one GEMM against the two weights side by side: one wider product instead of two
-    (measured faster for narrow experts), read in place by the fused kernel."""
+    (measured faster for narrow experts), read in place by the fused kernel.
+    ``interleaved``: gate column j at 2j and up column j at 2j + 1 instead (the output of
+    a GEMM against ``SwiGLUExperts.w_gate_up``)."""
     if not wants(stats, Activations) and fused_swiglu_wanted(gate_up, block_scale):
-        return fused_swiglu_packed(gate_up, block_scale)
-    gate, up = gate_up.chunk(2, dim=-1)
+        return fused_swiglu_packed(gate_up, block_scale, interleaved=interleaved)
+    gate, up = (gate_up[..., 0::2], gate_up[..., 1::2]) if interleaved else gate_up.chunk(2, dim=-1)
     return swiglu_hidden(gate, up, stats, block_scale=block_scale)
 
 

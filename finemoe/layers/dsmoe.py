@@ -187,7 +187,8 @@ class DSMoEFFN(FFN):
             return self._sparse_blocks(x_ND, G_Nn)
         weights_Nn = G_Nn * self._scale(active_Nn, G_Nn.dtype)
         token_S, scale_S, position_Nn, counts_n = _active_pairs_first(active_Nn, weights_Nn)
-        y_SD = run_swiglu_experts(x_ND[token_S], counts_n, *self.block_weights(), scale_S=scale_S,
+        w_gate, w_up, w_down = self.block_weights()
+        y_SD = run_swiglu_experts(x_ND[token_S], counts_n, (w_gate, w_up), w_down, scale_S=scale_S,
                                   impl=self.config.experts_impl)
         return sum_listed_rows(y_SD, position_Nn)
 
@@ -225,7 +226,8 @@ class DSMoEFFN(FFN):
         pair_S = active_Nn.t().reshape(-1).nonzero().squeeze(-1)
         block_S, token_S = pair_S // N, pair_S % N
         x_SD = u_ND.to(compute_dtype(u_ND))[token_S]
-        y_SD = run_swiglu_experts(x_SD, count_per_expert(block_S, n), *self.block_weights(),
+        w_gate, w_up, w_down = self.block_weights()
+        y_SD = run_swiglu_experts(x_SD, count_per_expert(block_S, n), (w_gate, w_up), w_down,
                                   scale_S=weights_Nn[token_S, block_S], impl=self.config.experts_impl, stats=stats)
         return u_ND.new_zeros(u_ND.shape).index_add_(0, token_S, y_SD.to(u_ND.dtype))
 

@@ -92,8 +92,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def run_swiglu_experts(
     x_SD: Tensor,
     counts_E: Tensor,
-    w_gate_EDF: Tensor,
-    w_up_EDF: Tensor,
+    w_gate_up: Tensor | tuple[Tensor, Tensor],
     w_down_EFD: Tensor,
     *,
     scale_S: Tensor | None = None,
@@ -104,13 +103,17 @@ def run_swiglu_experts(
     ``[offset_e, offset_e + counts_E[e])`` of ``x_SD`` (rows grouped by expert, groups
     in expert order, possibly empty), each row's result times ``scale_S`` if given (a
     routing weight: applied to the hidden units, where the fused SwiGLU kernel takes it
-    for free, which by linearity is the same). Returns ``(S, D)``. The weights may be
+    for free, which by linearity is the same). Returns ``(S, D)``.
+
+    ``w_gate_up``: the gate and up projections as one interleaved ``(E, D, 2F)`` bank
+    (``SwiGLUExperts.w_gate_up``), or as a pair of ``(E, D, F)`` tensors, which may be
     strided views (DSMoE runs the blocks of a dense FFN this way). ``stats``: where the
     experts' activations are recorded, when the caller wants them."""
     scale_S1 = None if scale_S is None else scale_S.reshape(-1, 1)
     if impl in ("auto", "grouped_mm", "quack"):
-        return _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats)
+        return _run_grouped_mm(x_SD, counts_E, w_gate_up, w_down_EFD, scale_S1, stats)
     if impl == "eager":
+        w_gate_EDF, w_up_EDF = w_gate_up if isinstance(w_gate_up, tuple) else split_gate_up(w_gate_up)
         return _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats)
     raise ValueError(f"unknown experts implementation {impl!r}; one of {', '.join(EXPERTS_IMPLS)}")
 
@@ -130,14 +133,17 @@ def _run_loop(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats)
     return torch.cat(outputs, dim=0)
 
 
-def _run_grouped_mm(x_SD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, scale_S1, stats) -> Tensor:
+def _run_grouped_mm(x_SD, counts_E, w_gate_up, w_down_EFD, scale_S1, stats) -> Tensor:
     """Two grouped GEMMs in the compute dtype, the gate and up projections as one of
-    twice the width (weights side by side: copied once, as the cast to the compute
-    dtype copies them anyway); group ends are the cumulative counts."""
+    twice the width: the interleaved bank as it is stored (SwiGLU reads its output's even
+    and odd columns), or a pair placed side by side (copied once, as the cast to the
+    compute dtype copies them anyway); group ends are the cumulative counts."""
     dtype = compute_dtype(x_SD)
     offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-    w_gate_up_ED2F = torch.cat([w_gate_EDF.to(dtype), w_up_EDF.to(dtype)], dim=-1)
-    hidden_SF = swiglu_hidden_packed(grouped_mm(x_SD.to(dtype), w_gate_up_ED2F, offs_E), stats, block_scale=scale_S1)
+    interleaved = not isinstance(w_gate_up, tuple)
+    w_ED2F = w_gate_up.to(dtype) if interleaved else torch.cat([w.to(dtype) for w in w_gate_up], dim=-1)
+    hidden_SF = swiglu_hidden_packed(grouped_mm(x_SD.to(dtype), w_ED2F, offs_E), stats, block_scale=scale_S1,
+                                     interleaved=interleaved)
     return grouped_mm(hidden_SF, w_down_EFD.to(dtype), offs_E)
 
 
@@ -187,7 +193,7 @@ class SwiGLUExperts(nn.Module):
                 stats: Stats | None = None) -> Tensor:
         """Run expert e on rows ``[offset_e, offset_e + counts_E[e])`` of ``x_SD``
         (rows sorted by expert), each result times ``scale_S``. Returns ``(S, D)``."""
-        return run_swiglu_experts(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, scale_S=scale_S, impl=self.impl,
+        return run_swiglu_experts(x_SD, counts_E, self.w_gate_up, self.w_down, scale_S=scale_S, impl=self.impl,
                                   stats=stats)
 
     @torch.no_grad()
