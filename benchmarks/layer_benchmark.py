@@ -235,7 +235,16 @@ def median_ms(fn, warmup: int = 3, repeats: int = 10, device: str = "cuda") -> f
 
 
 def compiled(layer, cuda_graphs: bool = False):
-    """``torch.compile(layer)``; with ``cuda_graphs``, ``mode="reduce-overhead"``."""
+    """``torch.compile(layer)``; with ``cuda_graphs``, ``mode="reduce-overhead"``.
+
+    Every layer of one design runs the same ``forward`` code object, and each variant
+    (expert count, implementation, compile mode) is one more compiled entry for it: past
+    Dynamo's recompile limit (8) the later rows ran eagerly, unnoticed (moe E = 64 and
+    SMoE-Share as CUDA graphs took 5.2 and 7.4 ms once the QuACK rows came first, 4.1 and
+    3.4 without them: benchmarks/NOTES.md). The limit is raised so each row is compiled."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
     return torch.compile(layer, mode="reduce-overhead") if cuda_graphs else torch.compile(layer)
 
 
