@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, fused_swiglu_wanted
 from finemoe.layers.records import Activations, Stats, wants
 
-__all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "float32_linear", "swiglu_hidden", "swiglu_hidden_packed", "swiglu_params"]
+__all__ = ["RMSNorm", "SwiGLU", "at_least_float32", "float32_linear", "interleave_gate_up", "split_gate_up",
+           "swiglu_hidden", "swiglu_hidden_packed", "swiglu_params"]
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -102,6 +103,20 @@ def swiglu_params(d_model: int, hidden: int) -> int:
     return 3 * d_model * hidden
 
 
+def interleave_gate_up(w_gate_EDF: Tensor, w_up_EDF: Tensor) -> Tensor:
+    """``(E, D, 2F)`` with the gate's column j at column 2j and the up projection's at
+    2j + 1: the layout of ``finemoe.layers.experts.SwiGLUExperts.w_gate_up`` (GPT-OSS's
+    ``gate_up_proj``, and the one QuACK's gated GEMM epilogues pair columns in)."""
+    E, D, F = w_gate_EDF.shape
+    return torch.stack([w_gate_EDF, w_up_EDF], dim=-1).reshape(E, D, 2 * F)
+
+
+def split_gate_up(gate_up: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse of ``interleave_gate_up``: the even and odd columns of the last axis as
+    strided views, for the weight bank and for a product against it alike."""
+    return gate_up[..., 0::2], gate_up[..., 1::2]
+
+
 def swiglu_hidden(gate: Tensor, up: Tensor, stats: Stats | None = None, *,
                   block_scale: Tensor | None = None) -> Tensor:
     """The hidden units of SwiGLU, ``silu(x W_g) ⊙ (x W_u)``, from the two projections
@@ -134,7 +149,7 @@ def swiglu_hidden_packed(gate_up: Tensor, stats: Stats | None = None, *,
     a GEMM against ``SwiGLUExperts.w_gate_up``)."""
     if not wants(stats, Activations) and fused_swiglu_wanted(gate_up, block_scale):
         return fused_swiglu_packed(gate_up, block_scale, interleaved=interleaved)
-    gate, up = (gate_up[..., 0::2], gate_up[..., 1::2]) if interleaved else gate_up.chunk(2, dim=-1)
+    gate, up = split_gate_up(gate_up) if interleaved else gate_up.chunk(2, dim=-1)
     return swiglu_hidden(gate, up, stats, block_scale=block_scale)
 
 

@@ -46,7 +46,7 @@ from finemoe.config import check
 from finemoe.kernels import grouped_mm
 from finemoe.kernels.quack_experts import quack_available, quack_installed, quack_token_choice
 from finemoe.kernels.slots import gather_rows, sum_slots
-from finemoe.layers.common import swiglu_hidden, swiglu_hidden_packed
+from finemoe.layers.common import interleave_gate_up, split_gate_up, swiglu_hidden, swiglu_hidden_packed
 from finemoe.layers.records import Stats
 from finemoe.layers.routing import counts_of_sorted, sort_by_expert
 
@@ -145,20 +145,6 @@ def _run_grouped_mm(x_SD, counts_E, w_gate_up, w_down_EFD, scale_S1, stats) -> T
     hidden_SF = swiglu_hidden_packed(grouped_mm(x_SD.to(dtype), w_ED2F, offs_E), stats, block_scale=scale_S1,
                                      interleaved=interleaved)
     return grouped_mm(hidden_SF, w_down_EFD.to(dtype), offs_E)
-
-
-def interleave_gate_up(w_gate_EDF: Tensor, w_up_EDF: Tensor) -> Tensor:
-    """``(E, D, 2F)`` with the gate's column j at column 2j and the up projection's at
-    2j + 1: ``SwiGLUExperts.w_gate_up``'s layout (GPT-OSS's ``gate_up_proj``, and the one
-    QuACK's gated GEMM epilogues pair columns in)."""
-    E, D, F = w_gate_EDF.shape
-    return torch.stack([w_gate_EDF, w_up_EDF], dim=-1).reshape(E, D, 2 * F)
-
-
-def split_gate_up(w_gate_up_ED2F: Tensor) -> tuple[Tensor, Tensor]:
-    """The inverse of ``interleave_gate_up``: the gate and up projections as ``(E, D, F)``
-    strided views."""
-    return w_gate_up_ED2F[..., 0::2], w_gate_up_ED2F[..., 1::2]
 
 
 class SwiGLUExperts(nn.Module):
