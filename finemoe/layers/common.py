@@ -53,57 +53,12 @@ class _Float32Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-class _Float32NarrowLinear(torch.autograd.Function):
-    """``x Wᵀ + b`` for a router of a few columns, written for Inductor: each column a
-    reduction over the row (the same loop as the norm that makes ``x``, so they fuse),
-    the input gradient as a few fused multiply-adds per element (fused into the norm's
-    backward instead of a float32 ``(N, D)`` written and read again), the weight
-    gradient one column reduction over the rows per output column. All sums in float32;
-    element-wise ops, so autocast leaves them alone."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        y = torch.stack([(x * weight[e]).sum(-1) for e in range(weight.shape[0])], dim=-1)
-        return y if bias is None else y + bias
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        x, weight = ctx.saved_tensors
-        grad_y = grad_y.to(x.dtype)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y[..., :1] * weight[0]
-            for e in range(1, weight.shape[0]):
-                grad_x = grad_x + grad_y[..., e:e + 1] * weight[e]
-        rows_y, rows_x = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[1]:
-            if NARROW_WEIGHT_GRAD_AS_REDUCTION:
-                grad_w = torch.stack([(rows_y[:, e:e + 1] * rows_x).sum(0) for e in range(weight.shape[0])])
-            else:
-                with torch.autocast(device_type=x.device.type, enabled=False):
-                    grad_w = rows_y.t() @ rows_x
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows_y.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-NARROW_COLUMNS = 16
-"""Under ``torch.compile``, ``float32_linear`` of at most this many output columns (a
-router's) runs as ``_Float32NarrowLinear`` (benchmarks/NOTES.md); 0 turns it off."""
-NARROW_WEIGHT_GRAD_AS_REDUCTION = False
-
-
 def float32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x Wᵀ + b`` in float32 (float64 stays float64), forward and backward, whatever the
     autocast state and under ``torch.compile``: the router math of every design
     (METHODS.md preamble)."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    if torch.compiler.is_compiling() and weight.shape[0] <= NARROW_COLUMNS:
-        return _Float32NarrowLinear.apply(x, weight, bias)
-    return _Float32Linear.apply(x, weight, bias)
+    return _Float32Linear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 class RMSNorm(nn.Module):
