@@ -527,3 +527,31 @@ def test_quack_moe_layer_compiles_and_equals_its_eager_self(monkeypatch):
         runs.append((out.float(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
         layer.zero_grad(set_to_none=True)
     _assert_same_results(runs[0], runs[1], tol=2e-2)
+
+
+@pytest.mark.parametrize("outputs", [8, 16])
+def test_router_product_kernels_match_float64_eagerly_and_compiled(outputs):
+    """``float32_linear`` at a router's shape takes the skinny-product kernels on the GPU
+    (``finemoe.kernels.skinny_linear``): output, input and weight gradients against float64,
+    eagerly and compiled with ``fullgraph=True`` under bf16 autocast (the router stays
+    float32)."""
+    from finemoe.kernels.skinny_linear import skinny_linear_applies
+    from finemoe.layers.common import float32_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(5000, 1024, device="cuda")
+    w = torch.randn(outputs, 1024, device="cuda") * 0.02
+    assert skinny_linear_applies(x, w)
+    probe = torch.randn(5000, outputs, device="cuda")
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = x64 @ w64.T
+    ref_grads = torch.autograd.grad((ref * probe.double()).sum(), (x64, w64))
+    for fn in (float32_linear, torch.compile(float32_linear, fullgraph=True)):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(xs, ws)
+        assert out.dtype == torch.float32
+        grads = torch.autograd.grad((out * probe).sum(), (xs, ws))
+        assert _rel(out, ref) < 1e-6
+        for got, want in zip(grads, ref_grads):
+            assert got.dtype == torch.float32 and _rel(got, want) < 1e-6

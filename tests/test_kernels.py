@@ -599,3 +599,32 @@ def test_row_topk_kernel_equals_torch_topk(rows, columns, k):
 def test_row_topk_passes_opcheck():
     probs = torch.softmax(torch.randn(9, 8, device=DEVICE), dim=-1)
     torch.library.opcheck(torch.ops.finemoe.row_topk_indices.default, (probs, 2))
+
+
+@pytest.mark.parametrize("rows,width,outputs", [(70, 40, 8), (130, 259, 3), (1, 128, 16), (65, 300, 1), (0, 64, 8),
+                                                (600, 200, 5)])
+def test_skinny_linear_equals_the_float64_product(rows, width, outputs):
+    """The routers' float32 ``u Wᵀ``: row blocks with a ragged last one, widths that are and
+    are not a whole number of column tiles, several groups of rows (backward), 1 to 16 outputs
+    (padded to a power of two inside), no rows;
+    output and both gradients against the same product in float64."""
+    from finemoe.kernels.skinny_linear import skinny_linear
+
+    torch.manual_seed(3)
+    x = torch.randn(rows, width, device=DEVICE, requires_grad=True)
+    w = torch.randn(outputs, width, device=DEVICE, requires_grad=True)
+    probe = torch.randn(rows, outputs, device=DEVICE)
+    out = skinny_linear(x, w)
+    gx, gw = torch.autograd.grad((out * probe).sum(), (x, w))
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref = x64 @ w64.T
+    rx, rw = torch.autograd.grad((ref * probe.double()).sum(), (x64, w64))
+    assert out.dtype == torch.float32 and out.shape == (rows, outputs)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gx.double(), rx, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gw.double(), rw, atol=1e-4, rtol=1e-5)
+
+
+def test_skinny_linear_passes_opcheck():
+    x = torch.randn(70, 40, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.finemoe.skinny_linear.default, (x, torch.randn(8, 40, device=DEVICE)))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from finemoe.kernels.skinny_linear import skinny_linear, skinny_linear_applies
 from finemoe.kernels.swiglu import fused_swiglu, fused_swiglu_packed, fused_swiglu_wanted
 from finemoe.layers.records import Activations, Stats, wants
 
@@ -58,7 +59,11 @@ def float32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     autocast state and under ``torch.compile``: the router math of every design
     (METHODS.md preamble)."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    return _Float32Linear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if skinny_linear_applies(x, weight):  # a router's few outputs on a GPU: kernels that stream x once a pass
+        y = skinny_linear(x, weight)
+        return y if bias is None else y + bias
+    return _Float32Linear.apply(x, weight, bias)
 
 
 class RMSNorm(nn.Module):
