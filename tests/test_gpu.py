@@ -529,7 +529,7 @@ def test_quack_moe_layer_compiles_and_equals_its_eager_self(monkeypatch):
     _assert_same_results(runs[0], runs[1], tol=2e-2)
 
 
-@pytest.mark.parametrize("outputs", [8, 16])
+@pytest.mark.parametrize("outputs", [3, 8])
 def test_router_product_kernels_match_float64_eagerly_and_compiled(outputs):
     """``float32_linear`` at a router's shape takes the skinny-product kernels on the GPU
     (``finemoe.kernels.skinny_linear``): output, input and weight gradients against float64,

@@ -1,7 +1,7 @@
 """Float32 products with few output columns: the routers' ``logits = u Wᵀ``.
 
 Every routed design computes its router in float32 (METHODS.md: "Router math runs in
-float32"), a product of the ``(N, D)`` normed input with a weight of E ≤ 16 rows. cuBLAS
+float32"), a product of the ``(N, D)`` normed input with a weight of a few rows. cuBLAS
 has no good kernel for that shape without TF32: at moe E = 8 (16,384 tokens, d = 1024)
 its three products take ~50 µs forward and ~47 + 29 µs backward, where their bytes (the
 float32 input read once forward; the input gradient written and the input read once
@@ -45,12 +45,13 @@ except ImportError:
 
 __all__ = ["MAX_OUTPUTS", "skinny_linear", "skinny_linear_applies"]
 
-MAX_OUTPUTS = 16
-"""Past this many outputs the products stop being free beside the bytes (float32 on the
-FMA units, not the tensor cores), and cuBLAS is kept."""
+MAX_OUTPUTS = 8
+"""Past this many outputs cuBLAS is kept: the FMA products stop being free beside the
+bytes (H100, 16,384 × 1024 input: forward 30 µs against cuBLAS's 44 at E = 8, 50–56
+against 44 at E = 10 and 16; benchmarks/NOTES.md)."""
 
-FORWARD_TILE = {"BLOCK_N": 16, "BLOCK_D": 64, "num_warps": 4}
-BACKWARD_TILE = {"BLOCK_N": 8, "BLOCK_D": 128, "ROWS": 256, "num_warps": 4}
+FORWARD_TILE = {"BLOCK_N": 8, "BLOCK_D": 64, "num_warps": 2}
+BACKWARD_TILE = {"BLOCK_N": 16, "BLOCK_D": 64, "ROWS": 256, "num_warps": 4}
 """Rows and columns per tile (and per program's group of rows, backward); module-level so
 that benchmarks/experiments/router_kernel_ab.py can sweep them."""
 
