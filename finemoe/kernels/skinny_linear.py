@@ -50,8 +50,8 @@ MAX_OUTPUTS = 8
 bytes (H100, 16,384 × 1024 input: forward 30 µs against cuBLAS's 44 at E = 8, 50–56
 against 44 at E = 10 and 16; benchmarks/NOTES.md)."""
 
-FORWARD_TILE = {"BLOCK_N": 8, "BLOCK_D": 64, "num_warps": 2}
-BACKWARD_TILE = {"BLOCK_N": 16, "BLOCK_D": 64, "ROWS": 256, "num_warps": 4}
+FORWARD_TILE = {"BLOCK_N": 4, "BLOCK_D": 64, "num_warps": 1}
+BACKWARD_TILE = {"BLOCK_N": 16, "BLOCK_D": 32, "ROWS": 256, "num_warps": 2}
 """Rows and columns per tile (and per program's group of rows, backward); module-level so
 that benchmarks/experiments/router_kernel_ab.py can sweep them."""
 
