@@ -44,7 +44,9 @@ except ImportError:
 __all__ = ["block_pairs", "norm_and_gates"]
 
 _BLOCK_TOKENS = 128
-_NORM_ROWS = 8
+NORM_TILE = {"ROWS": 8, "num_warps": 4}
+"""Rows per program of the norm-and-gates kernel, and its warps (module-level so that
+benchmarks/experiments/dsmoe_norm_gates_tiles.py can sweep them)."""
 
 
 if triton is not None:
@@ -115,9 +117,9 @@ def _norm_and_gates(h_ND: Tensor, norm_weight: Tensor, gate_weight: Tensor, eps:
     x_ND = torch.empty(N, D, dtype=dtype, device=h_ND.device)
     G_Nn = torch.empty(N, n, dtype=torch.float32, device=h_ND.device)
     if N:
-        launch(_norm_gates_kernel)[(triton.cdiv(N, _NORM_ROWS),)](
+        launch(_norm_gates_kernel)[(triton.cdiv(N, NORM_TILE["ROWS"]),)](
             h_ND, norm_weight, gate_weight, x_ND, G_Nn, N, eps, threshold, D=D, D_PAD=triton.next_power_of_2(D), n=n,
-            ROWS=_NORM_ROWS)
+            ROWS=NORM_TILE["ROWS"], num_warps=NORM_TILE["num_warps"])
     return x_ND, G_Nn
 
 
