@@ -1,6 +1,6 @@
 """Experiment: tiles of DSMoE's norm-and-gates kernel (``finemoe.kernels.dsmoe_prefill``) at
 the layer benchmark's size (16,384 tokens, d = 1024, n = 8): the kernel's GPU time per
-call for each (rows per program, column tile, warps), then the prefill forward as a CUDA graph against
+call for each (rows per program, warps), then the prefill forward as a CUDA graph against
 the dense forward's graph with the default tile and with the fastest, in one process.
 
     python benchmarks/experiments/dsmoe_norm_gates_tiles.py
@@ -22,7 +22,7 @@ from profile_layer import gpu_ms
 from finemoe.kernels import dsmoe_prefill
 from finemoe.layers import DenseConfig, DSMoEConfig
 
-TILES = [(4, 64, 1), (2, 64, 1), (4, 32, 1), (8, 64, 2), (4, 128, 2), (8, 32, 1), (8, 64, 4), (16, 64, 4)]
+TILES = [(8, 4), (4, 4), (8, 8), (16, 4), (16, 8), (32, 8), (32, 16), (64, 16)]
 
 
 def main(d: int = 1024, F: int = 4096, n: int = 8, tokens: int = 16384) -> None:
@@ -40,23 +40,22 @@ def main(d: int = 1024, F: int = 4096, n: int = 8, tokens: int = 16384) -> None:
     default = dict(dsmoe_prefill.NORM_TILE)
     reference = None
     times = {}
-    for rows, columns, warps in TILES:
-        dsmoe_prefill.NORM_TILE.update(ROWS=rows, BLOCK_D=columns, num_warps=warps)
+    for rows, warps in TILES:
+        dsmoe_prefill.NORM_TILE.update(ROWS=rows, num_warps=warps)
         x, G = dsmoe_prefill.norm_and_gates(h_ND, layer.norm.weight, layer.gate.weight, 1e-5, 0.5, torch.bfloat16)
         if reference is None:
             reference = x, G
         same = torch.equal(x, reference[0]) and torch.allclose(G, reference[1], rtol=0, atol=1e-6)
-        times[rows, columns, warps] = gpu_ms(kernel, calls=20) * 1e3
-        print(f"rows {rows}, columns {columns}, warps {warps}: {times[rows, columns, warps]:.1f} µs "
-              f"(same output as the first: {same})", flush=True)
+        times[rows, warps] = gpu_ms(kernel, calls=20) * 1e3
+        print(f"rows {rows}, warps {warps}: {times[rows, warps]:.1f} µs (same output as the first: {same})",
+              flush=True)
     best = min(times, key=times.get)
     dense_graph = cuda_graph_forward(dense, h, autocast)
-    first = (default["ROWS"], default["BLOCK_D"], default["num_warps"])
-    for label, (rows, columns, warps) in [("default", first), ("fastest", best)] * 2:
-        dsmoe_prefill.NORM_TILE.update(ROWS=rows, BLOCK_D=columns, num_warps=warps)
+    for label, (rows, warps) in [("default", (default["ROWS"], default["num_warps"])), ("fastest", best)] * 2:
+        dsmoe_prefill.NORM_TILE.update(ROWS=rows, num_warps=warps)
         dense_ms = median_ms(dense_graph, warmup=5, repeats=30)
         layer_ms = median_ms(cuda_graph_forward(layer, h, autocast), warmup=5, repeats=30)
-        print(f"prefill as a CUDA graph, {label} tile ({rows}, {columns}, {warps}): {layer_ms:.3f} ms against dense's "
+        print(f"prefill as a CUDA graph, {label} tile ({rows}, {warps}): {layer_ms:.3f} ms against dense's "
               f"{dense_ms:.3f}: {dense_ms / layer_ms:.2f}x", flush=True)
     dsmoe_prefill.NORM_TILE.update(default)
 

@@ -1,9 +1,9 @@
 """DSMoE inference for a batch of tokens: the gates, and the layout of the switched-on pairs.
 
 ``norm_and_gates``: RMSNorm, the cast of the normed input to the compute dtype and the
-thresholded sigmoid gates in one kernel that reads the input once from memory (where
-PyTorch runs a norm, a cast and a float32 GEMM of width n = 8, together 130 µs for
-16,384 tokens on an H100).
+thresholded sigmoid gates in one pass over the input (one kernel where PyTorch runs a
+norm, a cast and a float32 GEMM of width n = 8, together 130 µs for 16,384 tokens on an
+H100).
 
 ``block_pairs``: the layout of the switched-on (token, block) pairs.
 
@@ -44,8 +44,8 @@ except ImportError:
 __all__ = ["block_pairs", "norm_and_gates"]
 
 _BLOCK_TOKENS = 128
-NORM_TILE = {"ROWS": 4, "BLOCK_D": 64, "num_warps": 1}
-"""Rows per program of the norm-and-gates kernel, its column tile and warps (module-level so that
+NORM_TILE = {"ROWS": 8, "num_warps": 4}
+"""Rows per program of the norm-and-gates kernel, and its warps (module-level so that
 benchmarks/experiments/dsmoe_norm_gates_tiles.py can sweep them)."""
 
 
@@ -94,36 +94,19 @@ if triton is not None:
 
 
     @triton.jit
-    def _norm_gates_kernel(h_ptr, norm_ptr, y_ptr, x_ptr, g_ptr, N, eps, tau, D: tl.constexpr, n: tl.constexpr,
-                           n_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        # u·Y_i = rstd · Σ_d h_d (w_d Y_id): the gates' products and the squares are summed
-        # over the column tiles as (rows, n, columns) tiles, reduced once at the end (no
-        # reduction across threads inside the loop); a second pass over the rows (from L2)
-        # writes the normed input in the compute dtype.
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None, None]          # (ROWS, 1, 1)
-        gates = tl.arange(0, n_PAD)[None, :, None]                                   # (1, n_PAD, 1)
-        row_ok, gate_ok = rows < N, gates < n
-        h_rows = h_ptr + rows.to(tl.int64) * D
-        x_rows = x_ptr + rows.to(tl.int64) * D
-        squares = tl.zeros((ROWS, 1, BLOCK_D), dtype=tl.float32)
-        products = tl.zeros((ROWS, n_PAD, BLOCK_D), dtype=tl.float32)
-        for start in range(0, D, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)[None, None, :]                     # (1, 1, BLOCK_D)
-            col_ok = cols < D
-            h = tl.load(h_rows + cols, mask=row_ok & col_ok, other=0.0).to(tl.float32)
-            weight = tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + gates * D + cols, mask=gate_ok & col_ok, other=0.0).to(tl.float32)
-            squares += h * h
-            products += h * (weight * y)
-        rstd = tl.rsqrt(tl.sum(squares, axis=2, keep_dims=True) / D + eps)          # (ROWS, 1, 1)
-        a = tl.sigmoid(tl.sum(products, axis=2, keep_dims=True) * rstd)             # a = sigmoid(u Y), float32
-        tl.store(g_ptr + rows * n + gates, tl.where(a > tau, a, 0.0), mask=row_ok & gate_ok)
-        for start in range(0, D, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)[None, None, :]
-            col_ok = cols < D
-            h = tl.load(h_rows + cols, mask=row_ok & col_ok, other=0.0).to(tl.float32)
-            weight = tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            tl.store(x_rows + cols, (h * rstd * weight).to(x_ptr.dtype.element_ty), mask=row_ok & col_ok)
+    def _norm_gates_kernel(h_ptr, norm_ptr, y_ptr, x_ptr, g_ptr, N, eps, tau, D: tl.constexpr, D_PAD: tl.constexpr,
+                           n: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, D_PAD)
+        row_ok, col_ok = rows < N, cols < D
+        ok = row_ok[:, None] & col_ok[None, :]
+        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        weight = tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        u = h * tl.rsqrt(tl.sum(h * h, 1) / D + eps)[:, None] * weight[None, :]
+        tl.store(x_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], u.to(x_ptr.dtype.element_ty), mask=ok)
+        for i in tl.static_range(n):  # a = sigmoid(u Y_i), G = a·[a > τ], in float32
+            a = tl.sigmoid(tl.sum(u * tl.load(y_ptr + i * D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :], 1))
+            tl.store(g_ptr + rows * n + i, tl.where(a > tau, a, 0.0), mask=row_ok)
 
 
 @kernel_op("finemoe::dsmoe_norm_and_gates", mutates_args=())
@@ -135,8 +118,8 @@ def _norm_and_gates(h_ND: Tensor, norm_weight: Tensor, gate_weight: Tensor, eps:
     G_Nn = torch.empty(N, n, dtype=torch.float32, device=h_ND.device)
     if N:
         launch(_norm_gates_kernel)[(triton.cdiv(N, NORM_TILE["ROWS"]),)](
-            h_ND, norm_weight, gate_weight, x_ND, G_Nn, N, eps, threshold, D=D, n=n, n_PAD=triton.next_power_of_2(n),
-            ROWS=NORM_TILE["ROWS"], BLOCK_D=NORM_TILE["BLOCK_D"], num_warps=NORM_TILE["num_warps"])
+            h_ND, norm_weight, gate_weight, x_ND, G_Nn, N, eps, threshold, D=D, D_PAD=triton.next_power_of_2(D), n=n,
+            ROWS=NORM_TILE["ROWS"], num_warps=NORM_TILE["num_warps"])
     return x_ND, G_Nn
 
 
@@ -148,7 +131,7 @@ def _(h_ND, norm_weight, gate_weight, eps, threshold, dtype):
 
 def norm_and_gates(h_ND: Tensor, norm_weight: Tensor, gate_weight: Tensor, eps: float, threshold: float,
                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The layer's input side in one kernel over ``h``: ``u = RMSNorm(h)`` (float32), ``u``
+    """The layer's input side in one pass over ``h``: ``u = RMSNorm(h)`` (float32), ``u``
     in ``dtype`` for the experts, and the thresholded gates ``G = a·[a > τ]`` with
     ``a = sigmoid(u Y)`` (float32, ``(N, n)``). Replaces the norm, a cast and a float32
     GEMM of width n that cuBLAS runs at a few percent of its peak."""
