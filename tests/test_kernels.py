@@ -504,7 +504,7 @@ def test_dsmoe_block_pairs_kernel_lays_out_the_pairs_as_the_layer_does(tokens, b
     torch.testing.assert_close(scale[:total], want_scale[:total])
 
 
-@pytest.mark.parametrize("tokens,width,blocks", [(19, 48, 8), (3, 64, 3), (0, 16, 4)])
+@pytest.mark.parametrize("tokens,width,blocks", [(19, 48, 8), (3, 64, 3), (0, 16, 4), (7, 200, 5)])
 def test_dsmoe_norm_and_gates_kernel_equals_the_layer(tokens, width, blocks):
     """RMSNorm, the cast and the thresholded gates in one pass, against the layer's norm
     and gates; widths that are not a power of two, odd block counts."""
