@@ -605,9 +605,9 @@ def test_row_topk_passes_opcheck():
                                                 (600, 200, 5)])
 def test_skinny_linear_equals_the_float64_product(rows, width, outputs):
     """The routers' float32 ``u Wᵀ``: row blocks with a ragged last one, widths that are and
-    are not a whole number of column tiles, several groups of rows (backward), 1 to 16 outputs
-    (padded to a power of two inside), no rows;
-    output and both gradients against the same product in float64."""
+    are not a whole number of column tiles, several groups of rows (backward), 1 to 16
+    outputs (padded to a power of two inside), no rows; output and both gradients against
+    the same product in float64."""
     from finemoe.kernels.skinny_linear import skinny_linear
 
     torch.manual_seed(3)
