@@ -13,19 +13,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layer_benchmark import fwd_bwd, layer_configs
+from layer_benchmark import compiled, fwd_bwd, layer_configs
 from profile_layer import gpu_ms
 
 from finemoe.config import from_dict
 from finemoe.layers import FFNConfig
 
 
+def layer_inputs(d: int, tokens: int):
+    """The input, cotangent and autocast of the layer benchmark's step at this size."""
+    h = torch.randn(tokens // 512, 512, d, device="cuda", requires_grad=True)
+    return h, torch.randn(h.shape, device="cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def fresh_layer(name: str, d: int, cuda_graphs: bool = False):
+    """Layer ``name`` of ``layer_benchmark.py`` built afresh (seed 0) and compiled afresh."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    return compiled(from_dict(FFNConfig, dict(layer_configs(d)[name])).build(d).cuda().train(), cuda_graphs)
+
+
 def compare(names, variants: dict[str, Callable[[], Callable[[], None]]], d: int = 1024, tokens: int = 16384) -> None:
     """Print a Markdown table: one row per layer, one column per variant (GPU ms)."""
-    configs = layer_configs(d)
-    h = torch.randn(tokens // 512, 512, d, device="cuda", requires_grad=True)
-    cotangent = torch.randn(h.shape, device="cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    h, cotangent, autocast = layer_inputs(d, tokens)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GPU ms per forward + backward (compiled), "
           f"{tokens} tokens, d = {d}")
     print("| layer | " + " | ".join(variants) + " |")
@@ -35,9 +45,7 @@ def compare(names, variants: dict[str, Callable[[], Callable[[], None]]], d: int
         for setup in variants.values():
             restore = setup()
             try:
-                torch._dynamo.reset()
-                torch.manual_seed(0)
-                layer = torch.compile(from_dict(FFNConfig, dict(configs[name])).build(d).cuda().train())
+                layer = fresh_layer(name, d)
                 times.append(gpu_ms(fwd_bwd(layer, h, cotangent, autocast), calls=10))
             finally:
                 restore()

@@ -19,12 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layer_benchmark import compiled, fwd_bwd, layer_configs, median_ms
+from compiled_ab import fresh_layer, layer_inputs
+from layer_benchmark import fwd_bwd, median_ms
 from profile_layer import kernel_averages
 from quack_experts_ab import _use as use_quack
 
-from finemoe.config import from_dict
-from finemoe.layers import FFNConfig, experts
+from finemoe.layers import experts
 
 LAYERS = ("dense", "moe E=8 k=2", "moe E=64 k=8 (fine-grained)", "cartesian (8 sub-experts, k=2, + shared)",
           "dsmoe n=8 (training path)", "finedeep 2x4")
@@ -32,19 +32,14 @@ LAYERS = ("dense", "moe E=8 k=2", "moe E=64 k=8 (fine-grained)", "cartesian (8 s
 
 def main(d: int = 1024, tokens: int = 16384, steps: int = 10) -> None:
     use_quack(experts.quack_installed())()
-    configs = layer_configs(d)
-    h = torch.randn(tokens // 512, 512, d, device="cuda", requires_grad=True)
-    cotangent = torch.randn(h.shape, device="cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    h, cotangent, autocast = layer_inputs(d, tokens)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, QuACK experts: {experts.quack_installed()}; "
           f"{tokens} tokens, d = {d}")
     print("| layer | kernels per step | GPU ms | CUDA-graph wall ms | wall − GPU ms |\n|---|---:|---:|---:|---:|")
     for name in LAYERS:
         row = []
         for cuda_graphs in (False, True):
-            torch._dynamo.reset()
-            torch.manual_seed(0)
-            layer = compiled(from_dict(FFNConfig, dict(configs[name])).build(d).cuda().train(), cuda_graphs)
+            layer = fresh_layer(name, d, cuda_graphs)
             step = fwd_bwd(layer, h, cotangent, autocast)
             if cuda_graphs:
                 row.append(median_ms(step, warmup=5, repeats=30))

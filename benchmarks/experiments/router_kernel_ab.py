@@ -73,24 +73,21 @@ def product_alone(tokens: int = 16384, d: int = 1024) -> tuple[dict, dict]:
         finally:
             restore()
         restore = _kernels(True)()
-        before = dict(kernels.FORWARD_TILE), dict(kernels.BACKWARD_TILE)
         try:
-            for tile in FORWARD_TILES:
-                kernels.FORWARD_TILE.update(tile)
-                us = gpu_ms(forward, calls=20) * 1e3
-                print(f"  forward {tile}: {us:.1f} µs", flush=True)
-                if outputs == 8 and us < best.get("forward", (1e9,))[0]:
-                    best["forward"] = (us, tile)
-            kernels.FORWARD_TILE.update(before[0])
-            for tile in BACKWARD_TILES:
-                kernels.BACKWARD_TILE.update(tile)
-                us = gpu_ms(both, calls=20) * 1e3
-                print(f"  forward + backward {tile}: {us:.1f} µs", flush=True)
-                if outputs == 8 and us < best.get("backward", (1e9,))[0]:
-                    best["backward"] = (us, tile)
+            for pass_, label, tiles, setting, step in (("forward", "forward", FORWARD_TILES, kernels.FORWARD_TILE, forward),
+                                                       ("backward", "forward + backward", BACKWARD_TILES,
+                                                        kernels.BACKWARD_TILE, both)):
+                before = dict(setting)
+                try:
+                    for tile in tiles:
+                        setting.update(tile)
+                        us = gpu_ms(step, calls=20) * 1e3
+                        print(f"  {label} {tile}: {us:.1f} µs", flush=True)
+                        if outputs == 8 and us < best.get(pass_, (1e9,))[0]:
+                            best[pass_] = (us, tile)
+                finally:
+                    setting.update(before)
         finally:
-            kernels.FORWARD_TILE.update(before[0])
-            kernels.BACKWARD_TILE.update(before[1])
             restore()
     return best["forward"][1], best["backward"][1]
 

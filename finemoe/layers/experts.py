@@ -58,10 +58,8 @@ __all__ = [
     "compute_dtype",
     "dispatch_expert_choice",
     "dispatch_token_choice",
-    "interleave_gate_up",
     "run_swiglu_experts",
     "shared_experts_width",
-    "split_gate_up",
 ]
 
 ExpertsImpl = Literal["auto", "eager", "grouped_mm", "quack"]

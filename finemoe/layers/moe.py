@@ -33,9 +33,9 @@ from finemoe.layers import routing
 from finemoe.layers.base import CallContext, FFN, FFNConfig, FFNOutput, LayerContext, Stats, register_ffn
 from finemoe.layers.records import Routing
 from finemoe.layers.common import (RMSNorm, SwiGLU, dense_swiglu_weights, float32_linear, fresh_gate,
-                                   swiglu_params)
+                                   interleave_gate_up, split_gate_up, swiglu_params)
 from finemoe.layers.experts import (ExpertsImpl, SwiGLUExperts, check_shared_experts, dispatch_expert_choice,
-                                     dispatch_token_choice, interleave_gate_up, shared_experts_width, split_gate_up)
+                                     dispatch_token_choice, shared_experts_width)
 
 
 @register_ffn
