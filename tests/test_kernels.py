@@ -115,9 +115,9 @@ def test_finedeep_swiglu_gate_kernel_equals_the_formula(softmax, normalize, scal
     """Outputs, gates and the gradients of the gate and up projections and the read-out
     (through both the scaled units and the gates): K not a power of two, f not one,
     token counts that leave part of a backward program's rows empty, and no token."""
-    from finemoe.kernels.finedeep_gate import BACKWARD_TILE, finedeep_swiglu_gate
+    from finemoe.kernels.finedeep_gate import _ROWS, finedeep_swiglu_gate
 
-    assert N == 0 or N % BACKWARD_TILE["ROWS"], "a partly filled backward program is part of the test"
+    assert N == 0 or N % _ROWS, "a partly filled backward program is part of the test"
     torch.manual_seed(K * f)
     gate = torch.randn(N, K * f, device=DEVICE, requires_grad=True)
     up = torch.randn(N, K * f, device=DEVICE, requires_grad=True)

@@ -21,13 +21,9 @@ them); the backward reads ``d out``, ``a`` and ``u`` once and writes ``d a`` and
     dh_k = d out_k · g_k + dz_k · r_k
     d u  = dh ⊙ silu(a),   d a = dh ⊙ u ⊙ silu'(a)
 
-The backward cannot hold a token's units and ``d r`` in registers across a serial loop over
-tokens at wide sub-layers (K·f = 2,048 took twice its byte floor), so each program takes a
-tile of tokens in two passes over column chunks of ``(tokens, K, columns)``: the first sums
-``dg``, the second re-reads ``d out``, ``a`` and ``u`` (still in L2) and writes ``d a`` and
-``d u``. ``d r = Σ_n dz_n ⊗ h_n`` is a reduction over tokens: each program sums it over its
-tokens, and the per-program partial sums are added after (a fixed order: deterministic, no
-atomics).
+``d r = Σ_n dz_n ⊗ h_n`` is a reduction over tokens: each backward program sums it over
+its ``_ROWS`` tokens, and the per-program partial sums are added after (a fixed order:
+deterministic, no atomics).
 
 Kernel → launcher → operator (``finemoe.kernels.op``) → autograd. The reference is the
 plain PyTorch code in ``FinedeepFFN.sublayer``; the tests compare the two under
@@ -55,10 +51,8 @@ __all__ = ["finedeep_swiglu_gate", "swiglu_gate_applies"]
 
 _MAX_TILE = 8192
 """Most padded K·f units one program holds (beyond it registers spill)."""
-BACKWARD_TILE = {"ROWS": 8, "COLUMNS": 64, "num_warps": 4}
-"""Tokens per backward program (the read-out gradient's partial sums are (N / ROWS, K, f)),
-columns per chunk and warps; module-level so that benchmarks/experiments/finedeep_gate_tiles.py
-can sweep them."""
+_ROWS = 16
+"""Tokens per backward program: the read-out gradient's partial sums are (N / _ROWS, K, f)."""
 
 
 def _tile(K: int, f: int) -> tuple[int, int]:
@@ -77,16 +71,15 @@ if triton is not None:
 
     @triton.jit
     def _gate_values(z, kmask, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr, C: tl.constexpr):
-        """``(g, s)`` for ``(tokens, K)`` scores: the gates and the sigmoid (or softmax)
-        values they are made of."""
+        """``(g, s)``: the gates and the sigmoid (or softmax) values they are made of."""
         if SOFTMAX:
-            zm = tl.where(kmask[None, :], z, float("-inf"))
-            e = tl.exp(zm - tl.max(zm, axis=1)[:, None])
-            p = e / tl.sum(e, axis=1)[:, None]
+            zm = tl.where(kmask, z, float("-inf"))
+            e = tl.exp(zm - tl.max(zm, axis=0))
+            p = e / tl.sum(e, axis=0)
             return C * p, p
-        s = tl.where(kmask[None, :], tl.sigmoid(z), 0.0)
+        s = tl.where(kmask, tl.sigmoid(z), 0.0)
         if NORMALIZE:
-            return C * s / tl.sum(s, axis=1)[:, None], s
+            return C * s / tl.sum(s, axis=0), s
         return s, s
 
     @triton.jit
@@ -111,69 +104,63 @@ if triton is not None:
         h = act * u
         r = tl.load(r_ptr + ks[:, None] * f + fs[None, :], mask=m, other=0.0)
         z = tl.sum(h * r, axis=1)
-        g, _ = _gate_values(tl.reshape(z, (1, K_PAD)), kmask, SOFTMAX, NORMALIZE, C)
-        g = tl.reshape(g, (K_PAD,))
+        g, _ = _gate_values(z, kmask, SOFTMAX, NORMALIZE, C)
         tl.store(g_ptr + row * K + ks, g, mask=kmask)
         tl.store(z_ptr + row * K + ks, z, mask=kmask)
         tl.store(out_ptr + offsets, (h * g[:, None]).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _backward_kernel(dout_ptr, a_ptr, u_ptr, r_ptr, z_ptr, dg_extra_ptr, da_ptr, du_ptr, dr_ptr, N,
-                         K: tl.constexpr, f: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr,
-                         COLUMNS: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr, C: tl.constexpr):
+                         K: tl.constexpr, f: tl.constexpr, K_PAD: tl.constexpr, F_PAD: tl.constexpr,
+                         ROWS: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr, C: tl.constexpr):
         program = tl.program_id(0)
-        rows = program.to(tl.int64) * ROWS + tl.arange(0, ROWS)
         ks = tl.arange(0, K_PAD)
+        fs = tl.arange(0, F_PAD)
         kmask = ks < K
-        rk_mask = (rows < N)[:, None] & kmask[None, :]  # (tokens, K)
-        rk = rows[:, None] * K + ks[None, :]
-        unit_base = (rows[:, None] * (K * f) + ks[None, :] * f)[:, :, None]  # (tokens, K, 1)
-        # pass 1: dg_k = d out_k · h_k (+ the gates' own gradient)
-        dg = tl.load(dg_extra_ptr + rk, mask=rk_mask, other=0.0)
-        for c in range(0, f, COLUMNS):
-            cols = c + tl.arange(0, COLUMNS)
-            m = rk_mask[:, :, None] & (cols < f)[None, None, :]
-            offsets = unit_base + cols[None, None, :]
-            dout = tl.load(dout_ptr + offsets, mask=m, other=0.0).to(tl.float32)
-            act, _, _, u = _hidden(a_ptr, u_ptr, offsets, m)
-            dg += tl.sum(dout * act * u, axis=2)
-        z = tl.load(z_ptr + rk, mask=rk_mask, other=0.0)
-        g, s = _gate_values(z, kmask, SOFTMAX, NORMALIZE, C)
-        if SOFTMAX:  # g = C·p:  dz_j = C·p_j (dg_j − Σ_k dg_k p_k)
-            dz = C * s * (dg - tl.sum(dg * s, axis=1)[:, None])
-        elif NORMALIZE:  # g = C·s/S:  ds_j = (C/S) dg_j − (C/S²) Σ_k dg_k s_k;  dz = ds·s(1 − s)
-            total = tl.sum(s, axis=1)[:, None]
-            ds = C / total * dg - C / (total * total) * tl.sum(dg * s, axis=1)[:, None]
-            dz = ds * s * (1.0 - s)
-        else:
-            dz = dg * s * (1.0 - s)
-        dz = tl.where(rk_mask, dz, 0.0)
-        # pass 2: dh_k = d out_k g_k + dz_k r_k, then SwiGLU's backward; d r's partial sum per column chunk
-        for c in range(0, f, COLUMNS):
-            cols = c + tl.arange(0, COLUMNS)
-            m = rk_mask[:, :, None] & (cols < f)[None, None, :]
-            offsets = unit_base + cols[None, None, :]
-            kc_mask = kmask[:, None] & (cols < f)[None, :]
-            r = tl.load(r_ptr + ks[:, None] * f + cols[None, :], mask=kc_mask, other=0.0)
+        tile_mask = kmask[:, None] & (fs < f)[None, :]
+        r = tl.load(r_ptr + ks[:, None] * f + fs[None, :], mask=tile_mask, other=0.0)
+        dr = tl.zeros((K_PAD, F_PAD), dtype=tl.float32)
+        for i in range(ROWS):
+            row = program.to(tl.int64) * ROWS + i
+            live = (row + ks * 0) < N  # as a vector: the interpreter masks with vectors only
+            km = kmask & live
+            m = tile_mask & live[:, None]
+            offsets = row * (K * f) + ks[:, None] * f + fs[None, :]
+            z = tl.load(z_ptr + row * K + ks, mask=km, other=0.0)
+            g, s = _gate_values(z, kmask, SOFTMAX, NORMALIZE, C)
             dout = tl.load(dout_ptr + offsets, mask=m, other=0.0).to(tl.float32)
             act, sig, a, u = _hidden(a_ptr, u_ptr, offsets, m)
-            dh = dout * g[:, :, None] + dz[:, :, None] * r[None, :, :]
+            h = act * u
+            dg = tl.load(dg_extra_ptr + row * K + ks, mask=km, other=0.0) + tl.sum(dout * h, axis=1)
+            if SOFTMAX:  # g = C·p:  dz_j = C·p_j (dg_j − Σ_k dg_k p_k)
+                dz = C * s * (dg - tl.sum(dg * s, axis=0))
+            elif NORMALIZE:  # g = C·s/S:  ds_j = (C/S) dg_j − (C/S²) Σ_k dg_k s_k;  dz = ds·s(1 − s)
+                total = tl.sum(s, axis=0)
+                ds = C / total * dg - C / (total * total) * tl.sum(dg * s, axis=0)
+                dz = ds * s * (1.0 - s)
+            else:
+                dz = dg * s * (1.0 - s)
+            dz = tl.where(km, dz, 0.0)
+            dh = dout * g[:, None] + dz[:, None] * r
             tl.store(du_ptr + offsets, (dh * act).to(du_ptr.dtype.element_ty), mask=m)
             # silu'(a) = σ(a) (1 + a (1 − σ(a)))
             tl.store(da_ptr + offsets, (dh * u * sig * (1.0 + a * (1.0 - sig))).to(da_ptr.dtype.element_ty), mask=m)
-            dr = tl.sum(dz[:, :, None] * (act * u), axis=0)
-            tl.store(dr_ptr + program.to(tl.int64) * (K * f) + ks[:, None] * f + cols[None, :], dr, mask=kc_mask)
+            dr += dz[:, None] * h
+        tl.store(dr_ptr + program.to(tl.int64) * (K * f) + ks[:, None] * f + fs[None, :], dr, mask=tile_mask)
+
+
+def _backward_warps(K: int, f: int) -> int:
+    """Warps of the backward kernel by the padded tile, as measured at 16,384 tokens
+    (benchmarks/experiments/finedeep_gate_tiles.py): at 2,048 units 4 warps took 216 µs,
+    2 warps 150."""
+    tile = _tile(K, f)[0] * _tile(K, f)[1]
+    return 4 if tile <= 1024 else 2 if tile == 2048 else 8
 
 
 def _sizes(K: int, f: int, softmax: bool, normalize: bool, scale: float) -> dict:
     K_PAD, F_PAD = _tile(K, f)
     return {"K": K, "f": f, "K_PAD": K_PAD, "F_PAD": F_PAD, "SOFTMAX": softmax, "NORMALIZE": normalize, "C": scale,
             "num_warps": 4 if K_PAD * F_PAD <= 2048 else 8}
-
-
-def _backward_sizes(K: int, f: int, softmax: bool, normalize: bool, scale: float) -> dict:
-    return {"K": K, "f": f, "K_PAD": _tile(K, f)[0], "SOFTMAX": softmax, "NORMALIZE": normalize, "C": scale,
-            **BACKWARD_TILE}
 
 
 @kernel_op("finemoe::finedeep_swiglu_gate", mutates_args=())
@@ -203,12 +190,13 @@ def _swiglu_gate_backward(grad_out: Tensor, grad_gates: Tensor, gate: Tensor, up
     readout = readout.float().contiguous()
     N, (K, f) = gate.shape[0], readout.shape
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-    programs = triton.cdiv(N, BACKWARD_TILE["ROWS"])
+    programs = triton.cdiv(N, _ROWS)
     partial_readout = torch.empty(programs, K, f, dtype=torch.float32, device=gate.device)
     if N:
         launch(_backward_kernel)[(programs,)](grad_out, gate, up, readout, scores, grad_gates.float().contiguous(),
-                                              grad_gate, grad_up, partial_readout, N,
-                                              **_backward_sizes(K, f, softmax, normalize, scale))
+                                              grad_gate, grad_up, partial_readout, N, ROWS=_ROWS,
+                                              **{**_sizes(K, f, softmax, normalize, scale),
+                                                 "num_warps": _backward_warps(K, f)})
     return grad_gate, grad_up, partial_readout.sum(0)
 
 
