@@ -150,11 +150,12 @@ if triton is not None:
 
 
 def _backward_warps(K: int, f: int) -> int:
-    """Warps of the backward kernel by the padded tile, as measured at 16,384 tokens
-    (benchmarks/experiments/finedeep_gate_tiles.py): at 2,048 units 4 warps took 216 µs,
-    2 warps 150."""
+    """Warps of the backward kernel by the padded tile, the fastest measured at 16,384 tokens
+    (benchmarks/experiments/finedeep_gate_tiles.py, µs): 1,024 units 4 warps 68 (2: 83, 8:
+    82); 2,048 units 2 warps 150 (4: 214, 8: 166); 4,096 and 8,192 units 16 warps 371 / 628
+    (8: 478 / 836)."""
     tile = _tile(K, f)[0] * _tile(K, f)[1]
-    return 4 if tile <= 1024 else 2 if tile == 2048 else 8
+    return 4 if tile <= 1024 else 2 if tile == 2048 else 16
 
 
 def _sizes(K: int, f: int, softmax: bool, normalize: bool, scale: float) -> dict:
