@@ -5,7 +5,7 @@ and 8,192): GPU time per call of the forward kernel for each warp count, and of 
 kernel for each (tokens per program, warps), with its registers and spills, each checked
 against the library's launch.
 
-    python benchmarks/experiments/finedeep_gate_tiles.py [--layers]
+    python benchmarks/experiments/finedeep_gate_tiles.py [--layers] [--stages]
 
 (The run at 9181b9d timed a two-pass backward over column chunks, since reverted.)
 """
@@ -26,7 +26,11 @@ from finemoe.kernels import finedeep_gate as fg
 
 SHAPES = ((4, 512), (4, 256), (8, 512), (16, 512))
 FORWARD_WARPS = (2, 4, 8, 16)
-BACKWARD = [(rows, warps) for rows in (8, 16, 32) for warps in (1, 2, 4, 8, 16)]
+BACKWARD = [(rows, warps, 1) for rows in (8, 16, 32) for warps in (1, 2, 4, 8, 16)]
+if "--stages" in sys.argv:  # the row loop software-pipelined (loads of later tokens in flight)
+    SHAPES = ((4, 512), (4, 256))
+    FORWARD_WARPS = ()
+    BACKWARD = [(16, warps, stages) for warps in (2, 4, 8) for stages in (1, 2, 3, 4)]
 
 
 def _close(got, want) -> bool:
@@ -55,8 +59,8 @@ def main(tokens: int = 16384) -> None:
             compiled = forward()
             print(f"forward  warps {warps:2d}: {us:7.1f} µs  close: {_close(o, out) and _close(g, gates)}  "
                   f"registers {compiled.n_regs}, spills {compiled.n_spills}", flush=True)
-        for rows, warps in BACKWARD:
-            settings = {**sizes, "num_warps": warps, "ROWS": rows}
+        for rows, warps, stages in BACKWARD:
+            settings = {**sizes, "num_warps": warps, "ROWS": rows, "STAGES": stages}
             programs = -(-tokens // rows)
             da, du = torch.empty_like(a), torch.empty_like(u)
             partial = torch.empty(programs, K, f, device="cuda")
@@ -67,7 +71,7 @@ def main(tokens: int = 16384) -> None:
             us = gpu_ms(backward, calls=20) * 1e3
             compiled = backward()
             close = _close(da, reference[0]) and _close(du, reference[1]) and _close(partial.sum(0), reference[2])
-            print(f"backward rows {rows:2d} warps {warps:2d}: {us:7.1f} µs  close: {close}  "
+            print(f"backward rows {rows:2d} warps {warps:2d} stages {stages}: {us:7.1f} µs  close: {close}  "
                   f"registers {compiled.n_regs}, spills {compiled.n_spills}", flush=True)
 
 

@@ -112,7 +112,8 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(dout_ptr, a_ptr, u_ptr, r_ptr, z_ptr, dg_extra_ptr, da_ptr, du_ptr, dr_ptr, N,
                          K: tl.constexpr, f: tl.constexpr, K_PAD: tl.constexpr, F_PAD: tl.constexpr,
-                         ROWS: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr, C: tl.constexpr):
+                         ROWS: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr, C: tl.constexpr,
+                         STAGES: tl.constexpr = 1):
         program = tl.program_id(0)
         ks = tl.arange(0, K_PAD)
         fs = tl.arange(0, F_PAD)
@@ -120,7 +121,7 @@ if triton is not None:
         tile_mask = kmask[:, None] & (fs < f)[None, :]
         r = tl.load(r_ptr + ks[:, None] * f + fs[None, :], mask=tile_mask, other=0.0)
         dr = tl.zeros((K_PAD, F_PAD), dtype=tl.float32)
-        for i in range(ROWS):
+        for i in tl.range(0, ROWS, num_stages=STAGES):
             row = program.to(tl.int64) * ROWS + i
             live = (row + ks * 0) < N  # as a vector: the interpreter masks with vectors only
             km = kmask & live
