@@ -48,7 +48,7 @@ def main(tokens: int = 16384) -> None:
         dg_extra = torch.zeros(tokens, K, device="cuda")
         reference = fg._swiglu_gate_backward(dout, dg_extra, a, u, readout, scores, False, True, 1.0)
         print(f"\nK = {K}, f = {f} (library: forward {sizes['num_warps']} warps; backward "
-              f"{fg._backward_warps(K, f)} warps, {fg._ROWS} tokens per program)")
+              f"{fg._backward_launch(K, f)}, {fg._ROWS} tokens per program)")
         for warps in FORWARD_WARPS:
             settings = {**sizes, "num_warps": warps}
             o, g, z = torch.empty_like(a), torch.empty_like(gates), torch.empty_like(scores)

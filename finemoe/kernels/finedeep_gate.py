@@ -150,13 +150,15 @@ if triton is not None:
         tl.store(dr_ptr + program.to(tl.int64) * (K * f) + ks[:, None] * f + fs[None, :], dr, mask=tile_mask)
 
 
-def _backward_warps(K: int, f: int) -> int:
-    """Warps of the backward kernel by the padded tile, the fastest measured at 16,384 tokens
-    (benchmarks/experiments/finedeep_gate_tiles.py, µs): 1,024 units 4 warps 68 (2: 83, 8:
-    82); 2,048 units 2 warps 150 (4: 214, 8: 166); 4,096 and 8,192 units 16 warps 371 / 628
-    (8: 478 / 836)."""
+def _backward_launch(K: int, f: int) -> dict:
+    """Warps and pipeline stages of the backward kernel by the padded tile, the fastest
+    measured at 16,384 tokens (benchmarks/experiments/finedeep_gate_tiles.py, µs). With
+    the token loop pipelined 3 deep (the next tokens' loads in flight while one is
+    computed): 1,024 units 62 (68 unpipelined), 2,048 units 122 (4 warps; 150 at the best
+    unpipelined tile). Wider tiles were measured unpipelined only: 16 warps, 371 / 628 at
+    4,096 / 8,192 units (8 warps: 478 / 836)."""
     tile = _tile(K, f)[0] * _tile(K, f)[1]
-    return 4 if tile <= 1024 else 2 if tile == 2048 else 16
+    return {"num_warps": 4, "STAGES": 3} if tile <= 2048 else {"num_warps": 16, "STAGES": 1}
 
 
 def _sizes(K: int, f: int, softmax: bool, normalize: bool, scale: float) -> dict:
@@ -198,7 +200,7 @@ def _swiglu_gate_backward(grad_out: Tensor, grad_gates: Tensor, gate: Tensor, up
         launch(_backward_kernel)[(programs,)](grad_out, gate, up, readout, scores, grad_gates.float().contiguous(),
                                               grad_gate, grad_up, partial_readout, N, ROWS=_ROWS,
                                               **{**_sizes(K, f, softmax, normalize, scale),
-                                                 "num_warps": _backward_warps(K, f)})
+                                                 **_backward_launch(K, f)})
     return grad_gate, grad_up, partial_readout.sum(0)
 
 
