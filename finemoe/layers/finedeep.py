@@ -158,8 +158,9 @@ class FinedeepFFN(FFN):
     def sublayer(self, m: int, h_ND: Tensor, stats: Stats | None = None, gates: list | None = None,
                  plus: Tensor | None = None) -> Tensor:
         """The update ``Σ_k g_k e_k`` of sub-layer m (its ``(N, K)`` gates appended to
-        ``gates`` if given), plus ``plus`` if given: added in the down product's epilogue
-        (``addmm``), which costs the GEMM one more read instead of a pass of its own.
+        ``gates`` if given), plus ``plus`` if given, added by the down product (``addmm``;
+        ATen copies the addend into the output first, so this takes what a separate add
+        takes, by measurement: benchmarks/NOTES.md).
 
         Never builds the ``(N, K, D)`` expert outputs: with e_k = hidden_k W_{d,k},
         the output-guided score is ``w_k · e_k = hidden_k · (W_{d,k} w_k)``, so all K
@@ -225,7 +226,7 @@ class FinedeepFFN(FFN):
         h_ND = h_BTD.reshape(B * T, D)
         gates: list | None = [] if stats is not None else None
         # The layer's update h_M − h_0 is accumulated as Σ_m y_m (y_m = Σ_k g_k e_k of sub-layer m),
-        # each term added in its down product's epilogue, and sub-layer m + 1 reads h_m = h_0 + Σ_{j≤m} y_j.
+        # each term added by its down product, and sub-layer m + 1 reads h_m = h_0 + Σ_{j≤m} y_j.
         # Forming h_M and subtracting h_0 instead costs a pass over three (N, D) tensors and cancels
         # the bits the update shares with h_0.
         update_ND = None
