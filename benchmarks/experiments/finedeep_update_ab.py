@@ -1,11 +1,9 @@
 """Experiment: how Finedeep forms its update, in one process (GPU time per compiled
 forward + backward, ``compiled_ab.compare``).
 
-- ``h_M − h_0``: the residual chain h_m = h_{m−1} + y_m, then the difference (before b0069d0).
-- ``Σ y_m``: the update summed term by term, sub-layer m + 1 reading h_0 + Σ_{j≤m} y_j (the library).
-
-The run at b0069d0 also timed each term added by its down product (``addmm``, the library
-at that commit): the same time as the separate adds.
+- ``h_M − h_0``: the residual chain h_m = h_{m−1} + y_m, then the difference (before).
+- ``Σ y_m, adds``: the update summed term by term, sub-layer m + 1 reading h_0 + Σ_{j≤m} y_j.
+- ``Σ y_m, addmm``: the same, each term added in its down product's epilogue (the library).
 
     python benchmarks/experiments/finedeep_update_ab.py
 """
@@ -33,6 +31,16 @@ def _difference(self, h_BTD, *, stats=None, context=None):
     return FFNOutput(update=(x_ND - h_ND).reshape(B, T, D))
 
 
+def _adds(self, h_BTD, *, stats=None, context=None):
+    B, T, D = h_BTD.shape
+    h_ND = h_BTD.reshape(B * T, D)
+    update_ND = None
+    for m in range(self.config.num_sublayers):
+        y_ND = self.sublayer(m, h_ND if update_ND is None else h_ND + update_ND)
+        update_ND = y_ND if update_ND is None else update_ND + y_ND
+    return FFNOutput(update=update_ND.reshape(B, T, D))
+
+
 def _variant(forward):
     def setup():
         FinedeepFFN.forward = forward
@@ -44,4 +52,5 @@ def _variant(forward):
 
 
 if __name__ == "__main__":
-    compare(["dense", "finedeep 2x4", "finedeep 4x4"], {"h_M − h_0": _variant(_difference), "Σ y_m": _variant(_library)})
+    compare(["dense", "finedeep 2x4", "finedeep 4x4"],
+            {"h_M − h_0": _variant(_difference), "Σ y_m, adds": _variant(_adds), "Σ y_m, addmm": _variant(_library)})

@@ -155,9 +155,12 @@ class FinedeepFFN(FFN):
         self.router = nn.Parameter(torch.empty(M, K, d_model))  # w_{m,k} (or the rows of W_r)
         self.init_weights(std=0.02, out_std=0.02)
 
-    def sublayer(self, m: int, h_ND: Tensor, stats: Stats | None = None, gates: list | None = None) -> Tensor:
+    def sublayer(self, m: int, h_ND: Tensor, stats: Stats | None = None, gates: list | None = None,
+                 plus: Tensor | None = None) -> Tensor:
         """The update ``Σ_k g_k e_k`` of sub-layer m (its ``(N, K)`` gates appended to
-        ``gates`` if given).
+        ``gates`` if given), plus ``plus`` if given, added by the down product (``addmm``;
+        ATen copies the addend into the output first, so this takes what a separate add
+        takes, by measurement: benchmarks/NOTES.md).
 
         Never builds the ``(N, K, D)`` expert outputs: with e_k = hidden_k W_{d,k},
         the output-guided score is ``w_k · e_k = hidden_k · (W_{d,k} w_k)``, so all K
@@ -197,7 +200,8 @@ class FinedeepFFN(FFN):
             weighted_NF = (hidden_NF.view(N, K, f) * gates_NK.to(hidden_NF.dtype).unsqueeze(-1)).view(N, K * f)
         if gates is not None:
             gates.append(gates_NK.detach())
-        return weighted_NF @ self.w_down[m].reshape(K * f, D)
+        w_down_FD = self.w_down[m].reshape(K * f, D)
+        return weighted_NF @ w_down_FD if plus is None else torch.addmm(plus, weighted_NF, w_down_FD)
 
     def _readout(self, m: int) -> Tensor:
         """``r_k = W_{d,k} w_k`` of sub-layer m, ``(K, f)`` in float32: the output-guided
@@ -221,15 +225,14 @@ class FinedeepFFN(FFN):
         B, T, D = h_BTD.shape
         h_ND = h_BTD.reshape(B * T, D)
         gates: list | None = [] if stats is not None else None
-        # The layer's update h_M − h_0 is summed as Σ_m y_m (y_m = Σ_k g_k e_k of sub-layer m), and
-        # sub-layer m + 1 reads h_m = h_0 + Σ_{j≤m} y_j. Forming h_M and subtracting h_0 instead costs a
-        # pass over three (N, D) tensors and cancels the bits the update shares with h_0; a plain last add
-        # can fuse with the caller's residual add under torch.compile (adding each y_m inside its down
-        # product, addmm, took the same time in the layer alone: benchmarks/NOTES.md).
+        # The layer's update h_M − h_0 is accumulated as Σ_m y_m (y_m = Σ_k g_k e_k of sub-layer m),
+        # each term added by its down product, and sub-layer m + 1 reads h_m = h_0 + Σ_{j≤m} y_j.
+        # Forming h_M and subtracting h_0 instead costs a pass over three (N, D) tensors and cancels
+        # the bits the update shares with h_0.
         update_ND = None
         for m in range(self.config.num_sublayers):
-            y_ND = self.sublayer(m, h_ND if update_ND is None else h_ND + update_ND, stats, gates)
-            update_ND = y_ND if update_ND is None else update_ND + y_ND
+            x_ND = h_ND if update_ND is None else h_ND + update_ND
+            update_ND = self.sublayer(m, x_ND, stats, gates, plus=update_ND)
         if stats is not None:
             stats.add(Gates.of(gates))
         return FFNOutput(update=update_ND.reshape(B, T, D))
