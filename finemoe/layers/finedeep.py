@@ -227,8 +227,8 @@ class FinedeepFFN(FFN):
         gates: list | None = [] if stats is not None else None
         # The layer's update h_M − h_0 is accumulated as Σ_m y_m (y_m = Σ_k g_k e_k of sub-layer m),
         # each term added by its down product, and sub-layer m + 1 reads h_m = h_0 + Σ_{j≤m} y_j.
-        # Forming h_M and subtracting h_0 instead costs a pass over three (N, D) tensors and cancels
-        # the bits the update shares with h_0.
+        # Forming h_M and subtracting h_0 instead cancels the bits the update shares with h_0, and took
+        # more GPU time (2 × 4: +55 µs; benchmarks/NOTES.md).
         update_ND = None
         for m in range(self.config.num_sublayers):
             x_ND = h_ND if update_ND is None else h_ND + update_ND
