@@ -113,7 +113,7 @@ if triton is not None:
     def _backward_kernel(dout_ptr, a_ptr, u_ptr, r_ptr, z_ptr, dg_extra_ptr, da_ptr, du_ptr, dr_ptr, N,
                          K: tl.constexpr, f: tl.constexpr, K_PAD: tl.constexpr, F_PAD: tl.constexpr,
                          ROWS: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr, C: tl.constexpr,
-                         STAGES: tl.constexpr = 1):
+                         STAGES: tl.constexpr):
         program = tl.program_id(0)
         ks = tl.arange(0, K_PAD)
         fs = tl.arange(0, F_PAD)
@@ -157,8 +157,8 @@ def _backward_launch(K: int, f: int) -> dict:
     computed): 1,024 units 62 (68 unpipelined), 2,048 units 122 (4 warps; 150 at the best
     unpipelined tile). Wider tiles were measured unpipelined only: 16 warps, 371 / 628 at
     4,096 / 8,192 units (8 warps: 478 / 836)."""
-    tile = _tile(K, f)[0] * _tile(K, f)[1]
-    return {"num_warps": 4, "STAGES": 3} if tile <= 2048 else {"num_warps": 16, "STAGES": 1}
+    K_PAD, F_PAD = _tile(K, f)
+    return {"num_warps": 4, "STAGES": 3} if K_PAD * F_PAD <= 2048 else {"num_warps": 16, "STAGES": 1}
 
 
 def _sizes(K: int, f: int, softmax: bool, normalize: bool, scale: float) -> dict:
@@ -199,8 +199,7 @@ def _swiglu_gate_backward(grad_out: Tensor, grad_gates: Tensor, gate: Tensor, up
     if N:
         launch(_backward_kernel)[(programs,)](grad_out, gate, up, readout, scores, grad_gates.float().contiguous(),
                                               grad_gate, grad_up, partial_readout, N, ROWS=_ROWS,
-                                              **{**_sizes(K, f, softmax, normalize, scale),
-                                                 **_backward_launch(K, f)})
+                                              **_sizes(K, f, softmax, normalize, scale) | _backward_launch(K, f))
     return grad_gate, grad_up, partial_readout.sum(0)
 
 
